@@ -1,0 +1,96 @@
+"""Per-request sessions: cached chunk-hash chains and lookup results.
+
+A session caches the token list and its rolling chunk hashes so store and
+retrieve of a long prompt hash each chunk once.  Unlike the reference, the cache
+is checked against every new token list (a rewritten list rehashes, §23 item 14),
+the TTL counts from last use (item 15), and a second lookup for the same request
+releases the locks of the first instead of orphaning them (item 16).
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+
+from kvhive.errors import BadRequest
+from kvhive.hashing import TokenHasher
+
+
+@dataclass(slots=True)
+class LookupState:
+    """What a finished lookup locked: ``hit_chunks`` prefix chunks for every rank."""
+
+    model_name: str
+    world_size: int
+    cache_salt: str
+    num_readers: int
+    hashes: list[bytes]
+    hit_chunks: int
+
+
+@dataclass(slots=True)
+class Session:
+    request_id: str
+    tokens: list[int] = field(default_factory=list)
+    hashes: list[bytes] = field(default_factory=list)
+    last_used: float = 0.0
+    lookup: LookupState | None = None  # consumed result (hit length known)
+    pending: LookupState | None = None  # finished but not yet reported to the client
+    done: threading.Event = field(default_factory=threading.Event)
+
+
+class Sessions:
+    def __init__(self, hasher: TokenHasher, *, ttl: float, clock: Callable[[], float] = time.monotonic) -> None:
+        self._hasher = hasher
+        self._ttl = ttl
+        self._clock = clock
+        self._sessions: dict[str, Session] = {}
+        self._lock = threading.Lock()
+
+    @property
+    def chunk_size(self) -> int:
+        return self._hasher.chunk_size
+
+    def get(self, request_id: str, create: bool = True) -> Session | None:
+        with self._lock:
+            s = self._sessions.get(request_id)
+            if s is None and create:
+                s = self._sessions[request_id] = Session(request_id)
+            if s is not None:
+                s.last_used = self._clock()
+            return s
+
+    def pop(self, request_id: str) -> Session | None:
+        with self._lock:
+            return self._sessions.pop(request_id, None)
+
+    def __len__(self) -> int:
+        return len(self._sessions)
+
+    def hashes(self, session: Session, tokens: Sequence[int], n_chunks: int) -> list[bytes]:
+        """Chunk hashes 0..n_chunks-1 of ``tokens``, reusing the session's chain when its
+        tokens are still a prefix of the new list."""
+        c = self._hasher.chunk_size
+        if n_chunks * c > len(tokens):
+            raise BadRequest(f"range ends at token {n_chunks * c} beyond {len(tokens)} tokens")
+        with self._lock:
+            cached = session.hashes
+            known = len(cached) * c
+            if cached and tokens[:known] != session.tokens:
+                cached = []  # the request's token list was rewritten: rehash
+            if len(cached) < n_chunks:
+                cached = self._hasher.extend(cached, tokens, n_chunks)
+                session.hashes = cached
+                session.tokens = list(tokens[: len(cached) * c])
+            return cached[:n_chunks]
+
+    def expired(self) -> list[Session]:
+        """Remove and return sessions idle longer than the TTL."""
+        limit = self._clock() - self._ttl
+        with self._lock:
+            dead = [s for s in self._sessions.values() if s.last_used < limit]
+            for s in dead:
+                del self._sessions[s.request_id]
+        return dead

@@ -1,0 +1,67 @@
+"""One error tree.  Each subclass maps to a wire error code; broad catches live only at
+request or task boundaries, where an error becomes an error reply or a counted drop."""
+
+from __future__ import annotations
+
+
+class KvhiveError(Exception):
+    """Base of every error kvhive raises on purpose."""
+
+    code = "internal"
+
+
+class ConfigError(KvhiveError):
+    """A configuration value is invalid.  ``flag`` names the offending flag."""
+
+    code = "config"
+
+    def __init__(self, flag: str, message: str) -> None:
+        super().__init__(f"{flag}: {message}")
+        self.flag = flag
+        self.message = message
+
+
+class ProtocolError(KvhiveError):
+    """A request frame could not be decoded or does not match the operation."""
+
+    code = "protocol"
+
+
+class UnknownOperation(ProtocolError):
+    code = "unknown_op"
+
+
+class BadRequest(KvhiveError):
+    """The request decoded but its values are unacceptable (token range, salt, ...)."""
+
+    code = "bad_request"
+
+
+class UnknownInstance(KvhiveError):
+    """No KV cache is registered under this instance id."""
+
+    code = "unknown_instance"
+
+
+class RegistrationError(KvhiveError):
+    """A KV-cache registration cannot be served (bad descriptor, unmappable segment)."""
+
+    code = "registration"
+
+
+class UnsupportedError(KvhiveError):
+    """A feature is not available in this build or configuration (e.g. torch missing)."""
+
+    code = "unsupported"
+
+
+class OutOfMemory(KvhiveError):
+    """L1 has no room even after inline eviction."""
+
+    code = "oom"
+
+
+class LayoutError(KvhiveError):
+    """A KV layout cannot be mapped onto the chunk object layout."""
+
+    code = "layout"

@@ -1,0 +1,101 @@
+"""Dispatch: decode a request, run its handler on the right pool, always reply.
+
+Every frame that carries a uid gets an answer (protocol.md §5, §23): the result,
+the operation's soft-failure value when the request decoded but cannot be served,
+or an error reply (see ``kvhive.wire.codec``) when it cannot even be decoded.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from collections import Counter
+from collections.abc import Callable, Mapping
+from typing import Any
+
+from kvhive.errors import KvhiveError, ProtocolError
+from kvhive.server.pools import AffinityPool, CpuPool
+from kvhive.wire import codec
+from kvhive.wire.ops import OPS, OpSpec, Pool
+
+log = logging.getLogger(__name__)
+
+Reply = Callable[[list[bytes]], None]
+Handler = Callable[..., Any]
+
+
+class Dispatcher:
+    """Maps op names to handlers and pools.  ``handle`` is called on the loop thread."""
+
+    def __init__(
+        self,
+        handlers: Mapping[str, Handler],
+        *,
+        affinity: AffinityPool,
+        cpu: CpuPool,
+    ) -> None:
+        missing = sorted(set(OPS) - set(handlers))
+        if missing:
+            raise ValueError(f"no handler for operations: {missing}")
+        self._handlers = dict(handlers)
+        self._pools = {Pool.AFFINITY: affinity, Pool.CPU: cpu}
+        self._lock = threading.Lock()
+        self.requests: Counter[str] = Counter()
+        self.errors: Counter[str] = Counter()
+        self.soft_failures: Counter[str] = Counter()
+
+    def handle(self, identity: bytes, uid: bytes, op_frame: bytes, args: list[bytes], reply: Reply) -> None:
+        try:
+            spec = codec.decode_op(op_frame)
+            values = codec.decode_args(spec, args)
+        except ProtocolError as exc:
+            self._count(self.errors, exc.code)
+            log.warning("rejected request: %s", exc)
+            reply([uid, *codec.error_frames(exc.code, str(exc))])
+            return
+        self._count(self.requests, spec.name)
+        job = self._job(spec, uid, op_frame, values, reply)
+        if spec.pool is Pool.INLINE:
+            job()
+        else:
+            self._pools[spec.pool].submit(identity, job)
+
+    def _job(self, spec: OpSpec, uid: bytes, op_frame: bytes, values: list[Any], reply: Reply) -> Callable[[], None]:
+        handler = self._handlers[spec.name]
+
+        def run() -> None:
+            try:
+                frames = codec.encode_result(handler(*values))
+            except Exception as exc:  # request boundary: becomes a reply, never silence
+                frames = self._failure(spec, exc)
+                if frames is None:
+                    code = exc.code if isinstance(exc, KvhiveError) else "internal"
+                    reply([uid, *codec.error_frames(code, f"{spec.name}: {exc}")])
+                    return
+            reply([uid, op_frame, *frames])
+
+        return run
+
+    def _failure(self, spec: OpSpec, exc: Exception) -> list[bytes] | None:
+        """Soft-failure frames for ``exc``, or None when the op has no soft value."""
+        if isinstance(exc, KvhiveError):
+            log.warning("%s failed: %s", spec.name, exc)
+        else:
+            log.exception("%s raised", spec.name)
+        if not spec.has_soft:
+            self._count(self.errors, spec.name)
+            return None
+        self._count(self.soft_failures, spec.name)
+        return codec.encode_result(spec.soft)
+
+    def _count(self, counter: Counter[str], key: str) -> None:
+        with self._lock:
+            counter[key] += 1
+
+    def stats(self) -> dict[str, dict[str, int]]:
+        with self._lock:
+            return {
+                "requests": dict(self.requests),
+                "errors": dict(self.errors),
+                "soft_failures": dict(self.soft_failures),
+            }

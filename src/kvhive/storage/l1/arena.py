@@ -1,0 +1,192 @@
+"""The L1 host buffer: one aligned byte range, reserved at once, faulted in on demand.
+
+Three ways to obtain it::
+
+    lazy    anonymous private mapping of the final size (MAP_NORESERVE, instant at any
+            size); the usable heap starts at init_bytes rounded up to 64 MiB granules and
+            capped at size_bytes, and grow() extends it in 1 GiB steps when the manager's
+            allocation fails.  The heap never exceeds size_bytes.
+    eager   the same mapping with the heap equal to size_bytes from the start.
+    shm     a POSIX shared-memory segment /dev/shm/lmcache_l1_pool_<name> of size_bytes,
+            always eager, shared with engine-driven clients that map it by name; offsets are
+            relative to the segment start.
+
+Pages are pre-faulted in a background thread (``prefault.Prefaulter``) so start-up and
+growth stay fast.  Offsets handed out by the allocator index ``Arena.array``.
+
+Alignment: the base of anonymous arenas is aligned to ``align`` by over-reserving
+``align - 1`` bytes and skipping the unaligned head (never touched, so it costs no memory).
+A shm segment must start at offset 0 for its clients, so its base is only page aligned.
+"""
+
+from __future__ import annotations
+
+import logging
+import mmap
+import os
+
+import numpy as np
+
+from kvhive.errors import UnsupportedError
+from kvhive.storage.l1.allocator import align_up
+from kvhive.storage.l1.prefault import Prefaulter, populate_supported, touch_pages
+
+log = logging.getLogger(__name__)
+
+GRANULE_BYTES = 64 << 20
+GROW_STEP_BYTES = 1 << 30
+SHM_PREFIX = "lmcache_l1_pool_"
+SHM_DIR = "/dev/shm"
+
+
+def shm_segment_name(name: str) -> str:
+    """Normalise ``--shm-name``: strip leading '/', add ``lmcache_l1_pool_`` unless present."""
+    bare = name.lstrip("/")
+    if not bare or "/" in bare or "\\" in bare or "\x00" in bare:
+        raise ValueError(f"invalid shm name {name!r}")
+    return bare if bare.startswith(SHM_PREFIX) else SHM_PREFIX + bare
+
+
+class Arena:
+    """One host buffer of ``size_bytes`` (see module docstring).
+
+    ``grow`` is not thread-safe: the owner (``L1Manager``) calls it under its mutex.
+    ``close`` is idempotent; numpy views handed out earlier keep the mapping alive (it is
+    unmapped when the last view dies) but a closed shm segment is unlinked regardless.
+    """
+
+    def __init__(
+        self,
+        size_bytes: int,
+        *,
+        align: int = 4096,
+        lazy: bool = False,
+        init_bytes: int = 0,
+        shm_name: str = "",
+        granule_bytes: int = GRANULE_BYTES,
+        grow_step_bytes: int = GROW_STEP_BYTES,
+        prefault: bool = True,
+    ) -> None:
+        if size_bytes <= 0:
+            raise ValueError(f"size_bytes must be positive, got {size_bytes}")
+        if align <= 0 or align & (align - 1):
+            raise ValueError(f"align must be a power of two, got {align}")
+        if shm_name and lazy:
+            raise ValueError("a shared-memory arena cannot be lazy")
+        self.size_bytes = size_bytes
+        self.align = align
+        self.lazy = lazy
+        self.shm_segment_name = shm_segment_name(shm_name) if shm_name else ""
+        self._grow_step = grow_step_bytes
+        self._closed = False
+        if self.shm_segment_name:
+            self._mm = self._map_shm(self.shm_segment_name, size_bytes)
+            pad = 0
+        else:
+            flags = mmap.MAP_PRIVATE | getattr(mmap, "MAP_NORESERVE", 0)
+            self._mm = mmap.mmap(-1, size_bytes + align - 1, flags=flags)
+            pad = -_address(self._mm) % align
+        self.array: np.ndarray = np.frombuffer(self._mm, np.uint8, size_bytes, pad)
+        self.base_address = _address_of(self.array)
+        self.heap_bytes = (
+            min(align_up(min(init_bytes, size_bytes), granule_bytes), size_bytes)
+            if lazy
+            else size_bytes
+        )
+        populating = prefault and populate_supported()
+        self._prefaulter = Prefaulter(self.base_address) if populating else None
+        self._touch_on_grow = prefault and not populating and lazy
+        self._prefault(0, self.heap_bytes)
+
+    # -- growth ----------------------------------------------------------------------------
+
+    def grow(self, min_extra: int) -> int:
+        """Extend the heap by whole steps covering ``min_extra`` bytes, capped at size.
+
+        Returns the bytes added (0 when the heap already spans the whole arena).  Pages are
+        populated in the background; only when the kernel lacks MADV_POPULATE_WRITE are the
+        new pages touched here, before anyone can own them (about 0.1-0.3 s per GiB).
+        """
+        if self._closed or self.heap_bytes >= self.size_bytes:
+            return 0
+        steps = max(1, -(-min_extra // self._grow_step))
+        old = self.heap_bytes
+        self.heap_bytes = min(self.size_bytes, old + steps * self._grow_step)
+        self._prefault(old, self.heap_bytes)
+        return self.heap_bytes - old
+
+    def wait_prefault(self, timeout: float | None = None) -> bool:
+        """Block until queued pre-faulting is done (tests, benchmarks); True when idle."""
+        return self._prefaulter is None or self._prefaulter.wait_idle(timeout)
+
+    def _prefault(self, start: int, end: int) -> None:
+        if self._prefaulter is not None:
+            self._prefaulter.submit(start, end)
+        elif self._touch_on_grow and start > 0:
+            touch_pages(self.array, start, end)  # destructive: only before publication
+        # Eager without MADV_POPULATE_WRITE: pages fault on first write (touching them in
+        # the background would race with writers, as the whole heap is live at once).
+
+    # -- shared memory ---------------------------------------------------------------------
+
+    @staticmethod
+    def _map_shm(name: str, size: int) -> mmap.mmap:
+        # os + mmap instead of multiprocessing.shared_memory: its resource_tracker would
+        # unlink the segment (and warn) when this process exits, behind our back.
+        if not os.path.isdir(SHM_DIR):
+            raise UnsupportedError(f"shared-memory L1 needs {SHM_DIR}")
+        path = os.path.join(SHM_DIR, name)
+        try:
+            os.unlink(path)
+            log.warning("removed stale shared-memory segment %s", name)
+        except FileNotFoundError:
+            pass
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o600)
+        try:
+            os.ftruncate(fd, size)
+            return mmap.mmap(fd, size, flags=mmap.MAP_SHARED)
+        except BaseException:
+            os.unlink(path)
+            raise
+        finally:
+            os.close(fd)
+
+    # -- lifecycle -------------------------------------------------------------------------
+
+    def close(self) -> None:
+        """Stop pre-faulting, unlink the shm segment and drop the mapping (idempotent)."""
+        if self._closed:
+            return
+        self._closed = True
+        if self._prefaulter is not None:
+            self._prefaulter.stop()
+        if self.shm_segment_name:
+            try:
+                os.unlink(os.path.join(SHM_DIR, self.shm_segment_name))
+            except FileNotFoundError:
+                pass
+        self.array = np.empty(0, np.uint8)
+        self.heap_bytes = 0
+        try:
+            self._mm.close()
+        except BufferError:
+            # Views still exist; the mapping goes away with the last of them.
+            log.debug("arena views still alive at close; unmapping deferred to GC")
+
+    def __enter__(self) -> Arena:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def _address_of(array: np.ndarray) -> int:
+    return int(array.__array_interface__["data"][0])
+
+
+def _address(mm: mmap.mmap) -> int:
+    view = np.frombuffer(mm, np.uint8, 1)
+    try:
+        return _address_of(view)
+    finally:
+        del view

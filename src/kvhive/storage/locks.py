@@ -1,0 +1,154 @@
+"""Owner-aware, counted TTL locks.
+
+The reference keeps one counter and one shared deadline per object, so a new lock extends
+every old one and a dead reader is protected by the living.  Here each owner's holds on a
+key carry their own deadline::
+
+    key -> {owner: Hold(count, deadline)}        owner -> {keys it holds}
+
+* ``acquire`` adds ``count`` holds for the owner and moves only that owner's deadline to
+  ``now + ttl``; if the owner's previous holds had expired, its count restarts.
+* A hold whose deadline has passed counts as unlocked; it is pruned lazily, whenever its key
+  or owner is looked at again (so expiry needs no sweeper thread).
+* ``release_owners`` drops everything of matching owners at once (client unregistered or
+  reaped) through the owner index, without scanning all keys.
+
+An ``Owner`` is any hashable; the engine uses tuples like ``("req", request_id, kv_rank)``
+and ``("inst", instance_id)``.  Times are seconds on the injectable ``clock``.
+
+Not thread-safe: the owner of the table (``L1Manager``) serialises calls under its mutex.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Hashable, Iterable
+from dataclasses import dataclass
+from typing import Generic, TypeVar
+
+Owner = Hashable
+Clock = Callable[[], float]
+K = TypeVar("K", bound=Hashable)
+
+
+@dataclass(slots=True)
+class Hold:
+    """``count`` locks of one owner on one key, valid while ``clock() < deadline``."""
+
+    count: int
+    deadline: float
+
+
+class TTLLockTable(Generic[K]):
+    """Counted locks per (key, owner), each owner with its own deadline (module docstring)."""
+
+    __slots__ = ("ttl", "_clock", "_by_key", "_by_owner")
+
+    def __init__(self, ttl: float, clock: Clock = time.monotonic) -> None:
+        if ttl <= 0:
+            raise ValueError(f"ttl must be positive, got {ttl}")
+        self.ttl = ttl
+        self._clock = clock
+        self._by_key: dict[K, dict[Owner, Hold]] = {}
+        self._by_owner: dict[Owner, set[K]] = {}
+
+    def acquire(self, keys: Iterable[K], owner: Owner, count: int = 1) -> None:
+        """Add ``count`` holds of ``owner`` on each key; refreshes that owner's deadline."""
+        if count < 1:
+            raise ValueError(f"lock count must be >= 1, got {count}")
+        now = self._clock()
+        deadline = now + self.ttl
+        owned = self._by_owner.get(owner)
+        if owned is None:
+            owned = self._by_owner[owner] = set()
+        for key in keys:
+            holds = self._by_key.setdefault(key, {})
+            hold = holds.get(owner)
+            if hold is None:
+                holds[owner] = Hold(count, deadline)
+                owned.add(key)
+            elif hold.deadline <= now:  # expired: start over rather than resurrect
+                hold.count, hold.deadline = count, deadline
+            else:
+                hold.count += count
+                hold.deadline = deadline
+        if not owned:  # empty key list: leave no empty index entry behind
+            del self._by_owner[owner]
+
+    def release(self, key: K, owner: Owner, count: int = 1) -> int:
+        """Give back up to ``count`` live holds; returns how many were released.
+
+        Expired holds release nothing (0): the lock was already gone.
+        """
+        holds = self._by_key.get(key)
+        hold = holds.get(owner) if holds else None
+        if hold is None:
+            return 0
+        if hold.deadline <= self._clock():
+            self._forget(key, owner)
+            return 0
+        released = min(count, hold.count)
+        hold.count -= released
+        if hold.count == 0:
+            self._forget(key, owner)
+        return released
+
+    def is_locked(self, key: K) -> bool:
+        """True while any owner holds a live lock on ``key``; prunes expired holds."""
+        holds = self._by_key.get(key)
+        if not holds:
+            return False
+        now = self._clock()
+        dead = [o for o, h in holds.items() if h.deadline <= now]
+        live = len(dead) < len(holds)
+        for owner in dead:
+            self._forget(key, owner)
+        return live
+
+    def live_count(self, key: K) -> int:
+        """Total live holds on ``key`` over all owners (no pruning)."""
+        now = self._clock()
+        holds = self._by_key.get(key, {})
+        return sum(h.count for h in holds.values() if h.deadline > now)
+
+    def locked_keys(self) -> int:
+        """Number of keys with at least one live hold (O(locked keys); for stats)."""
+        now = self._clock()
+        return sum(
+            1 for holds in self._by_key.values() if any(h.deadline > now for h in holds.values())
+        )
+
+    def drop(self, key: K) -> None:
+        """Forget every hold on ``key`` (the object is gone)."""
+        for owner in self._by_key.pop(key, {}):
+            owned = self._by_owner.get(owner)
+            if owned is not None:
+                owned.discard(key)
+                if not owned:
+                    del self._by_owner[owner]
+
+    def release_owners(self, match: Callable[[Owner], bool]) -> int:
+        """Drop all holds of owners for which ``match`` is true; returns live holds dropped."""
+        now = self._clock()
+        released = 0
+        for owner in [o for o in self._by_owner if match(o)]:
+            for key in list(self._by_owner.get(owner, ())):
+                hold = self._by_key[key][owner]
+                if hold.deadline > now:
+                    released += hold.count
+                self._forget(key, owner)
+        return released
+
+    def clear(self) -> None:
+        self._by_key.clear()
+        self._by_owner.clear()
+
+    def _forget(self, key: K, owner: Owner) -> None:
+        holds = self._by_key[key]
+        del holds[owner]
+        if not holds:
+            del self._by_key[key]
+        owned = self._by_owner[owner]
+        owned.discard(key)
+        if not owned:
+            del self._by_owner[owner]

@@ -1,0 +1,147 @@
+"""Dispatcher + ZMQ loop with real sockets and stand-in handlers."""
+
+import threading
+import time
+
+import msgspec
+import pytest
+import zmq
+
+from kvhive.client import KvhiveClient, RemoteError
+from kvhive.client.sync import RawFrame
+from kvhive.errors import BadRequest
+from kvhive.server.dispatch import Dispatcher
+from kvhive.server.pools import AffinityPool, CpuPool
+from kvhive.server.transport import ZmqServer
+from kvhive.wire.ops import OPS
+
+enc = msgspec.msgpack.encode
+
+
+class Handlers:
+    def __init__(self):
+        self.gate = threading.Event()
+        self.order = []
+
+    def table(self):
+        def default(*a):
+            return None
+
+        h = {name: default for name in OPS}
+        h.update(
+            get_chunk_size=lambda: 256,
+            noop=lambda: "OK",
+            ping=lambda iid: True,
+            query_prefetch_status=self.blocking_query,
+            store=self.store,
+            commit_store=self.boom,
+            register_kv_cache=self.boom,
+        )
+        return h
+
+    def blocking_query(self, rid):
+        self.gate.wait(5)
+        return 3
+
+    def store(self, key, iid, blocks, ev):
+        self.order.append(key["start"] if isinstance(key, dict) else key.start)
+        if key.start == 999:
+            raise BadRequest("bad range")
+        return (b"", True)
+
+    def boom(self, *a):
+        raise RuntimeError("kaboom")
+
+
+@pytest.fixture
+def server():
+    handlers = Handlers()
+    disp = Dispatcher(handlers.table(), affinity=AffinityPool(2), cpu=CpuPool(1))
+    srv = ZmqServer(["tcp://127.0.0.1:0"], disp.handle)
+    srv.start()
+    yield srv, handlers, disp
+    handlers.gate.set()
+    srv.close()
+
+
+def key(start):
+    return {"model_name": "m", "world_size": 1, "worker_id": 0, "token_ids": [1] * 512,
+            "start": start, "end": start, "request_id": "r"}
+
+
+def test_basic_ops_and_none_result(server):
+    srv, _, _ = server
+    with KvhiveClient(srv.endpoints[0]) as c:
+        assert c.call("get_chunk_size") == 256
+        assert c.call("noop") == "OK"
+        assert c.call("ping", None) is True
+        assert c.call("end_session", "r") is None
+        with KvhiveClient(srv.endpoints[0], use_names=True) as named:
+            assert named.call("get_chunk_size") == 256
+
+
+@pytest.mark.parametrize(
+    "op,args",
+    [("nonexistent_op", []), ("lookup", [key(0)]), ("ping", [RawFrame(b"\xc1")]), ("ping", ["str"])],
+)
+def test_malformed_requests_get_fast_error(server, op, args):
+    srv, _, disp = server
+    with KvhiveClient(srv.endpoints[0], timeout=1.0) as c:
+        t0 = time.monotonic()
+        with pytest.raises(RemoteError):
+            c.call(op, *args)
+        assert time.monotonic() - t0 < 1.0
+        assert c.call("noop") == "OK"  # still serving
+    assert sum(disp.errors.values()) >= 1
+
+
+def test_unknown_legacy_id_and_short_message(server):
+    srv, _, _ = server
+    ctx = zmq.Context.instance()
+    s = ctx.socket(zmq.DEALER)
+    s.connect(srv.endpoints[0])
+    s.send_multipart([enc(5), enc(99)])
+    assert s.poll(1000)
+    uid, op, *_ = s.recv_multipart()
+    assert uid == enc(5) and msgspec.msgpack.decode(op).startswith("error")
+    s.send_multipart([enc(6)])  # uid without op
+    assert s.poll(1000)
+    assert s.recv_multipart()[0] == enc(6)
+    s.send_multipart([b""])  # an empty uid still gets its error reply
+    assert s.poll(1000) and s.recv_multipart()[0] == b""
+    s.send_multipart([enc(7), enc(24)])
+    assert s.poll(1000) and msgspec.msgpack.decode(s.recv_multipart()[2]) == "OK"
+    assert srv.malformed_frames == 2
+    s.close(0)
+
+
+def test_handler_exceptions_become_soft_failure_or_error(server):
+    srv, _, disp = server
+    with KvhiveClient(srv.endpoints[0], timeout=2) as c:
+        assert c.call("store", key(999), 1, [[1]], b"") == [b"", False]
+        assert c.call("commit_store", key(0), 1, b"") is False
+        with pytest.raises(RemoteError, match="kaboom"):
+            c.call("register_kv_cache", 1, [], "m", 1, "vllm", {}, [])
+    assert disp.soft_failures["store"] == 1
+
+
+def test_ping_never_queues_behind_blocked_cpu_pool(server):
+    srv, handlers, _ = server
+    with KvhiveClient(srv.endpoints[0], timeout=5) as c:
+        c.send("query_prefetch_status", "r")  # occupies the only CPU worker
+        t0 = time.monotonic()
+        uid = c.send("ping", 1)
+        got, value = c.recv()
+        assert got == uid and value is True and time.monotonic() - t0 < 0.5
+        handlers.gate.set()
+        assert c.recv()[1] == 3
+
+
+def test_affinity_keeps_per_connection_order(server):
+    srv, handlers, _ = server
+    with KvhiveClient(srv.endpoints[0], timeout=5) as c:
+        for i in range(50):
+            c.send("store", key(i * 256), 1, [[1]], b"")
+        for _ in range(50):
+            c.recv()
+    assert handlers.order == [i * 256 for i in range(50)]
