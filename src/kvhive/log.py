@@ -27,7 +27,7 @@ class _StderrHandler(logging.StreamHandler):  # type: ignore[type-arg]
         super().__init__(sys.stderr)
 
     @property  # type: ignore[override]
-    def stream(self):  # noqa: ANN201 - matches StreamHandler.stream
+    def stream(self) -> object:
         return sys.stderr
 
     @stream.setter

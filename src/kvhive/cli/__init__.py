@@ -1,0 +1,1 @@
+"""The ``kvhive`` command line (``kvhive.cli.main:main``)."""

@@ -10,16 +10,13 @@ from kvhive.config.http import HTTPConfig
 from kvhive.config.l1 import L1Config
 from kvhive.config.mp import EngineType, HashAlgorithm, MPConfig, TransferMode
 from kvhive.config.parse import (
-    DEFAULT_NONE_HASH_SEED,
     add_server_arguments,
     config_from_namespace,
     parse_server_args,
-    resolve_none_hash_seed,
 )
 from kvhive.config.server import ServerConfig
 
 __all__ = [
-    "DEFAULT_NONE_HASH_SEED",
     "DEFERRED_FLAGS",
     "DEFERRED_VALUES",
     "EngineType",
@@ -34,5 +31,4 @@ __all__ = [
     "add_server_arguments",
     "config_from_namespace",
     "parse_server_args",
-    "resolve_none_hash_seed",
 ]

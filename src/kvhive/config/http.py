@@ -17,7 +17,9 @@ class HTTPConfig:
     host: str = flag_field(
         "--http-host", default="0.0.0.0", check=non_empty, help="Host the HTTP server binds."
     )
-    port: int = flag_field("--http-port", default=8080, check=PORT, help="Port the HTTP server binds.")
+    port: int = flag_field(
+        "--http-port", default=8080, check=PORT, help="Port the HTTP server binds."
+    )
 
     def __post_init__(self) -> None:
         validate_fields(self)

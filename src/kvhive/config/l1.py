@@ -5,7 +5,14 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import ClassVar
 
-from kvhive.config.fields import at_least, flag_field, flag_of, positive, power_of_two, validate_fields
+from kvhive.config.fields import (
+    at_least,
+    flag_field,
+    flag_of,
+    positive,
+    power_of_two,
+    validate_fields,
+)
 from kvhive.errors import ConfigError
 
 GiB = 1 << 30
@@ -18,7 +25,9 @@ class L1Config:
     TITLE: ClassVar[str] = "L1 memory manager"
 
     size_gb: float = flag_field(
-        "--l1-size-gb", check=positive, help="Size of L1 memory in GiB (converted as int(gb * 2**30) bytes)."
+        "--l1-size-gb",
+        check=positive,
+        help="Size of L1 memory in GiB (converted as int(gb * 2**30) bytes).",
     )
     use_lazy: bool = flag_field(
         "--l1-use-lazy",
@@ -32,13 +41,22 @@ class L1Config:
         help="Initial allocation in whole GiB when allocating lazily; capped at the L1 size.",
     )
     align_bytes: int = flag_field(
-        "--l1-align-bytes", default=4096, check=power_of_two, help="Alignment of L1 objects in bytes."
+        "--l1-align-bytes",
+        default=4096,
+        check=power_of_two,
+        help="Alignment of L1 objects in bytes.",
     )
     write_ttl_seconds: int = flag_field(
-        "--l1-write-ttl-seconds", default=600, check=positive, help="Lifetime of an object's write lock."
+        "--l1-write-ttl-seconds",
+        default=600,
+        check=positive,
+        help="Lifetime of an object's write lock.",
     )
     read_ttl_seconds: int = flag_field(
-        "--l1-read-ttl-seconds", default=300, check=positive, help="Lifetime of an object's read lock."
+        "--l1-read-ttl-seconds",
+        default=300,
+        check=positive,
+        help="Lifetime of an object's read lock.",
     )
 
     def __post_init__(self) -> None:

@@ -50,7 +50,10 @@ class MPConfig:
     )
     port: int = flag_field("--port", default=5555, check=PORT, help="Port the ZMQ server binds.")
     chunk_size: int = flag_field(
-        "--chunk-size", default=256, check=at_least(1), help="Chunk size of KV cache operations, in tokens."
+        "--chunk-size",
+        default=256,
+        check=at_least(1),
+        help="Chunk size of KV cache operations, in tokens.",
     )
     max_workers: int = flag_field(
         "--max-workers",
@@ -64,15 +67,14 @@ class MPConfig:
         check=at_least(1),
         default_text="--max-workers",
         help="Threads of the GPU-affinity pool (store/retrieve); one engine worker always maps to "
-        "the same thread.  Resolved to max_workers when not given.",
+        "the same thread.",
     )
     max_cpu_workers: int | None = flag_field(
         "--max-cpu-workers",
         default=None,
         check=at_least(1),
         default_text="--max-workers",
-        help="Threads of the CPU pool (lookup and other blocking calls).  Resolved to max_workers "
-        "when not given.",
+        help="Threads of the CPU pool (lookup and other blocking calls).",
     )
     hash_algorithm: HashAlgorithm = flag_field(
         "--hash-algorithm", default="blake3", help="Hash function of token chunks."
@@ -132,7 +134,7 @@ class MPConfig:
 
     def __post_init__(self) -> None:
         validate_fields(self)
-        # Per-pool sizes inherit the base size; after construction both are always ints.
+        # None = "not given": the pool inherits --max-workers, so after construction both are ints.
         if self.max_gpu_workers is None:
             object.__setattr__(self, "max_gpu_workers", self.max_workers)
         if self.max_cpu_workers is None:

@@ -12,22 +12,13 @@ import re
 from collections.abc import Sequence
 from typing import Any, NoReturn
 
-from kvhive import envs
 from kvhive.config.deferred import DEFERRED_FLAGS, dest_of
 from kvhive.config.fields import FieldInfo, choices_of, from_text, section_fields, unwrap_optional
 from kvhive.config.server import ServerConfig, server_sections
 from kvhive.errors import ConfigError
-
-DEFAULT_NONE_HASH_SEED = "vllm-none-hash"
-"""vLLM's NONE_HASH seed when PYTHONHASHSEED is unset (vLLM >= 0.33 behaviour)."""
+from kvhive.hashing import default_none_hash_seed
 
 _METAVARS = {int: "INT", float: "FLOAT", str: "STR"}
-
-
-def resolve_none_hash_seed() -> str:
-    """The sha256_cbor seed when ``--none-hash-seed`` is not given: $PYTHONHASHSEED, as vLLM does."""
-    seed = envs.PYTHONHASHSEED
-    return DEFAULT_NONE_HASH_SEED if seed is None else seed
 
 
 # -- building the parser -----------------------------------------------------------------------
@@ -68,9 +59,10 @@ def add_server_arguments(parser: argparse.ArgumentParser) -> None:
         for info in section_fields(cls):
             _add_field(group, f"{name}.{info.name}", info)
     group = parser.add_argument_group(
-        "Not supported yet", "Accepted for command-line compatibility with `lmcache server`; "
-        "using one of these flags is an error for now."
-    )  # fmt: skip
+        "Not supported yet",
+        "Accepted for command-line compatibility with `lmcache server`; using one of these flags "
+        "is an error for now.",
+    )
     for deferred in DEFERRED_FLAGS:
         group.add_argument(
             deferred.flag,
@@ -109,7 +101,7 @@ def _default_none_hash_seed(kwargs: dict[str, Any]) -> None:
     # Resolve the seed here (not in the dataclass) so construction stays free of environment
     # reads, while /config still shows the seed actually used.
     if kwargs.get("hash_algorithm") == "sha256_cbor" and kwargs.get("none_hash_seed") is None:
-        kwargs["none_hash_seed"] = resolve_none_hash_seed()
+        kwargs["none_hash_seed"] = default_none_hash_seed()
 
 
 # -- one-shot parsing --------------------------------------------------------------------------
@@ -134,14 +126,17 @@ def argparse_error_to_config_error(message: str) -> ConfigError:
         return ConfigError(flag, match["rest"])
     if message.startswith(_UNRECOGNIZED):
         first, *others = message[len(_UNRECOGNIZED) :].split()
-        also = f" (nor is {' '.join(others)})" if others else ""
+        more = [arg for arg in others if arg.startswith("-")]
+        also = f" (also unknown: {' '.join(more)})" if more else ""
         return ConfigError(first, f"is not a known option{also}")
     return ConfigError("", message)
 
 
 def new_server_parser(prog: str = "kvhive server") -> ConfigArgumentParser:
     """A parser holding every server flag (abbreviations off: prefixes of flags are ambiguous)."""
-    parser = ConfigArgumentParser(prog=prog, allow_abbrev=False, description="Run the KV-cache server.")
+    parser = ConfigArgumentParser(
+        prog=prog, allow_abbrev=False, description="Run the KV-cache server."
+    )
     add_server_arguments(parser)
     return parser
 

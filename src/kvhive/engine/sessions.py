@@ -78,10 +78,10 @@ class Sessions:
         with self._lock:
             cached = session.hashes
             known = len(cached) * c
-            if cached and tokens[:known] != session.tokens:
+            if cached and list(tokens[:known]) != session.tokens:
                 cached = []  # the request's token list was rewritten: rehash
             if len(cached) < n_chunks:
-                cached = self._hasher.extend(cached, tokens, n_chunks)
+                cached = cached + self._hasher.extend(cached, tokens, n_chunks)
                 session.hashes = cached
                 session.tokens = list(tokens[: len(cached) * c])
             return cached[:n_chunks]

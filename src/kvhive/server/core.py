@@ -18,7 +18,7 @@ from kvhive.engine.engine import CacheEngine
 from kvhive.engine.engine_driven import EngineDriven
 from kvhive.engine.registry import Registry
 from kvhive.engine.sessions import Sessions
-from kvhive.hashing import TokenHasher
+from kvhive.hashing import build_token_hasher
 from kvhive.server.dispatch import Dispatcher
 from kvhive.server.pools import AffinityPool, CpuPool
 from kvhive.server.transport import ZmqServer
@@ -42,11 +42,12 @@ class KvhiveServer:
         self.config = config
         self.started_at = time.time()
         mp, l1c, ev = config.mp, config.l1, config.eviction
-        self.hasher = TokenHasher(mp.hash_algorithm, mp.chunk_size, none_hash_seed=mp.none_hash_seed)
+        self.hasher = build_token_hasher(mp.hash_algorithm, mp.chunk_size, mp.none_hash_seed)
         self.quotas = QuotaRegistry()
         self.l1 = L1Manager(
             size_bytes=l1c.size_bytes,
             align_bytes=l1c.align_bytes,
+            # A shared pool is mapped whole by engine-driven workers, so it is eager.
             lazy=l1c.use_lazy and not mp.shm_name,
             init_bytes=l1c.init_bytes,
             write_ttl=float(l1c.write_ttl_seconds),

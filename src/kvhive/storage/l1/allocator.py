@@ -175,7 +175,7 @@ class FreeListAllocator:
         """True when free + allocated == heap and blocks are sorted, aligned, disjoint and fused."""
         prev_end = -1
         total = 0
-        for start, size in zip(self._starts, self._sizes):
+        for start, size in zip(self._starts, self._sizes, strict=True):
             if size <= 0 or start % self._align or size % self._align:
                 return False
             if start <= prev_end:  # overlap, or touching neighbours left unfused

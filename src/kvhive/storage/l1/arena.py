@@ -21,6 +21,7 @@ A shm segment must start at offset 0 for its clients, so its base is only page a
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import mmap
 import os
@@ -105,7 +106,7 @@ class Arena:
 
         Returns the bytes added (0 when the heap already spans the whole arena).  Pages are
         populated in the background; only when the kernel lacks MADV_POPULATE_WRITE are the
-        new pages touched here, before anyone can own them (about 0.1-0.3 s per GiB).
+        new pages touched here, before anyone can own them (page zeroing: up to ~1 s per GiB).
         """
         if self._closed or self.heap_bytes >= self.size_bytes:
             return 0
@@ -161,10 +162,8 @@ class Arena:
         if self._prefaulter is not None:
             self._prefaulter.stop()
         if self.shm_segment_name:
-            try:
+            with contextlib.suppress(FileNotFoundError):
                 os.unlink(os.path.join(SHM_DIR, self.shm_segment_name))
-            except FileNotFoundError:
-                pass
         self.array = np.empty(0, np.uint8)
         self.heap_bytes = 0
         try:

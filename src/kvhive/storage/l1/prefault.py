@@ -1,6 +1,6 @@
 """Background pre-faulting of arena pages.
 
-Pre-faulting moves the page-fault cost (kernel zeroing, ~0.1-0.3 s per GiB) off the store
+Pre-faulting moves the page-fault cost (kernel zeroing, up to ~1 s per GiB) off the store
 path, the CPU-only stand-in for the reference's pinning.  ``madvise(MADV_POPULATE_WRITE)``
 (Linux >= 5.14) does it without touching contents, so it may run on pages that are already
 handed out and being written: it is safe in a background thread.  Without it, the only way

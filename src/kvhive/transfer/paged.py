@@ -1,0 +1,383 @@
+"""Copy engine between an engine's paged KV cache (in shared memory) and chunk objects.
+
+One :class:`PagedKV` per ``cpu_shm`` registration.  It maps the segments
+once, works out a copy plan, and then moves one chunk per call:
+
+    gather : engine pages --(block_ids)--> object bytes   (store)
+    scatter: object bytes --(block_ids)--> engine pages   (retrieve)
+
+Copy plan.  Each (layer, kv) plane of a chunk object is ``[B, BS, NH, HS]``
+elements, contiguous.  The engine side is some strided view; we find the
+longest run of elements that is contiguous on both sides (a whole block for
+NHD-style layouts, one head row of ``HS`` elements for HND) and cut it into
+"rows" of ``r`` elements, ``r`` dividing every stride involved.  The segment
+is then a 2-D array ``rows[n, r * itemsize]`` of bytes and a chunk is::
+
+    object plane (kv, layer) = rows[idx]      idx[b, q] = static[kv, layer, q]
+                                                        + block_ids[b] * block_rows
+
+so a gather is one ``np.take(rows, idx, axis=0, out=..., mode="clip")`` per
+(kv, layer) -- or per chunk when all layers share one segment -- and a
+scatter the matching fancy-index assignment.  Both run in C, without the
+GIL, at memcpy speed; there is no Python loop per token or block.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import math
+import threading
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from kvhive.errors import BadRequest, LayoutError, RegistrationError, UnsupportedError
+from kvhive.transfer.descriptors import TensorDesc
+from kvhive.transfer.layouts import DEFAULT_KV_LAYOUT, KVFormat, KVLayout, LayerView, plan_layout
+from kvhive.transfer.shm import SegmentTable, ShmMapping, tensor_view
+
+
+@dataclass(frozen=True, slots=True)
+class _Run:
+    """Consecutive object layers ``[j0, j1)`` whose pages share one ``rows`` array."""
+
+    rows: np.ndarray  # [n_rows, row_bytes] uint8 over one segment
+    j0: int
+    j1: int
+    static: np.ndarray  # [kv_size, j1 - j0, rows_per_block] intp: rows of block 0
+    block_rows: np.ndarray  # [j1 - j0] intp: row step per block id
+
+    @property
+    def row_bytes(self) -> int:
+        return self.rows.shape[1]
+
+
+def _row_plan(view: LayerView) -> tuple[int, np.ndarray, int]:
+    """``(r, static[kv, q], block_rows)`` of one layer, in elements/rows (see module doc)."""
+    kv_size, _nb, bs, nh, hs = view.sizes
+    s_kv, s_blk, s_slot, s_head, s_dim = view.strides
+    dims = [(bs, s_slot), (nh, s_head), (hs, s_dim)]  # object order within a block
+    run, cut = 1, len(dims)
+    for i in range(len(dims) - 1, -1, -1):  # merge innermost dims contiguous on both sides
+        n, s = dims[i]
+        if n != 1 and s != run:
+            break
+        run *= n
+        cut = i
+    outer = [(n, s) for n, s in dims[:cut] if n != 1]
+    r = math.gcd(run, view.offset, s_kv if kv_size > 1 else 0, s_blk, *(s for _, s in outer))
+    base = np.zeros(1, dtype=np.int64)
+    for n, s in dims[:cut]:
+        base = (base[:, None] + np.arange(n, dtype=np.int64)[None, :] * s).reshape(-1)
+    elem = (base[:, None] + np.arange(0, run, r, dtype=np.int64)[None, :]).reshape(-1)
+    planes = view.offset + np.arange(kv_size, dtype=np.int64)[:, None] * s_kv
+    static = (planes + elem[None, :]) // r  # exact: r divides every term
+    return r, static.astype(np.intp), s_blk // r
+
+
+class PagedKV:
+    """The per-registration copy engine (protocol §14, §17).
+
+    Attributes:
+        object_shape: ``(kv_size, num_layers, chunk_tokens, hidden)`` of one chunk object.
+        object_nbytes: bytes of one chunk object.
+        dtype: torch dtype name of the KV elements.
+        block_size: tokens per engine block (BS).
+        blocks_per_chunk: B = chunk_tokens / BS.
+        num_blocks: blocks in the engine cache (valid ids are ``0..num_blocks-1``).
+    """
+
+    def __init__(self, layout: KVLayout, segments: SegmentTable, chunk_size: int) -> None:
+        if isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size <= 0:
+            raise LayoutError(f"chunk size must be a positive integer, got {chunk_size!r}")
+        if chunk_size % layout.block_size:
+            raise LayoutError(
+                f"chunk size {chunk_size} is not a multiple of the block size {layout.block_size}"
+            )
+        self.layout = layout
+        self.kv_format: KVFormat = layout.fmt
+        self.dtype: str = layout.dtype
+        self.block_size: int = layout.block_size
+        self.num_blocks: int = layout.num_blocks
+        self.chunk_size: int = chunk_size
+        self.blocks_per_chunk: int = chunk_size // layout.block_size
+        self.object_shape: tuple[int, ...] = layout.object_shape(chunk_size)
+        self.object_nbytes: int = math.prod(self.object_shape) * layout.itemsize
+        self._segments = segments
+        self._cond = threading.Condition()
+        self._active = 0
+        self._closed = False
+        # Normalised engine views of every registered layer (checksums), by index.
+        self._views: list[np.ndarray | None] = []
+        self._runs: list[_Run] = []
+        self._build(layout)
+
+    # -- construction -------------------------------------------------------
+
+    @classmethod
+    def from_descriptors(
+        cls,
+        descs: Sequence[TensorDesc],
+        layout_hints: Mapping[str, Any] | None,
+        group_infos: Sequence[Any],
+        chunk_size: int,
+        *,
+        default_kv_layout: str = DEFAULT_KV_LAYOUT,
+    ) -> PagedKV:
+        """Detect the layout, map every segment once and plan the copies.
+
+        Raises LayoutError (unsupported layout/groups) or RegistrationError
+        (segment missing, too small, unmappable); nothing stays mapped then.
+        """
+        layout = plan_layout(descs, layout_hints, group_infos, default_kv_layout=default_kv_layout)
+        sizes: dict[str, int] = {}
+        for d in descs:  # map each segment once, at the largest size any view declares
+            if d.numel:
+                sizes[d.shm_name] = max(sizes.get(d.shm_name, 0), d.nbytes)
+        table = SegmentTable()
+        try:
+            for name, nbytes in sizes.items():
+                table.acquire(name, nbytes)
+            return cls(layout, table, chunk_size)
+        except BaseException:
+            table.close()
+            raise
+
+    def _build(self, layout: KVLayout) -> None:
+        maps: dict[str, ShmMapping] = {}
+        for lv in layout.layers:
+            if lv is None or lv.desc.numel == 0:
+                self._views.append(None)
+                continue
+            m = maps.get(lv.desc.shm_name)
+            if m is None:
+                m = maps[lv.desc.shm_name] = self._segments.get(lv.desc.shm_name)
+            norm = dataclasses.replace(lv.desc, shape=lv.shape, stride=lv.stride)
+            self._views.append(tensor_view(m, norm))
+        rows_cache: dict[tuple[str, int], np.ndarray] = {}
+        isz = layout.itemsize
+        for j, i in enumerate(layout.layer_indices):
+            lv = layout.layers[i]
+            assert lv is not None
+            r, static, block_rows = _row_plan(lv)
+            key = (lv.desc.shm_name, r * isz)
+            rows = rows_cache.get(key)
+            if rows is None:
+                arr = maps[lv.desc.shm_name].array
+                rows = arr[: (arr.size // key[1]) * key[1]].reshape(-1, key[1])
+                rows_cache[key] = rows
+            last = int(static.max()) + (lv.num_blocks - 1) * block_rows
+            if last >= rows.shape[0]:  # cannot happen after the span check; never clip
+                raise RegistrationError(f"layer {i} pages exceed segment {lv.desc.shm_name!r}")
+            prev = self._runs[-1] if self._runs else None
+            if prev is not None and prev.rows is rows and prev.static.shape[2] == static.shape[1]:
+                self._runs[-1] = _Run(
+                    rows,
+                    prev.j0,
+                    j + 1,
+                    np.concatenate([prev.static, static[:, None, :]], axis=1),
+                    np.append(prev.block_rows, block_rows).astype(np.intp),
+                )
+            else:
+                self._runs.append(
+                    _Run(rows, j, j + 1, static[:, None, :], np.array([block_rows], np.intp))
+                )
+
+    # -- lifecycle ------------------------------------------------------------
+
+    def _enter(self) -> None:
+        with self._cond:
+            if self._closed:
+                raise RegistrationError("the KV registration is closed")
+            self._active += 1
+
+    def _exit(self) -> None:
+        with self._cond:
+            self._active -= 1
+            if self._active == 0:
+                self._cond.notify_all()
+
+    def close(self) -> None:
+        """Wait for in-flight copies, then unmap every segment.  Idempotent."""
+        with self._cond:
+            self._closed = True
+            while self._active:
+                self._cond.wait()
+            self._runs = []
+            self._views = []
+        self._segments.close()
+
+    @property
+    def closed(self) -> bool:
+        return self._closed
+
+    @property
+    def segment_names(self) -> list[str]:
+        """Names of the segments this registration maps."""
+        return self._segments.names()
+
+    def __enter__(self) -> PagedKV:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    # -- validation -----------------------------------------------------------
+
+    def _block_ids(self, block_ids: Sequence[int], count: int | None) -> np.ndarray:
+        n = len(block_ids)
+        if count is not None and n != count:
+            raise BadRequest(f"expected {count} block ids per chunk, got {n}")
+        if n == 0:
+            return np.zeros(0, np.intp)
+        ids = np.asarray(block_ids)
+        if ids.ndim != 1 or ids.dtype.kind not in "iu":
+            raise BadRequest("block ids must be a flat sequence of integers")
+        lo, hi = int(ids.min()), int(ids.max())
+        if lo < 0 or hi >= self.num_blocks:
+            bad = lo if lo < 0 else hi
+            raise BadRequest(f"block id {bad} outside 0..{self.num_blocks - 1}")
+        return ids.astype(np.intp, copy=False)
+
+    def _flat(self, buf: np.ndarray, what: str) -> np.ndarray:
+        if not isinstance(buf, np.ndarray) or buf.dtype != np.uint8:
+            raise ValueError(f"{what} must be a uint8 numpy array")
+        if buf.size != self.object_nbytes:
+            raise ValueError(f"{what} has {buf.size} bytes, the object has {self.object_nbytes}")
+        if not buf.flags.c_contiguous:
+            raise ValueError(f"{what} must be C-contiguous")  # a reshape would copy silently
+        return buf.reshape(-1)
+
+    @staticmethod
+    def is_null_chunk(block_ids: Sequence[int], null_block_id: int = 0) -> bool:
+        """True when every id is the null block (such chunks hold no KV, §14)."""
+        return all(int(b) == null_block_id for b in block_ids)
+
+    # -- copies -----------------------------------------------------------------
+
+    def _plane_bytes(self) -> int:
+        return self.blocks_per_chunk * self.layout.hidden * self.block_size * self.layout.itemsize
+
+    def gather(self, block_ids: Sequence[int], out: np.ndarray) -> None:
+        """Copy one chunk from the engine pages into ``out`` (the object's bytes)."""
+        ids = self._block_ids(block_ids, self.blocks_per_chunk)
+        dst = self._flat(out, "out")
+        if not dst.flags.writeable:
+            raise ValueError("out must be writable")
+        self._enter()
+        try:
+            kv_size, nl = self.layout.kv_size, self.layout.num_layers
+            plane = self._plane_bytes()
+            for run in self._runs:
+                rb = run.row_bytes
+                if run.j0 == 0 and run.j1 == nl:  # every layer: the whole object at once
+                    idx = (
+                        run.static[:, :, None, :]
+                        + ids[None, None, :, None] * run.block_rows[None, :, None, None]
+                    )
+                    np.take(run.rows, idx.reshape(-1), axis=0, out=dst.reshape(-1, rb), mode="clip")
+                    continue
+                for kv in range(kv_size):
+                    idx = (
+                        run.static[kv][:, None, :]
+                        + ids[None, :, None] * run.block_rows[:, None, None]
+                    )
+                    part = dst[(kv * nl + run.j0) * plane : (kv * nl + run.j1) * plane]
+                    np.take(
+                        run.rows, idx.reshape(-1), axis=0, out=part.reshape(-1, rb), mode="clip"
+                    )
+        finally:
+            self._exit()
+
+    def scatter(self, src: np.ndarray, block_ids: Sequence[int], skip_tokens: int = 0) -> None:
+        """Copy one chunk object into the engine pages.
+
+        The first ``floor(skip_tokens / BS)`` blocks of the chunk are left
+        untouched (vLLM may share them with other requests, §14).
+        """
+        if isinstance(skip_tokens, bool) or not isinstance(skip_tokens, int) or skip_tokens < 0:
+            raise BadRequest(f"skip_tokens must be a non-negative integer, got {skip_tokens!r}")
+        ids = self._block_ids(block_ids, self.blocks_per_chunk)
+        flat = self._flat(src, "src")
+        skip = skip_tokens // self.block_size
+        if skip >= self.blocks_per_chunk:
+            return
+        self._enter()
+        try:
+            kv_size, nl, nb = self.layout.kv_size, self.layout.num_layers, self.blocks_per_chunk
+            plane = self._plane_bytes()
+            for run in self._runs:
+                rb, nlr = run.row_bytes, run.j1 - run.j0
+                m = run.static.shape[2]
+                for kv in range(kv_size):
+                    idx = (
+                        run.static[kv][:, None, :]
+                        + ids[None, skip:, None] * run.block_rows[:, None, None]
+                    )
+                    part = flat[(kv * nl + run.j0) * plane : (kv * nl + run.j1) * plane]
+                    run.rows[idx] = part.reshape(nlr, nb, m, rb)[:, skip:]
+        finally:
+            self._exit()
+
+    # -- /cache/checksums ------------------------------------------------------
+
+    def checksums(
+        self, block_ids: list[int], blocks_per_chunk: int, layerwise: bool = False
+    ) -> list[str] | dict[str, list[str]]:
+        """MD5 per chunk of ``blocks_per_chunk`` blocks over the engine's KV blocks.
+
+        Same values as the reference's ``POST /cache/checksums``: for every
+        registered layer, the selected blocks of its memory-order view along
+        the format's block axis (axis 1 for ``[2, NB, ...]`` layouts, else 0),
+        C-order bytes, with ``bfloat16`` widened to ``float32`` first.  The last
+        chunk may be short.  Aggregated: one digest per chunk over all layers in
+        order; ``layerwise``: ``{"layer_<i>": [digest per chunk]}``.
+        """
+        if isinstance(blocks_per_chunk, bool) or not isinstance(blocks_per_chunk, int):
+            raise BadRequest("chunk_size must be an integer")
+        if blocks_per_chunk <= 0:
+            raise BadRequest("chunk_size must be positive")
+        if not block_ids:
+            raise BadRequest("block_ids is required")
+        ids = self._block_ids(block_ids, None)
+        self._enter()
+        try:
+            layers = []
+            for li, (lv, view) in enumerate(zip(self.layout.layers, self._views, strict=True)):
+                if lv is None or view is None:
+                    raise UnsupportedError(f"checksum not supported: layer {li} has no usable KV")
+                layers.append((lv.checksum_axis, view))
+            starts = range(0, len(ids), blocks_per_chunk)
+            if layerwise:
+                return {
+                    f"layer_{li}": [
+                        _md5(_chunk_bytes(v, ax, ids[s : s + blocks_per_chunk], self.dtype))
+                        for s in starts
+                    ]
+                    for li, (ax, v) in enumerate(layers)
+                }
+            out = []
+            for s in starts:
+                h = hashlib.md5(usedforsecurity=False)
+                for ax, v in layers:
+                    h.update(_chunk_bytes(v, ax, ids[s : s + blocks_per_chunk], self.dtype))
+                out.append(h.hexdigest())
+            return out
+        finally:
+            self._exit()
+
+
+def _md5(data: bytes) -> str:
+    return hashlib.md5(data, usedforsecurity=False).hexdigest()
+
+
+def _chunk_bytes(view: np.ndarray, axis: int, ids: np.ndarray, dtype: str) -> bytes:
+    # Fancy indexing copies only the selected blocks (np.take would first copy
+    # a non-contiguous view whole).
+    sel = view[(slice(None),) * axis + (ids,)]
+    if dtype == "bfloat16":  # the reference hashes bf16 widened to fp32: bits << 16
+        sel = sel.astype("<u4") << np.uint32(16)
+    return np.ascontiguousarray(sel).tobytes()

@@ -1,0 +1,238 @@
+"""parse_server_args: every flag reaches its field, every bad value names its flag."""
+
+from __future__ import annotations
+
+import dataclasses
+import shlex
+from typing import Any
+
+import pytest
+
+from kvhive.config import DEFERRED_FLAGS, MPConfig, ServerConfig, parse_server_args
+from kvhive.config.fields import section_fields
+from kvhive.config.parse import new_server_parser
+from kvhive.config.server import server_sections
+from kvhive.errors import ConfigError
+
+REQUIRED = ["--l1-size-gb", "8", "--eviction-policy", "LRU"]
+
+
+def parse(*args: str) -> ServerConfig:
+    return parse_server_args([*REQUIRED, *args])
+
+
+def config_error(*args: str, required: bool = True) -> ConfigError:
+    with pytest.raises(ConfigError) as info:
+        parse_server_args([*(REQUIRED if required else []), *args])
+    return info.value
+
+
+@pytest.fixture(autouse=True)
+def _no_pythonhashseed(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("PYTHONHASHSEED", raising=False)
+
+
+def test_minimal_command_line_gives_the_defaults() -> None:
+    config = parse()
+    assert config.mp == MPConfig()
+    assert config.l1.size_gb == 8.0
+    assert config.eviction.policy == "LRU"
+    assert config.http.port == 8080
+
+
+# Every supported flag with a non-default value: (argv, section, field, expected)
+VALID: list[tuple[list[str], str, str, Any]] = [
+    (["--host", "0.0.0.0"], "mp", "host", "0.0.0.0"),
+    (["--port", "6555"], "mp", "port", 6555),
+    (["--chunk-size", "512"], "mp", "chunk_size", 512),
+    (["--max-workers", "4"], "mp", "max_workers", 4),
+    (["--max-gpu-workers", "2"], "mp", "max_gpu_workers", 2),
+    (["--max-cpu-workers", "3"], "mp", "max_cpu_workers", 3),
+    (["--hash-algorithm", "builtin"], "mp", "hash_algorithm", "builtin"),
+    (["--hash-algorithm", "sha256_cbor", "--none-hash-seed", "42"], "mp", "none_hash_seed", "42"),
+    (["--engine-type", "default"], "mp", "engine_type", "default"),
+    (["--supported-transfer-mode", "engine_driven"], "mp", "supported_transfer_mode", "engine_driven"),
+    (["--shm-name", "pool"], "mp", "shm_name", "pool"),
+    (["--null-block-id", "-1"], "mp", "null_block_id", -1),
+    (["--worker-reap-timeout-seconds", "0"], "mp", "worker_reap_timeout_seconds", 0.0),
+    (["--worker-registration-grace-seconds", "7200"], "mp", "worker_registration_grace_seconds", 7200.0),
+    (["--session-ttl-seconds", "30.5"], "mp", "session_ttl_seconds", 30.5),
+    (["--ipc-path", "/tmp/kvhive.sock"], "mp", "ipc_path", "/tmp/kvhive.sock"),
+    (["--l1-size-gb", "0.5"], "l1", "size_gb", 0.5),
+    (["--no-l1-use-lazy"], "l1", "use_lazy", False),
+    (["--l1-use-lazy"], "l1", "use_lazy", True),
+    (["--l1-init-size-gb", "4"], "l1", "init_size_gb", 4),
+    (["--l1-align-bytes", "65536"], "l1", "align_bytes", 65536),
+    (["--l1-write-ttl-seconds", "60"], "l1", "write_ttl_seconds", 60),
+    (["--l1-read-ttl-seconds", "30"], "l1", "read_ttl_seconds", 30),
+    (["--eviction-policy", "noop"], "eviction", "policy", "noop"),
+    (["--eviction-policy", "IsolatedLRU"], "eviction", "policy", "IsolatedLRU"),
+    (["--eviction-trigger-watermark", "0.9"], "eviction", "trigger_watermark", 0.9),
+    (["--eviction-ratio", "0.1"], "eviction", "ratio", 0.1),
+    (["--http-host", "127.0.0.1"], "http", "host", "127.0.0.1"),
+    (["--http-port", "9000"], "http", "port", 9000),
+]  # fmt: skip
+
+
+@pytest.mark.parametrize(("argv", "section", "name", "expected"), VALID, ids=[v[0][0] + ("=" + v[0][1] if len(v[0]) > 1 else "") for v in VALID])  # fmt: skip
+def test_each_flag_reaches_its_field(
+    argv: list[str], section: str, name: str, expected: Any
+) -> None:
+    value = getattr(getattr(parse(*argv), section), name)
+    assert value == expected
+    assert type(value) is type(expected)
+
+
+def test_every_field_flag_is_exercised() -> None:
+    flags = {info.spec.flag for _, cls in server_sections() for info in section_fields(cls)}
+    tested = {arg for argv, *_ in VALID for arg in argv if arg.startswith("--")}
+    assert flags - tested == set()
+
+
+def test_seed_full_example_without_deferred_flags() -> None:
+    # The seed's complete example, minus flags whose features come later.
+    config = parse_server_args(
+        shlex.split(
+            "--host 0.0.0.0 --port 6555 --chunk-size 512 --max-workers 4 --max-gpu-workers 2 "
+            "--hash-algorithm blake3 --engine-type default --l1-size-gb 100 --l1-use-lazy "
+            "--l1-init-size-gb 20 --l1-align-bytes 4096 --l1-write-ttl-seconds 600 "
+            "--l1-read-ttl-seconds 300 --eviction-policy noop --eviction-trigger-watermark 0.9 "
+            "--eviction-ratio 0.1"
+        )
+    )
+    assert (config.mp.max_gpu_workers, config.mp.max_cpu_workers) == (2, 4)
+    assert config.l1.size_bytes == 100 << 30
+    assert (config.eviction.policy, config.eviction.trigger_watermark) == ("noop", 0.9)
+
+
+# (argv, flag, fragment)
+INVALID: list[tuple[list[str], str, str]] = [
+    (["--port", "abc"], "--port", "must be an integer (got 'abc')"),
+    (["--port", "0"], "--port", "must be in 1..65535 (got 0)"),
+    (["--port", "99999"], "--port", "1..65535"),
+    (["--port"], "--port", "expected one argument"),
+    (["--chunk-size", "1.5"], "--chunk-size", "must be an integer"),
+    (["--chunk-size", "0"], "--chunk-size", ">= 1"),
+    (["--max-workers", "0"], "--max-workers", ">= 1"),
+    (["--max-gpu-workers", "x"], "--max-gpu-workers", "must be an integer"),
+    (["--max-cpu-workers", "0"], "--max-cpu-workers", ">= 1"),
+    (["--hash-algorithm", "sha256"], "--hash-algorithm", "must be one of builtin, sha256_cbor, blake3 (got 'sha256')"),
+    (["--none-hash-seed", "1"], "--none-hash-seed", "only applies to --hash-algorithm sha256_cbor"),
+    (["--engine-type", "blend"], "--engine-type", "blend is not supported yet"),
+    (["--engine-type", "x"], "--engine-type", "default, blend"),
+    (["--supported-transfer-mode", "x"], "--supported-transfer-mode", "lmcache_driven, engine_driven, auto"),
+    (["--shm-name", "a/b"], "--shm-name", "'/'"),
+    (["--null-block-id", "none"], "--null-block-id", "must be an integer"),
+    (["--worker-reap-timeout-seconds", "5"], "--worker-reap-timeout-seconds", "0 (disabled) or >= 30 (got 5.0)"),
+    (["--worker-reap-timeout-seconds", "nan"], "--worker-reap-timeout-seconds", "finite"),
+    (["--worker-registration-grace-seconds", "100"], "--worker-registration-grace-seconds", ">= --worker-reap-timeout-seconds"),
+    (["--session-ttl-seconds", "-1"], "--session-ttl-seconds", "> 0"),
+    (["--ipc-path", "/" + "x" * 200], "--ipc-path", "107 bytes"),
+    (["--l1-size-gb", "0"], "--l1-size-gb", "> 0"),
+    (["--l1-size-gb", "lots"], "--l1-size-gb", "must be a number (got 'lots')"),
+    (["--l1-use-lazy=no"], "--l1-use-lazy", "ignored explicit argument"),
+    (["--l1-init-size-gb", "1.5"], "--l1-init-size-gb", "must be an integer (got '1.5')"),
+    (["--l1-init-size-gb", "0"], "--l1-init-size-gb", ">= 1"),
+    (["--l1-align-bytes", "3000"], "--l1-align-bytes", "power of two"),
+    (["--l1-write-ttl-seconds", "0"], "--l1-write-ttl-seconds", "> 0"),
+    (["--l1-read-ttl-seconds", "2.5"], "--l1-read-ttl-seconds", "must be an integer"),
+    (["--eviction-policy", "ARC"], "--eviction-policy", "must be one of LRU, IsolatedLRU, noop (got 'ARC')"),
+    (["--eviction-trigger-watermark", "1.2"], "--eviction-trigger-watermark", "(0, 1]"),
+    (["--eviction-ratio", "0"], "--eviction-ratio", "(0, 1]"),
+    (["--http-host", ""], "--http-host", "must not be empty"),
+    (["--http-port", "0"], "--http-port", "1..65535"),
+    (["--bogus"], "--bogus", "is not a known option"),
+    (["--l1"], "--l1", "is not a known option"),  # no prefix matching
+]  # fmt: skip
+
+
+@pytest.mark.parametrize(("argv", "flag", "fragment"), INVALID, ids=[" ".join(a)[:40] for a, *_ in INVALID])  # fmt: skip
+def test_invalid_values_name_their_flag(argv: list[str], flag: str, fragment: str) -> None:
+    error = config_error(*argv)
+    assert error.flag == flag
+    assert fragment in error.message
+
+
+@pytest.mark.parametrize("flag", ["--l1-size-gb", "--eviction-policy"])
+def test_required_flags(flag: str) -> None:
+    other = REQUIRED[2:] if flag == "--l1-size-gb" else REQUIRED[:2]
+    error = config_error(*other, required=False)
+    assert (error.flag, error.message) == (flag, "is required")
+
+
+DEFERRED_ARGV = {
+    "--l2-store-policy": ["skip_l1"],
+    "--l2-prefetch-policy": ["retain"],
+    "--l2-prefetch-max-in-flight": ["8"],
+    "--l2-adapter": ['{"type": "fs", "base_path": "/tmp/l2"}'],
+    "--event-bus-queue-size": ["10000"],
+    "--otlp-endpoint": ["http://localhost:4317"],
+    "--prometheus-port": ["9090"],
+    "--metrics-sample-rate": ["0.01"],
+    "--service-instance-id": [""],
+    "--lookup-hash-log-dir": ["/data/lookup"],
+    "--lookup-hash-log-rotation-interval": ["21600"],
+    "--lookup-hash-log-rotation-max-size": ["104857600"],
+    "--lookup-hash-log-max-files": ["100"],
+    "--runtime-plugin-locations": ["a.py", "b.sh"],
+    "--runtime-plugin-config": ['{"k": "v"}'],
+}
+SWITCHES = ["--disable-observability", "--disable-metrics", "--disable-logging", "--enable-tracing"]
+
+
+def test_deferred_table_covers_the_brief() -> None:
+    assert {d.flag for d in DEFERRED_FLAGS} == set(DEFERRED_ARGV) | set(SWITCHES)
+
+
+@pytest.mark.parametrize("flag", [d.flag for d in DEFERRED_FLAGS])
+def test_deferred_flags_parse_but_are_not_supported_yet(flag: str) -> None:
+    error = config_error(flag, *DEFERRED_ARGV.get(flag, []), "--port", "6000")
+    assert (error.flag, error.message) == (flag, "is not supported yet")
+
+
+def test_repeated_deferred_flag_and_empty_plugin_list() -> None:
+    assert config_error("--l2-adapter", "{}", "--l2-adapter", "{}").flag == "--l2-adapter"
+    assert config_error("--runtime-plugin-locations").flag == "--runtime-plugin-locations"
+
+
+def test_sha256_cbor_seed_is_resolved_at_parse(monkeypatch: pytest.MonkeyPatch) -> None:
+    assert parse("--hash-algorithm", "sha256_cbor").mp.none_hash_seed == "vllm-none-hash"
+    monkeypatch.setenv("PYTHONHASHSEED", "123")
+    assert parse("--hash-algorithm", "sha256_cbor").mp.none_hash_seed == "123"
+    assert (
+        parse("--hash-algorithm", "sha256_cbor", "--none-hash-seed", "s").mp.none_hash_seed == "s"
+    )
+    assert parse().mp.none_hash_seed is None  # blake3 has no seed
+
+
+def test_last_occurrence_wins_and_values_may_look_negative() -> None:
+    config = parse("--port", "6000", "--port", "7000", "--null-block-id", "-5")
+    assert (config.mp.port, config.mp.null_block_id) == (7000, -5)
+
+
+def test_help_shows_defaults_and_choices(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("COLUMNS", "250")  # no line wrapping inside the fragments
+    text = new_server_parser().format_help()
+    for fragment in (
+        "--port INT",
+        "(default: 5555)",
+        "{LRU,IsolatedLRU,noop}",
+        "--l1-use-lazy, --no-l1-use-lazy",
+        "(default: --max-workers)",
+        "Not supported yet",
+        "--l2-adapter JSON",
+    ):
+        assert fragment in text
+
+
+def test_help_exits_zero() -> None:
+    with pytest.raises(SystemExit) as info:
+        parse_server_args(["--help"])
+    assert info.value.code == 0
+
+
+def test_config_is_a_plain_frozen_value() -> None:
+    config = parse()
+    assert config == parse()
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        config.mp = MPConfig()  # type: ignore[misc]

@@ -1,0 +1,111 @@
+"""Arena: aligned reservation, lazy growth, eager heap, POSIX shared memory."""
+
+from __future__ import annotations
+
+import mmap
+import os
+
+import numpy as np
+import pytest
+
+from kvhive.storage.l1 import arena as arena_mod
+from kvhive.storage.l1.arena import Arena, shm_segment_name
+
+MiB = 1 << 20
+
+
+def test_eager_base_is_aligned_and_heap_is_full() -> None:
+    with Arena(3 * MiB, align=2 * MiB) as a:
+        assert a.base_address % (2 * MiB) == 0
+        assert a.heap_bytes == a.size_bytes == 3 * MiB
+        assert a.array.dtype == np.uint8 and a.array.size == 3 * MiB
+        a.array[-1] = 7
+        assert a.array[-1] == 7
+        assert a.wait_prefault(timeout=30)
+        assert a.grow(MiB) == 0  # eager: nothing to grow
+
+
+def test_lazy_starts_at_rounded_init_and_grows_in_steps() -> None:
+    a = Arena(8 * MiB, lazy=True, init_bytes=1, granule_bytes=MiB, grow_step_bytes=2 * MiB)
+    try:
+        assert a.heap_bytes == MiB  # 1 byte rounds up to one granule
+        assert a.grow(1) == 2 * MiB
+        assert a.heap_bytes == 3 * MiB
+        assert a.grow(3 * MiB) == 4 * MiB  # two steps cover 3 MiB
+        assert a.grow(10 * MiB) == MiB  # capped at the size
+        assert (a.heap_bytes, a.grow(1)) == (8 * MiB, 0)
+        a.array[a.heap_bytes - 1] = 1
+    finally:
+        a.close()
+
+
+def test_lazy_init_is_capped_at_size() -> None:
+    with Arena(3 * MiB, lazy=True, init_bytes=100 * MiB, granule_bytes=2 * MiB) as a:
+        assert a.heap_bytes == 3 * MiB
+
+
+def test_big_lazy_arena_reserves_instantly() -> None:
+    with Arena(16 << 30, lazy=True, init_bytes=1) as a:
+        assert a.size_bytes == 16 << 30
+        assert a.heap_bytes == 64 * MiB
+        a.array[a.heap_bytes - 1] = 3
+        assert a.array[a.heap_bytes - 1] == 3
+
+
+def test_grow_touches_pages_when_populate_is_unsupported(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    touched: list[tuple[int, int]] = []
+    monkeypatch.setattr(arena_mod, "populate_supported", lambda: False)
+    monkeypatch.setattr(arena_mod, "touch_pages", lambda _arr, s, e: touched.append((s, e)))
+    with Arena(4 * MiB, lazy=True, init_bytes=MiB, granule_bytes=MiB, grow_step_bytes=MiB) as a:
+        assert touched == []  # the initial heap is never written behind anyone's back
+        a.grow(1)
+        assert touched == [(MiB, 2 * MiB)]
+
+
+def test_close_is_idempotent_and_views_stay_valid() -> None:
+    a = Arena(MiB)
+    view = a.array[:16]
+    a.close()
+    a.close()
+    view[0] = 5  # the mapping lives on with its last view
+    assert view[0] == 5
+    assert a.heap_bytes == 0
+
+
+def test_shm_name_normalisation() -> None:
+    assert shm_segment_name("/abc") == "lmcache_l1_pool_abc"
+    assert shm_segment_name("lmcache_l1_pool_abc") == "lmcache_l1_pool_abc"
+    for bad in ("", "/", "a/b"):
+        with pytest.raises(ValueError):
+            shm_segment_name(bad)
+
+
+def test_shm_arena_is_visible_by_name_and_unlinked_on_close() -> None:
+    name = f"kvhive-test-{os.getpid()}"
+    path = f"/dev/shm/lmcache_l1_pool_{name}"
+    with open(path, "wb") as stale:  # a leftover of a crashed server
+        stale.write(b"x" * 100)
+    a = Arena(MiB, shm_name="/" + name)
+    try:
+        assert a.shm_segment_name == f"lmcache_l1_pool_{name}"
+        assert os.path.getsize(path) == MiB  # the stale segment was replaced
+        a.array[4096:4100] = [1, 2, 3, 4]
+        fd = os.open(path, os.O_RDWR)
+        try:
+            other = mmap.mmap(fd, MiB)
+        finally:
+            os.close(fd)
+        assert other[4096:4100] == bytes([1, 2, 3, 4])
+        other[0] = 9  # and the other way round
+        assert a.array[0] == 9
+        other.close()
+    finally:
+        a.close()
+    assert not os.path.exists(path)
+
+
+def test_shm_arena_cannot_be_lazy() -> None:
+    with pytest.raises(ValueError):
+        Arena(MiB, lazy=True, shm_name="nope")
