@@ -29,7 +29,7 @@ import hashlib
 import math
 import threading
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
@@ -44,7 +44,7 @@ from kvhive.transfer.shm import SegmentTable, ShmMapping, tensor_view
 class _Run:
     """Consecutive object layers ``[j0, j1)`` whose pages share one ``rows`` array."""
 
-    rows: np.ndarray  # [n_rows, row_bytes] uint8 over one segment
+    rows: np.ndarray = field(repr=False)  # [n_rows, row_bytes] uint8 over one segment
     j0: int
     j1: int
     static: np.ndarray  # [kv_size, j1 - j0, rows_per_block] intp: rows of block 0

@@ -55,6 +55,28 @@ def key(model: str, tokens: list[int], *, worker_id: int | None, end: int, reade
     )
 
 
+def collect(futures: dict[str, Any], deadline_s: float) -> dict[str, dict[str, Any]]:
+    """Poll all futures until done or ``deadline_s``; record outcome and latency."""
+    started = time.monotonic()
+    out: dict[str, dict[str, Any]] = {}
+    pending = dict(futures)
+    while pending and time.monotonic() - started < deadline_s:
+        for name, fut in list(pending.items()):
+            if not fut.query():
+                continue
+            del pending[name]
+            elapsed = round(time.monotonic() - started, 3)
+            try:
+                out[name] = {"outcome": "result", "value": render(fut.result(timeout=0))}
+            except Exception as exc:
+                out[name] = {"outcome": "error", "error": f"{type(exc).__name__}: {exc}"}
+            out[name]["elapsed"] = elapsed
+        time.sleep(0.002)
+    for name in pending:
+        out[name] = {"outcome": "timeout", "elapsed": round(time.monotonic() - started, 3)}
+    return out
+
+
 def main() -> None:
     p = argparse.ArgumentParser()
     p.add_argument("--url", required=True)
@@ -121,19 +143,17 @@ def main() -> None:
         "unregister_unknown_instance": lambda: client.unregister_kv_cache(unknown_iid + 2),
         "noop": lambda: client.noop(),
     }
-    started = time.monotonic()
-    futures = {name: make() for name, make in cases.items()}
-    deadline = started + args.deadline
-    out: dict[str, dict[str, Any]] = {}
-    for name, fut in futures.items():
-        try:
-            value = fut.result(timeout=max(0.0, deadline - time.monotonic()))
-            out[name] = {"outcome": "result", "value": render(value)}
-        except TimeoutError:
-            out[name] = {"outcome": "timeout"}
-        except Exception as exc:
-            out[name] = {"outcome": "error", "error": f"{type(exc).__name__}: {exc}"}
-        out[name]["elapsed"] = round(time.monotonic() - started, 3)
+    out = collect({name: make() for name, make in cases.items()}, args.deadline)
+    # A lookup acknowledges at once; the failure shows in its prefetch status.
+    out.update(
+        collect(
+            {
+                "status_after_lookup_zero_readers": client.query_prefetch_status("bad-l0"),
+                "status_after_lookup_token_out_of_range": client.query_prefetch_status("bad-l1"),
+            },
+            args.deadline,
+        )
+    )
     try:
         ping_after = bool(client.ping(None).result(timeout=5))
     except Exception as exc:
