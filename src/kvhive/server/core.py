@@ -91,7 +91,7 @@ class KvhiveServer:
     def start(self) -> None:
         removed = cleanup_stale_segments()
         if removed:
-            log.info("removed %d shared-memory segment(s) left by dead clients", removed)
+            log.info("removed %d shared-memory segment(s) left by dead clients", len(removed))
         self.l1.start()
         self.registry.start()
         self.zmq.start()

@@ -20,6 +20,7 @@ from __future__ import annotations
 import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from types import MappingProxyType
 from typing import Any
 
 from kvhive.errors import RegistrationError
@@ -52,6 +53,9 @@ _ITEMSIZE: dict[str, int] = {
     "complex64": 8,
     "complex128": 16,
 }
+
+DTYPE_ITEMSIZE: Mapping[str, int] = MappingProxyType(_ITEMSIZE)
+"""Bytes per element of every torch dtype name kvhive knows (read-only)."""
 
 # torch also answers to these aliases (getattr(torch, "half") is float16).
 _ALIASES: dict[str, str] = {

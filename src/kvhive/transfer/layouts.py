@@ -102,11 +102,13 @@ def normalize_view(
     contiguous is re-shaped to the tightest shape its strides imply (that is
     what moves a singleton axis); anything else keeps the permuted dims.
     """
+    if math.prod(shape) == 0:  # nothing to re-order; keep the engine's dims
+        return tuple(shape), tuple(stride)
     order = sorted(range(len(shape)), key=lambda i: (stride[i], shape[i] != 1), reverse=True)
     p_shape = tuple(shape[i] for i in order)
     p_stride = tuple(stride[i] for i in order)
     numel = math.prod(p_shape)
-    if not p_shape or numel == 0 or 0 in p_stride or not _is_contiguous(p_shape, p_stride):
+    if not p_shape or 0 in p_stride or not _is_contiguous(p_shape, p_stride):
         return p_shape, p_stride
     tight = [numel // p_stride[0]] + [
         p_stride[i] // p_stride[i + 1] for i in range(len(p_stride) - 1)

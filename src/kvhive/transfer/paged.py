@@ -55,8 +55,31 @@ class _Run:
         return self.rows.shape[1]
 
 
-def _row_plan(view: LayerView) -> tuple[int, np.ndarray, int]:
-    """``(r, static[kv, q], block_rows)`` of one layer, in elements/rows (see module doc)."""
+# Gathers read the engine's shared pages with np.take: one memmove per row.
+# From 4 KiB rows up glibc's memmove uses "rep movsb", which read these
+# 4 KiB-paged shared-memory pages at ~2.5 GB/s on the 2-core dev box against
+# ~8-10 GB/s for rows of 128-512 bytes (bench_paged.py), so gather rows are
+# cut to at most this many bytes.  Scatters write the pages through numpy's
+# own copy loop, which prefers long rows; they are not cut.
+GATHER_ROW_CAP = 256
+
+
+def _largest_divisor_at_most(n: int, cap: int) -> int:
+    best = 1
+    for d in range(1, math.isqrt(n) + 1):
+        if n % d == 0:
+            for c in (d, n // d):
+                if best < c <= cap:
+                    best = c
+    return best
+
+
+def _row_plan(view: LayerView, max_row_elems: int | None = None) -> tuple[int, np.ndarray, int]:
+    """``(r, static[kv, q], block_rows)`` of one layer, in elements/rows (see module doc).
+
+    With ``max_row_elems``, rows longer than that are cut into equal pieces
+    (unless the only way to do so would make them tiny).
+    """
     kv_size, _nb, bs, nh, hs = view.sizes
     s_kv, s_blk, s_slot, s_head, s_dim = view.strides
     dims = [(bs, s_slot), (nh, s_head), (hs, s_dim)]  # object order within a block
@@ -69,6 +92,9 @@ def _row_plan(view: LayerView) -> tuple[int, np.ndarray, int]:
         cut = i
     outer = [(n, s) for n, s in dims[:cut] if n != 1]
     r = math.gcd(run, view.offset, s_kv if kv_size > 1 else 0, s_blk, *(s for _, s in outer))
+    if max_row_elems is not None and r > max_row_elems:
+        d = _largest_divisor_at_most(r, max_row_elems)
+        r = d if d * 8 >= max_row_elems else r  # pieces of a few bytes would be slower still
     base = np.zeros(1, dtype=np.int64)
     for n, s in dims[:cut]:
         base = (base[:, None] + np.arange(n, dtype=np.int64)[None, :] * s).reshape(-1)
@@ -76,6 +102,38 @@ def _row_plan(view: LayerView) -> tuple[int, np.ndarray, int]:
     planes = view.offset + np.arange(kv_size, dtype=np.int64)[:, None] * s_kv
     static = (planes + elem[None, :]) // r  # exact: r divides every term
     return r, static.astype(np.intp), s_blk // r
+
+
+def _plan_runs(
+    layout: KVLayout, maps: Mapping[str, ShmMapping], max_row_elems: int | None
+) -> list[_Run]:
+    """Row plans of the transferred layers, consecutive layers on one segment merged."""
+    runs: list[_Run] = []
+    rows_cache: dict[tuple[str, int], np.ndarray] = {}
+    for j, i in enumerate(layout.layer_indices):
+        lv = layout.layers[i]
+        assert lv is not None
+        r, static, block_rows = _row_plan(lv, max_row_elems)
+        key = (lv.desc.shm_name, r * layout.itemsize)
+        rows = rows_cache.get(key)
+        if rows is None:
+            arr = maps[lv.desc.shm_name].array
+            rows = rows_cache[key] = arr[: (arr.size // key[1]) * key[1]].reshape(-1, key[1])
+        last = int(static.max()) + (lv.num_blocks - 1) * block_rows
+        if last >= rows.shape[0]:  # cannot happen after the span check; never clip
+            raise RegistrationError(f"layer {i} pages exceed segment {lv.desc.shm_name!r}")
+        prev = runs[-1] if runs else None
+        if prev is not None and prev.rows is rows and prev.static.shape[2] == static.shape[1]:
+            runs[-1] = _Run(
+                rows,
+                prev.j0,
+                j + 1,
+                np.concatenate([prev.static, static[:, None, :]], axis=1),
+                np.append(prev.block_rows, block_rows).astype(np.intp),
+            )
+        else:
+            runs.append(_Run(rows, j, j + 1, static[:, None, :], np.array([block_rows], np.intp)))
+    return runs
 
 
 class PagedKV:
@@ -112,7 +170,8 @@ class PagedKV:
         self._closed = False
         # Normalised engine views of every registered layer (checksums), by index.
         self._views: list[np.ndarray | None] = []
-        self._runs: list[_Run] = []
+        self._gather_runs: list[_Run] = []
+        self._scatter_runs: list[_Run] = []
         self._build(layout)
 
     # -- construction -------------------------------------------------------
@@ -157,34 +216,8 @@ class PagedKV:
                 m = maps[lv.desc.shm_name] = self._segments.get(lv.desc.shm_name)
             norm = dataclasses.replace(lv.desc, shape=lv.shape, stride=lv.stride)
             self._views.append(tensor_view(m, norm))
-        rows_cache: dict[tuple[str, int], np.ndarray] = {}
-        isz = layout.itemsize
-        for j, i in enumerate(layout.layer_indices):
-            lv = layout.layers[i]
-            assert lv is not None
-            r, static, block_rows = _row_plan(lv)
-            key = (lv.desc.shm_name, r * isz)
-            rows = rows_cache.get(key)
-            if rows is None:
-                arr = maps[lv.desc.shm_name].array
-                rows = arr[: (arr.size // key[1]) * key[1]].reshape(-1, key[1])
-                rows_cache[key] = rows
-            last = int(static.max()) + (lv.num_blocks - 1) * block_rows
-            if last >= rows.shape[0]:  # cannot happen after the span check; never clip
-                raise RegistrationError(f"layer {i} pages exceed segment {lv.desc.shm_name!r}")
-            prev = self._runs[-1] if self._runs else None
-            if prev is not None and prev.rows is rows and prev.static.shape[2] == static.shape[1]:
-                self._runs[-1] = _Run(
-                    rows,
-                    prev.j0,
-                    j + 1,
-                    np.concatenate([prev.static, static[:, None, :]], axis=1),
-                    np.append(prev.block_rows, block_rows).astype(np.intp),
-                )
-            else:
-                self._runs.append(
-                    _Run(rows, j, j + 1, static[:, None, :], np.array([block_rows], np.intp))
-                )
+        self._gather_runs = _plan_runs(layout, maps, GATHER_ROW_CAP // layout.itemsize)
+        self._scatter_runs = _plan_runs(layout, maps, None)
 
     # -- lifecycle ------------------------------------------------------------
 
@@ -206,7 +239,8 @@ class PagedKV:
             self._closed = True
             while self._active:
                 self._cond.wait()
-            self._runs = []
+            self._gather_runs = []
+            self._scatter_runs = []
             self._views = []
         self._segments.close()
 
@@ -271,7 +305,7 @@ class PagedKV:
         try:
             kv_size, nl = self.layout.kv_size, self.layout.num_layers
             plane = self._plane_bytes()
-            for run in self._runs:
+            for run in self._gather_runs:
                 rb = run.row_bytes
                 if run.j0 == 0 and run.j1 == nl:  # every layer: the whole object at once
                     idx = (
@@ -309,7 +343,7 @@ class PagedKV:
         try:
             kv_size, nl, nb = self.layout.kv_size, self.layout.num_layers, self.blocks_per_chunk
             plane = self._plane_bytes()
-            for run in self._runs:
+            for run in self._scatter_runs:
                 rb, nlr = run.row_bytes, run.j1 - run.j0
                 m = run.static.shape[2]
                 for kv in range(kv_size):
@@ -349,21 +383,20 @@ class PagedKV:
             for li, (lv, view) in enumerate(zip(self.layout.layers, self._views, strict=True)):
                 if lv is None or view is None:
                     raise UnsupportedError(f"checksum not supported: layer {li} has no usable KV")
-                layers.append((lv.checksum_axis, view))
+                layers.append((view, lv.checksum_axis, lv.desc.dtype))
             starts = range(0, len(ids), blocks_per_chunk)
             if layerwise:
                 return {
                     f"layer_{li}": [
-                        _md5(_chunk_bytes(v, ax, ids[s : s + blocks_per_chunk], self.dtype))
-                        for s in starts
+                        _md5(_chunk_bytes(*layer, ids[s : s + blocks_per_chunk])) for s in starts
                     ]
-                    for li, (ax, v) in enumerate(layers)
+                    for li, layer in enumerate(layers)
                 }
             out = []
             for s in starts:
                 h = hashlib.md5(usedforsecurity=False)
-                for ax, v in layers:
-                    h.update(_chunk_bytes(v, ax, ids[s : s + blocks_per_chunk], self.dtype))
+                for layer in layers:
+                    h.update(_chunk_bytes(*layer, ids[s : s + blocks_per_chunk]))
                 out.append(h.hexdigest())
             return out
         finally:
@@ -374,10 +407,13 @@ def _md5(data: bytes) -> str:
     return hashlib.md5(data, usedforsecurity=False).hexdigest()
 
 
-def _chunk_bytes(view: np.ndarray, axis: int, ids: np.ndarray, dtype: str) -> bytes:
+def _chunk_bytes(view: np.ndarray, axis: int, dtype: str, ids: np.ndarray) -> bytes:
     # Fancy indexing copies only the selected blocks (np.take would first copy
     # a non-contiguous view whole).
-    sel = view[(slice(None),) * axis + (ids,)]
+    try:
+        sel = view[(slice(None),) * axis + (ids,)]
+    except IndexError:  # a layer outside the group with fewer blocks
+        raise BadRequest(f"block ids exceed a layer's {view.shape[axis]} blocks") from None
     if dtype == "bfloat16":  # the reference hashes bf16 widened to fp32: bits << 16
         sel = sel.astype("<u4") << np.uint32(16)
     return np.ascontiguousarray(sel).tobytes()

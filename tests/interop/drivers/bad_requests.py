@@ -105,6 +105,24 @@ def main() -> None:
             nbytes=4096,
         )
     )
+    # A registered layout for the model, so that lookups get past the
+    # "no layout registered" early exit and really hash and lock.
+    from lmcache.v1.multiprocess.custom_types import RegisterEngineDrivenContextPayload
+
+    layout_iid = unknown_iid + 3
+    client.register_kv_cache_engine_driven_context(
+        RegisterEngineDrivenContextPayload(
+            instance_id=layout_iid,
+            model_name=args.model,
+            world_size=1,
+            block_size=16,
+            num_layers=2,
+            hidden_dim_size=16,
+            dtype_str="float16",
+            use_mla=False,
+            num_physical_slots=chunk,
+        )
+    ).result(timeout=10)
     wkey = key(args.model, toks, worker_id=0, end=chunk, readers=1, rid="bad-w")
     cases: dict[str, Any] = {
         # The shm segment does not exist: registration cannot succeed.
@@ -154,6 +172,7 @@ def main() -> None:
             args.deadline,
         )
     )
+    client.unregister_kv_cache_engine_driven_context(layout_iid).result(timeout=10)
     try:
         ping_after = bool(client.ping(None).result(timeout=5))
     except Exception as exc:

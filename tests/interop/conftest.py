@@ -1,0 +1,514 @@
+"""Interop fixtures: a real server subprocess plus driver scripts run in the lmcache client venv.
+
+The server under test is ``kvhive server`` (default) or the reference
+``lmcache server`` from the client venv (``KVHIVE_INTEROP_TARGET=reference``),
+so every driver and assertion can be validated against the reference first.
+
+The client venv (lmcache 0.5.6 + CPU torch) is located through
+``KVHIVE_CLIENT_PYTHON`` or the cached path that ``scripts/setup_client_venv.sh``
+builds. Without it the interop tests skip, unless ``KVHIVE_REQUIRE_INTEROP=1``
+(set by ``.ci/run``), which turns the skip into a failure.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import glob
+import json
+import os
+import queue
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[2]
+DRIVERS = Path(__file__).resolve().parent / "drivers"
+SETUP_SCRIPT = REPO / "scripts" / "setup_client_venv.sh"
+RESULT_MARK = "@@KVHIVE_INTEROP_RESULT@@ "
+HEALTH_TIMEOUT_S = 30.0
+LOG_TAIL_LINES = 150
+
+TARGETS = ("kvhive", "reference")
+
+# Environment for every subprocess: the reference must never phone home.
+QUIET_ENV = {
+    "LMCACHE_TRACK_USAGE": "false",
+    "DO_NOT_TRACK": "1",
+    "LMCACHE_DISABLE_BANNER": "1",
+    "PYTHONUNBUFFERED": "1",
+}
+
+
+def interop_target() -> str:
+    target = os.environ.get("KVHIVE_INTEROP_TARGET", "kvhive").strip().lower()
+    if target not in TARGETS:
+        raise pytest.UsageError(f"KVHIVE_INTEROP_TARGET must be one of {TARGETS}, got {target!r}")
+    return target
+
+
+def _require_interop() -> bool:
+    return os.environ.get("KVHIVE_REQUIRE_INTEROP", "").strip().lower() in ("1", "true", "yes")
+
+
+def _unavailable(reason: str) -> None:
+    if _require_interop():
+        pytest.fail(f"interop required (KVHIVE_REQUIRE_INTEROP=1) but unavailable: {reason}",
+                    pytrace=False)
+    pytest.skip(reason)
+
+
+def _locate_client_python() -> tuple[str | None, str]:
+    env = os.environ.get("KVHIVE_CLIENT_PYTHON", "").strip()
+    if env:
+        if os.path.isfile(env) and os.access(env, os.X_OK):
+            return env, ""
+        return None, f"KVHIVE_CLIENT_PYTHON={env!r} is not an executable file"
+    if not SETUP_SCRIPT.is_file():
+        return None, f"{SETUP_SCRIPT} is missing"
+    try:
+        proc = subprocess.run(
+            ["bash", str(SETUP_SCRIPT), "--print-path"],
+            capture_output=True, text=True, timeout=60, check=False,
+        )
+    except (OSError, subprocess.TimeoutExpired) as exc:
+        return None, f"could not query {SETUP_SCRIPT.name}: {exc}"
+    lines = proc.stdout.strip().splitlines()
+    if proc.returncode == 0 and lines and os.path.isfile(lines[-1]):
+        return lines[-1], ""
+    return None, ("lmcache client venv not built; run scripts/setup_client_venv.sh "
+                  "or set KVHIVE_CLIENT_PYTHON")
+
+
+# ---------------------------------------------------------------------------
+# Failure context: server logs and driver output are attached to failing tests.
+# ---------------------------------------------------------------------------
+
+
+def _tail(path: Path, lines: int = LOG_TAIL_LINES) -> str:
+    try:
+        text = path.read_text(errors="replace").splitlines()
+    except OSError as exc:
+        return f"<cannot read {path}: {exc}>"
+    return "\n".join(text[-lines:])
+
+
+def _attach(request: pytest.FixtureRequest, title: str, provider: Any) -> None:
+    """Register a callable producing text to show if this test fails."""
+    request.node.__dict__.setdefault("_kvhive_interop_context", []).append((title, provider))
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo) -> Iterator[None]:
+    outcome = yield
+    rep = outcome.get_result()
+    if rep.when in ("setup", "call") and rep.failed:
+        for title, provider in item.__dict__.get("_kvhive_interop_context", []):
+            try:
+                rep.sections.append((title, provider()))
+            except Exception as exc:  # context must never mask the failure
+                rep.sections.append((title, f"<unavailable: {exc}>"))
+
+
+# ---------------------------------------------------------------------------
+# Client venv
+# ---------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="session")
+def client_python() -> str:
+    path, reason = _locate_client_python()
+    if path is None:
+        _unavailable(reason)
+    return str(path)
+
+
+@pytest.fixture(scope="session")
+def target() -> str:
+    return interop_target()
+
+
+@pytest.fixture
+def xfail_on_reference(request: pytest.FixtureRequest, target: str):
+    """Call with a reason: marks the test as an expected (strict) failure on the reference."""
+
+    def mark(reason: str) -> None:
+        if target == "reference":
+            request.applymarker(pytest.mark.xfail(reason=f"reference defect: {reason}", strict=True))
+
+    return mark
+
+
+@pytest.fixture(scope="session")
+def settle_ms(target: str) -> float:
+    """Pause between a store reply and the next lookup.
+
+    kvhive commits before it acknowledges a store, so 0. The reference commits
+    after replying (spec 14, defect 12) and needs a moment.
+    """
+    return 0.0 if target == "kvhive" else 100.0
+
+
+# ---------------------------------------------------------------------------
+# Server process
+# ---------------------------------------------------------------------------
+
+
+def free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def subprocess_env(**extra: str) -> dict[str, str]:
+    env = dict(os.environ)
+    env.update(QUIET_ENV)
+    env.update(extra)
+    return env
+
+
+@dataclass
+class ServerHandle:
+    target: str
+    argv: list[str]
+    log_path: Path
+    rpc_port: int
+    http_port: int
+    proc: subprocess.Popen | None = None
+    _log_file: Any = field(default=None, repr=False)
+
+    @property
+    def rpc_url(self) -> str:
+        return f"tcp://127.0.0.1:{self.rpc_port}"
+
+    @property
+    def http_url(self) -> str:
+        return f"http://127.0.0.1:{self.http_port}"
+
+    def alive(self) -> bool:
+        return self.proc is not None and self.proc.poll() is None
+
+    def log_tail(self) -> str:
+        state = "running" if self.alive() else f"exited rc={self.proc.returncode if self.proc else None}"
+        return f"$ {' '.join(self.argv)}\n[{state}; log {self.log_path}]\n{_tail(self.log_path)}"
+
+    def http_get(self, path: str, timeout: float = 5.0) -> tuple[int, Any]:
+        try:
+            with urllib.request.urlopen(self.http_url + path, timeout=timeout) as resp:
+                body = resp.read()
+                code = resp.status
+        except urllib.error.HTTPError as exc:
+            body, code = exc.read(), exc.code
+        try:
+            return code, json.loads(body)
+        except ValueError:
+            return code, body.decode(errors="replace")
+
+    def status(self) -> dict[str, Any]:
+        code, body = self.http_get("/status")
+        assert code == 200, f"GET /status -> {code}: {body!r}"
+        assert isinstance(body, dict), body
+        return body
+
+    def summary(self) -> StatusSummary:
+        return StatusSummary.from_status(self.status())
+
+    def start(self) -> None:
+        self._log_file = open(self.log_path, "wb")  # noqa: SIM115 - closed in stop()
+        self.proc = subprocess.Popen(
+            self.argv, stdout=self._log_file, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+            cwd=str(REPO), env=subprocess_env(), start_new_session=True,
+        )
+        deadline = time.monotonic() + HEALTH_TIMEOUT_S
+        last = "no answer yet"
+        while time.monotonic() < deadline:
+            if not self.alive():
+                raise RuntimeError(f"{self.target} server exited during start-up\n{self.log_tail()}")
+            try:
+                code, body = self.http_get("/healthcheck", timeout=1.0)
+                if code == 200:
+                    return
+                last = f"{code} {body!r}"
+            except (OSError, urllib.error.URLError) as exc:
+                last = repr(exc)
+            time.sleep(0.2)
+        self.stop()
+        raise RuntimeError(
+            f"{self.target} server not healthy within {HEALTH_TIMEOUT_S}s (last: {last})\n"
+            f"{self.log_tail()}"
+        )
+
+    def stop(self, grace_s: float = 8.0) -> None:
+        if self.proc is not None:
+            if self.proc.poll() is None:
+                with contextlib.suppress(ProcessLookupError):
+                    os.killpg(self.proc.pid, signal.SIGTERM)
+                try:
+                    self.proc.wait(timeout=grace_s)
+                except subprocess.TimeoutExpired:
+                    with contextlib.suppress(ProcessLookupError):
+                        os.killpg(self.proc.pid, signal.SIGKILL)
+                    self.proc.wait(timeout=10)
+            else:
+                # the leader is gone; make sure no child of its group lingers
+                with contextlib.suppress(ProcessLookupError, PermissionError):
+                    os.killpg(self.proc.pid, signal.SIGKILL)
+        if self._log_file is not None:
+            self._log_file.close()
+            self._log_file = None
+
+
+@dataclass(frozen=True)
+class StatusSummary:
+    """The parts of GET /status the interop tests look at, for either server."""
+
+    instances: frozenset[str]
+    read_locked: int
+    staging: int
+    raw: dict[str, Any]
+
+    @staticmethod
+    def _count(value: Any) -> int:
+        if isinstance(value, (list, dict, tuple, set)):
+            return len(value)
+        return int(value)
+
+    @classmethod
+    def from_status(cls, status: dict[str, Any]) -> StatusSummary:
+        if "registered_instances" in status:  # kvhive
+            l1 = status.get("l1") or {}
+            return cls(
+                instances=frozenset(str(k) for k in status["registered_instances"]),
+                read_locked=cls._count(l1.get("read_locked_objects", 0)),
+                staging=cls._count(l1.get("staging_objects", 0)),
+                raw=status,
+            )
+        # reference: cpu_shm registrations are listed with the CUDA ones,
+        # engine-driven ones separately.
+        ids = {str(i) for i in status.get("registered_gpu_ids", [])}
+        ids |= {str(i) for i in status.get("cache_context_meta", {})}
+        ids |= {str(i) for i in status.get("registered_non_cuda_instance_ids", [])}
+        ids |= {str(i) for i in status.get("non_cuda_context_meta", {})}
+        l1 = status["storage_manager"]["l1_manager"]
+        return cls(
+            instances=frozenset(ids),
+            read_locked=int(l1["read_locked_count"]),
+            staging=int(l1["staging_object_count"]),
+            raw=status,
+        )
+
+
+def server_argv(target: str, client_python: str, rpc_port: int, http_port: int,
+                l1_size_gb: float, extra: list[str]) -> list[str]:
+    common = [
+        "--host", "127.0.0.1", "--port", str(rpc_port),
+        "--http-host", "127.0.0.1", "--http-port", str(http_port),
+        "--l1-size-gb", str(l1_size_gb), "--eviction-policy", "LRU",
+    ]
+    if target == "kvhive":
+        return [sys.executable, "-m", "kvhive", "server", *common, *extra]
+    lmcache = str(Path(client_python).parent / "lmcache")
+    return [lmcache, "server", *common, "--supported-transfer-mode", "auto", *extra]
+
+
+@pytest.fixture(scope="session")
+def _server_log_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return tmp_path_factory.mktemp("interop-servers")
+
+
+@pytest.fixture(scope="module")
+def start_server(client_python: str, target: str, _server_log_dir: Path):
+    """Factory: ``start_server(l1_size_gb=..., extra=[...])`` -> running ServerHandle.
+
+    Servers started through it are stopped at the end of the module.
+    """
+    handles: list[ServerHandle] = []
+
+    def start(l1_size_gb: float = 0.5, extra: list[str] | None = None) -> ServerHandle:
+        rpc, http = free_port(), free_port()
+        while http == rpc:
+            http = free_port()
+        n = len(list(_server_log_dir.iterdir()))
+        handle = ServerHandle(
+            target=target,
+            argv=server_argv(target, client_python, rpc, http, l1_size_gb, list(extra or [])),
+            log_path=_server_log_dir / f"{n:03d}-{target}-{rpc}.log",
+            rpc_port=rpc,
+            http_port=http,
+        )
+        handles.append(handle)
+        handle.start()
+        return handle
+
+    yield start
+    for h in handles:
+        h.stop()
+
+
+@pytest.fixture
+def attach_context(request: pytest.FixtureRequest):
+    """``attach_context(title, provider)``: show ``provider()`` if the current test fails."""
+
+    def attach(title: str, provider: Any) -> None:
+        _attach(request, title, provider)
+
+    return attach
+
+
+@pytest.fixture(scope="session")
+def interop_env() -> dict[str, str]:
+    """Environment for client-venv subprocesses (usage telemetry off, no banner)."""
+    return subprocess_env()
+
+
+@pytest.fixture
+def attach_server(request: pytest.FixtureRequest):
+    """``attach_server(handle)`` shows that server's log if the current test fails."""
+
+    def attach(handle: ServerHandle) -> ServerHandle:
+        _attach(request, f"{handle.target} server log (tail)", handle.log_tail)
+        return handle
+
+    return attach
+
+
+# ---------------------------------------------------------------------------
+# Driver scripts (run in the client venv)
+# ---------------------------------------------------------------------------
+
+
+def parse_result(stdout: str) -> dict[str, Any] | None:
+    for line in reversed(stdout.splitlines()):
+        if line.startswith(RESULT_MARK):
+            return json.loads(line[len(RESULT_MARK):])
+    return None
+
+
+@dataclass
+class DriverRunner:
+    client_python: str
+    request: pytest.FixtureRequest
+    runs: list[tuple[list[str], str, str]] = field(default_factory=list)
+
+    def argv(self, script: str, *args: str) -> list[str]:
+        return [self.client_python, str(DRIVERS / script), *args]
+
+    def run(self, script: str, *args: str, timeout: float = 120.0) -> dict[str, Any]:
+        argv = self.argv(script, *args)
+        try:
+            proc = subprocess.run(
+                argv, capture_output=True, text=True, timeout=timeout, cwd=str(DRIVERS),
+                env=subprocess_env(), stdin=subprocess.DEVNULL, check=False,
+            )
+            out, err, rc = proc.stdout, proc.stderr, proc.returncode
+        except subprocess.TimeoutExpired as exc:
+            out = _text(exc.stdout)
+            err = _text(exc.stderr) + f"\n<driver timed out after {timeout}s>"
+            rc = None
+        self.runs.append((argv, out, err))
+        result = parse_result(out)
+        if rc != 0 or result is None:
+            pytest.fail(
+                f"driver {script} failed (rc={rc})\n$ {' '.join(argv)}\n"
+                f"--- stdout (tail) ---\n{_last(out)}\n--- stderr (tail) ---\n{_last(err)}",
+                pytrace=False,
+            )
+        return result
+
+    def spawn(self, script: str, *args: str) -> BackgroundDriver:
+        return BackgroundDriver(self.argv(script, *args))
+
+    def context(self) -> str:
+        parts = []
+        for argv, out, err in self.runs:
+            parts.append(f"$ {' '.join(argv)}\n--- stdout ---\n{_last(out, 40)}\n"
+                         f"--- stderr ---\n{_last(err, 60)}")
+        return "\n\n".join(parts) or "<no driver runs>"
+
+
+def _text(data: bytes | str | None) -> str:
+    if data is None:
+        return ""
+    return data.decode(errors="replace") if isinstance(data, bytes) else data
+
+
+def _last(text: str, n: int = 80) -> str:
+    return "\n".join(text.splitlines()[-n:])
+
+
+class BackgroundDriver:
+    """A driver kept running in the background (e.g. to be SIGKILLed mid-session)."""
+
+    def __init__(self, argv: list[str]) -> None:
+        self.argv = argv
+        self.proc = subprocess.Popen(
+            argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, stdin=subprocess.DEVNULL,
+            text=True, cwd=str(DRIVERS), env=subprocess_env(),
+        )
+        self.lines: queue.Queue[str] = queue.Queue()
+        self.stdout: list[str] = []
+        self.stderr: list[str] = []
+        self._threads = [
+            threading.Thread(target=self._pump, args=(self.proc.stdout, self.stdout, True), daemon=True),
+            threading.Thread(target=self._pump, args=(self.proc.stderr, self.stderr, False), daemon=True),
+        ]
+        for t in self._threads:
+            t.start()
+
+    def _pump(self, stream: Any, sink: list[str], feed: bool) -> None:
+        for line in stream:
+            sink.append(line)
+            if feed:
+                self.lines.put(line)
+
+    @property
+    def pid(self) -> int:
+        return self.proc.pid
+
+    def wait_result(self, timeout: float) -> dict[str, Any]:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            try:
+                line = self.lines.get(timeout=0.2)
+            except queue.Empty:
+                if self.proc.poll() is not None and self.lines.empty():
+                    break
+                continue
+            if line.startswith(RESULT_MARK):
+                return json.loads(line[len(RESULT_MARK):])
+        raise AssertionError(f"background driver produced no result\n{self.context()}")
+
+    def kill(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGKILL)
+        self.proc.wait(timeout=10)
+        for t in self._threads:
+            t.join(timeout=5)
+        for stream in (self.proc.stdout, self.proc.stderr):
+            if stream is not None:
+                stream.close()
+        # A killed lmcache client leaves its cpu_shm segments behind.
+        for path in glob.glob(f"/dev/shm/lmcache_kv_{self.pid}_*"):
+            with contextlib.suppress(OSError):
+                os.unlink(path)
+
+    def context(self) -> str:
+        return (f"$ {' '.join(self.argv)}\n--- stdout ---\n{_last(''.join(self.stdout), 40)}\n"
+                f"--- stderr ---\n{_last(''.join(self.stderr), 60)}")
+
+
+@pytest.fixture
+def driver(client_python: str, request: pytest.FixtureRequest) -> DriverRunner:
+    runner = DriverRunner(client_python, request)
+    _attach(request, "interop driver runs", runner.context)
+    return runner
