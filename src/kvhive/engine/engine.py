@@ -73,7 +73,9 @@ class CacheEngine:
         self.registry.ping(instance_id)
         return True
 
-    def report_block_allocation(self, instance_id: int, model_name: str, records: list[Any]) -> None:
+    def report_block_allocation(
+        self, instance_id: int, model_name: str, records: list[Any]
+    ) -> None:
         return None  # telemetry only; the empty reply is the acknowledgement
 
     def clear(self, force: bool) -> None:
@@ -101,8 +103,12 @@ class CacheEngine:
             raise UnsupportedError("this server runs with --supported-transfer-mode engine_driven")
         descs = [_tensor_desc(d) for d in descriptors]
         groups = [
-            {"engine_group_id": g.engine_group_id, "layer_indices": list(g.layer_indices),
-             "tokens_per_block": g.tokens_per_block, "sw_size_tokens": g.sw_size_tokens}
+            {
+                "engine_group_id": g.engine_group_id,
+                "layer_indices": list(g.layer_indices),
+                "tokens_per_block": g.tokens_per_block,
+                "sw_size_tokens": g.sw_size_tokens,
+            }
             for g in group_infos
         ]
         mapping = PagedKV.from_descriptors(descs, dict(layout_hints), groups, self.chunk_size)
@@ -115,12 +121,18 @@ class CacheEngine:
                 world_size=world_size,
                 geometry=geometry,
                 mapping=mapping,
-                layout=str(layout_hints.get("kv_layout", "")) or getattr(mapping, "layout_name", ""),
+                layout=str(layout_hints.get("kv_layout", ""))
+                or getattr(mapping, "layout_name", ""),
             )
         )
         log.info(
             "registered instance %d: %s world %d, %d layers, object %s %s (%d bytes)",
-            instance_id, model_name, world_size, len(descs), geometry.shape, geometry.dtype,
+            instance_id,
+            model_name,
+            world_size,
+            len(descs),
+            geometry.shape,
+            geometry.dtype,
             geometry.nbytes,
         )
 
@@ -157,7 +169,9 @@ class CacheEngine:
         hashes = self.sessions.hashes(session, key.token_ids, end)[first:end]
         return k.object_keys(key, hashes, kv_rank), first
 
-    def store(self, key: t.CacheKey, instance_id: int, block_ids: list[list[int]], event: bytes) -> tuple[bytes, bool]:
+    def store(
+        self, key: t.CacheKey, instance_id: int, block_ids: list[list[int]], event: bytes
+    ) -> tuple[bytes, bool]:
         inst = self._instance(instance_id, "lmcache_driven")
         if inst is None:
             log.warning("store from unknown instance %d", instance_id)
@@ -169,10 +183,13 @@ class CacheEngine:
         if per_chunk is None:
             return SOFT_TRANSFER_FAILURE  # fail closed: too few block ids
         todo = [
-            (key_, blocks) for key_, blocks in zip(keys, per_chunk, strict=True)
+            (key_, blocks)
+            for key_, blocks in zip(keys, per_chunk, strict=True)
             if any(b != self.null_block_id for b in blocks)
         ]
-        slots = self.l1.reserve([x[0] for x in todo], inst.geometry.nbytes, k.write_owner(instance_id))
+        slots = self.l1.reserve(
+            [x[0] for x in todo], inst.geometry.nbytes, k.write_owner(instance_id)
+        )
         taken = [s for s in slots if s is not None]
         try:
             for slot, (_, blocks) in zip(slots, todo, strict=True):
@@ -208,7 +225,9 @@ class CacheEngine:
         self._count(retrieved_chunks=len(keys))
         return OK
 
-    def _scatter(self, inst: Instance, keys: list[ObjectKey], block_ids: list[list[int]], skip: int) -> bool:
+    def _scatter(
+        self, inst: Instance, keys: list[ObjectKey], block_ids: list[list[int]], skip: int
+    ) -> bool:
         per_chunk = _split_blocks(block_ids, len(keys), inst.mapping.blocks_per_chunk)
         if per_chunk is None:
             return False
@@ -247,7 +266,9 @@ class CacheEngine:
         if key.num_kv_readers < 1:
             raise BadRequest(f"num_kv_readers={key.num_kv_readers}: must be >= 1")
         n_chunks = min(key.end, len(key.token_ids)) // self.chunk_size
-        state = LookupState(key.model_name, key.world_size, key.cache_salt, key.num_kv_readers, [], 0)
+        state = LookupState(
+            key.model_name, key.world_size, key.cache_salt, key.num_kv_readers, [], 0
+        )
         self._count(lookups=1, lookup_chunks=n_chunks)
         if n_chunks == 0 or not self.registry.has_layout(key.model_name, key.world_size):
             return state
@@ -310,8 +331,13 @@ class CacheEngine:
             return
         for rank in range(state.world_size):
             packed = k.pack_kv_rank(state.world_size, rank)
-            obj = [ObjectKey(h, state.model_name, packed, 0, state.cache_salt) for h in state.hashes[first:end]]
-            self.l1.unlock(obj, k.read_owner(request_id, state.model_name, packed), state.num_readers)
+            obj = [
+                ObjectKey(h, state.model_name, packed, 0, state.cache_salt)
+                for h in state.hashes[first:end]
+            ]
+            self.l1.unlock(
+                obj, k.read_owner(request_id, state.model_name, packed), state.num_readers
+            )
 
     def end_session(self, request_id: str) -> None:
         session = self.sessions.pop(request_id)
@@ -321,7 +347,12 @@ class CacheEngine:
         if state is not None and state.hashes:
             for rank in range(state.world_size):
                 packed = k.pack_kv_rank(state.world_size, rank)
-                self.l1.touch([ObjectKey(h, state.model_name, packed, 0, state.cache_salt) for h in state.hashes])
+                self.l1.touch(
+                    [
+                        ObjectKey(h, state.model_name, packed, 0, state.cache_salt)
+                        for h in state.hashes
+                    ]
+                )
         # The request is over: whatever its lookups still pin is released now, not at the TTL.
         self.l1.release_owners(lambda o: o[0] == "req" and o[1] == request_id)
 
@@ -346,7 +377,9 @@ class CacheEngine:
         }
 
 
-def _split_blocks(block_ids: list[list[int]], n_chunks: int, per_chunk: int) -> list[Sequence[int]] | None:
+def _split_blocks(
+    block_ids: list[list[int]], n_chunks: int, per_chunk: int
+) -> list[Sequence[int]] | None:
     """Block ids of group 0 cut into ``n_chunks`` runs of ``per_chunk``; None on shortfall."""
     if not block_ids:
         return None if n_chunks else []

@@ -39,7 +39,9 @@ class EngineDriven:
         self._lock = threading.Lock()
         engine.registry.on_drop(self._forget)
 
-    def register_kv_cache_engine_driven_context(self, p: t.EngineDrivenPayload) -> t.EngineDrivenResponse:
+    def register_kv_cache_engine_driven_context(
+        self, p: t.EngineDrivenPayload
+    ) -> t.EngineDrivenResponse:
         if MODE not in self.engine.transfer_modes:
             raise UnsupportedError("this server runs with --supported-transfer-mode lmcache_driven")
         if not self.pool_name and not pickle_codec.torch_available():
@@ -47,12 +49,19 @@ class EngineDriven:
                 "engine-driven pickle transfer needs torch in the server "
                 "(pip install 'kvhive[torch]') or a shared L1 pool (--shm-name)"
             )
-        for name, v in (("block_size", p.block_size), ("num_layers", p.num_layers),
-                        ("hidden_dim_size", p.hidden_dim_size)):
+        for name, v in (
+            ("block_size", p.block_size),
+            ("num_layers", p.num_layers),
+            ("hidden_dim_size", p.hidden_dim_size),
+        ):
             if v < 1:
                 raise BadRequest(f"{name} must be >= 1, got {v}")
         slots = p.num_physical_slots or self.engine.chunk_size
-        shape = (p.num_layers, slots, p.hidden_dim_size) if p.use_mla else (2, p.num_layers, slots, p.hidden_dim_size)
+        shape = (
+            (p.num_layers, slots, p.hidden_dim_size)
+            if p.use_mla
+            else (2, p.num_layers, slots, p.hidden_dim_size)
+        )
         try:
             size = itemsize(p.dtype_str)
         except Exception as exc:
@@ -71,8 +80,14 @@ class EngineDriven:
                 shm_pool=bool(self.pool_name),
             )
         )
-        log.info("registered engine-driven instance %d (%s, object %s %s, %s)", p.instance_id,
-                 p.model_name, shape, p.dtype_str, "shm pool" if self.pool_name else "pickle")
+        log.info(
+            "registered engine-driven instance %d (%s, object %s %s, %s)",
+            p.instance_id,
+            p.model_name,
+            shape,
+            p.dtype_str,
+            "shm pool" if self.pool_name else "pickle",
+        )
         return t.EngineDrivenResponse(shm_name=self.pool_name, pool_size=self.pool_size)
 
     def unregister_kv_cache_engine_driven_context(self, instance_id: int) -> None:
@@ -87,12 +102,19 @@ class EngineDriven:
     def _inst(self, instance_id: int) -> Instance:
         inst = self.engine._instance(instance_id, MODE)
         if inst is None:
-            raise BadRequest(f"instance {instance_id} is not registered for engine-driven transfers")
+            raise BadRequest(
+                f"instance {instance_id} is not registered for engine-driven transfers"
+            )
         return inst
 
     def _slot_desc(self, slot: Slot, inst: Instance) -> dict[str, Any]:
         g = inst.geometry
-        return {"offset": slot.offset, "length": slot.nbytes, "shape": list(g.shape), "dtype": g.dtype}
+        return {
+            "offset": slot.offset,
+            "length": slot.nbytes,
+            "shape": list(g.shape),
+            "dtype": g.dtype,
+        }
 
     # ---- store ---------------------------------------------------------------------
 
@@ -112,7 +134,10 @@ class EngineDriven:
             self.l1.abort([s for s in old if s is not None])
         got = [(i, s) for i, s in enumerate(slots) if s is not None]
         return t.PrepareStoreResponse(
-            context={"slots": [self._slot_desc(s, inst) for _, s in got], "chunk_indices": [i for i, _ in got]}
+            context={
+                "slots": [self._slot_desc(s, inst) for _, s in got],
+                "chunk_indices": [i for i, _ in got],
+            }
         )
 
     def commit_store(self, key: t.CacheKey, instance_id: int, data: bytes) -> bool:
@@ -137,7 +162,9 @@ class EngineDriven:
             return False
         nbytes = inst.geometry.nbytes
         if any(a.nbytes != nbytes for a in tensors):
-            log.warning("commit_store: chunk tensor size differs from the object layout (%d)", nbytes)
+            log.warning(
+                "commit_store: chunk tensor size differs from the object layout (%d)", nbytes
+            )
             return False
         slots = self.l1.reserve(keys, nbytes, k.write_owner(inst.instance_id))
         taken = [s for s in slots if s is not None]
@@ -175,7 +202,9 @@ class EngineDriven:
             )
         try:
             g = inst.geometry
-            data = pickle_codec.encode_tensors([self.l1.view(s) for s in slots if s], g.shape, g.dtype)
+            data = pickle_codec.encode_tensors(
+                [self.l1.view(s) for s in slots if s], g.shape, g.dtype
+            )
         finally:
             self.l1.unlock(keys, pin)
             self.l1.unlock(keys, lookup_owner)
@@ -196,4 +225,12 @@ class EngineDriven:
 
 
 def _sig(instance_id: int, key: t.CacheKey) -> tuple[Any, ...]:
-    return (instance_id, key.model_name, key.request_id, key.worker_id, key.start, key.end, key.cache_salt)
+    return (
+        instance_id,
+        key.model_name,
+        key.request_id,
+        key.worker_id,
+        key.start,
+        key.end,
+        key.cache_salt,
+    )

@@ -134,8 +134,7 @@ class Registry:
 
     def has_layout(self, model_name: str, world_size: int) -> bool:
         return any(
-            i.model_name == model_name and i.world_size == world_size
-            for i in self.snapshot()
+            i.model_name == model_name and i.world_size == world_size for i in self.snapshot()
         )
 
     def serves_rank(self, model_name: str, kv_rank: int, exclude: int) -> bool:

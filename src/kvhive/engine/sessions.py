@@ -42,7 +42,9 @@ class Session:
 
 
 class Sessions:
-    def __init__(self, hasher: TokenHasher, *, ttl: float, clock: Callable[[], float] = time.monotonic) -> None:
+    def __init__(
+        self, hasher: TokenHasher, *, ttl: float, clock: Callable[[], float] = time.monotonic
+    ) -> None:
         self._hasher = hasher
         self._ttl = ttl
         self._clock = clock

@@ -102,5 +102,7 @@ def _checksum_instance(server: KvhiveServer, instance_id: int) -> Any:
     if not instances and instance_id == 0 and len(mapped) == 1:
         instances = mapped  # convenience: 0 names the only registered cache
     if not instances:
-        raise HTTPException(404, f"no lmcache-driven KV cache registered for instance {instance_id}")
+        raise HTTPException(
+            404, f"no lmcache-driven KV cache registered for instance {instance_id}"
+        )
     return instances[0]

@@ -96,9 +96,15 @@ class KvhiveServer:
         self.registry.start()
         self.zmq.start()
         self._maint.start()
-        log.info("kvhive %s serving ZMQ on %s (chunk %d, %s, L1 %.2f GiB, %s)", __version__,
-                 ", ".join(self.zmq.endpoints), self.config.mp.chunk_size,
-                 self.config.mp.hash_algorithm, self.config.l1.size_gb, self.config.eviction.policy)
+        log.info(
+            "kvhive %s serving ZMQ on %s (chunk %d, %s, L1 %.2f GiB, %s)",
+            __version__,
+            ", ".join(self.zmq.endpoints),
+            self.config.mp.chunk_size,
+            self.config.mp.hash_algorithm,
+            self.config.l1.size_gb,
+            self.config.eviction.policy,
+        )
 
     def _maintain(self) -> None:
         interval = max(0.5, min(60.0, self.config.mp.session_ttl_seconds / 4))

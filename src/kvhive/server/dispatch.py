@@ -44,7 +44,9 @@ class Dispatcher:
         self.errors: Counter[str] = Counter()
         self.soft_failures: Counter[str] = Counter()
 
-    def handle(self, identity: bytes, uid: bytes, op_frame: bytes, args: list[bytes], reply: Reply) -> None:
+    def handle(
+        self, identity: bytes, uid: bytes, op_frame: bytes, args: list[bytes], reply: Reply
+    ) -> None:
         try:
             spec = codec.decode_op(op_frame)
             values = codec.decode_args(spec, args)
@@ -60,7 +62,9 @@ class Dispatcher:
         else:
             self._pools[spec.pool].submit(identity, job)
 
-    def _job(self, spec: OpSpec, uid: bytes, op_frame: bytes, values: list[Any], reply: Reply) -> Callable[[], None]:
+    def _job(
+        self, spec: OpSpec, uid: bytes, op_frame: bytes, values: list[Any], reply: Reply
+    ) -> Callable[[], None]:
         handler = self._handlers[spec.name]
 
         def run() -> None:

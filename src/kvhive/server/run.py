@@ -24,7 +24,9 @@ def serve(config: ServerConfig) -> int:
                 app,
                 host=config.http.host,
                 port=config.http.port,
-                log_level=logging.getLevelName(logging.getLogger("kvhive").getEffectiveLevel()).lower(),
+                log_level=logging.getLevelName(
+                    logging.getLogger("kvhive").getEffectiveLevel()
+                ).lower(),
                 access_log=False,
                 lifespan="off",
             )

@@ -79,20 +79,42 @@ class OpSpec:
 
 
 _SPECS = [
-    OpSpec("register_kv_cache", (int, "descriptors", str, int, str, dict, list[t.EngineGroupInfo]), Pool.AFFINITY, has_soft=False),
+    OpSpec(
+        "register_kv_cache",
+        (int, "descriptors", str, int, str, dict, list[t.EngineGroupInfo]),
+        Pool.AFFINITY,
+        has_soft=False,
+    ),
     OpSpec("unregister_kv_cache", (int,), Pool.AFFINITY),
-    OpSpec("store", (t.CacheKey, int, list[list[int]], bytes), Pool.AFFINITY, SOFT_TRANSFER_FAILURE),
-    OpSpec("retrieve", (t.CacheKey, int, list[list[int]], bytes, int), Pool.AFFINITY, SOFT_TRANSFER_FAILURE),
+    OpSpec(
+        "store", (t.CacheKey, int, list[list[int]], bytes), Pool.AFFINITY, SOFT_TRANSFER_FAILURE
+    ),
+    OpSpec(
+        "retrieve",
+        (t.CacheKey, int, list[list[int]], bytes, int),
+        Pool.AFFINITY,
+        SOFT_TRANSFER_FAILURE,
+    ),
     OpSpec("lookup", (t.CacheKey, int), Pool.CPU),
     OpSpec("query_prefetch_status", (str,), Pool.CPU, 0),
     OpSpec("wait_prefetch_status", (str, float), Pool.CPU, 0),
     OpSpec("free_lookup_locks", (t.CacheKey, int), Pool.CPU),
     OpSpec("end_session", (str,), Pool.CPU),
-    OpSpec("register_kv_cache_engine_driven_context", (t.EngineDrivenPayload,), Pool.AFFINITY, has_soft=False),
+    OpSpec(
+        "register_kv_cache_engine_driven_context",
+        (t.EngineDrivenPayload,),
+        Pool.AFFINITY,
+        has_soft=False,
+    ),
     OpSpec("unregister_kv_cache_engine_driven_context", (int,), Pool.AFFINITY),
     OpSpec("prepare_store", (t.CacheKey, int), Pool.AFFINITY, t.PrepareStoreResponse()),
     OpSpec("commit_store", (t.CacheKey, int, bytes), Pool.AFFINITY, False),
-    OpSpec("prepare_retrieve", (t.CacheKey, int), Pool.AFFINITY, t.PrepareRetrieveResponse(success=False)),
+    OpSpec(
+        "prepare_retrieve",
+        (t.CacheKey, int),
+        Pool.AFFINITY,
+        t.PrepareRetrieveResponse(success=False),
+    ),
     OpSpec("commit_retrieve", (t.CacheKey, int), Pool.AFFINITY, False),
     OpSpec("clear", (bool,), Pool.CPU),
     OpSpec("get_chunk_size", (), Pool.INLINE, has_soft=False),

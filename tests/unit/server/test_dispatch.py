@@ -65,8 +65,15 @@ def server():
 
 
 def key(start):
-    return {"model_name": "m", "world_size": 1, "worker_id": 0, "token_ids": [1] * 512,
-            "start": start, "end": start, "request_id": "r"}
+    return {
+        "model_name": "m",
+        "world_size": 1,
+        "worker_id": 0,
+        "token_ids": [1] * 512,
+        "start": start,
+        "end": start,
+        "request_id": "r",
+    }
 
 
 def test_basic_ops_and_none_result(server):
@@ -82,7 +89,12 @@ def test_basic_ops_and_none_result(server):
 
 @pytest.mark.parametrize(
     "op,args",
-    [("nonexistent_op", []), ("lookup", [key(0)]), ("ping", [RawFrame(b"\xc1")]), ("ping", ["str"])],
+    [
+        ("nonexistent_op", []),
+        ("lookup", [key(0)]),
+        ("ping", [RawFrame(b"\xc1")]),
+        ("ping", ["str"]),
+    ],
 )
 def test_malformed_requests_get_fast_error(server, op, args):
     srv, _, disp = server

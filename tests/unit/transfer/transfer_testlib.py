@@ -10,7 +10,9 @@ import pathlib
 import subprocess
 import uuid
 
-PROBE_PYTHON = pathlib.Path("/root/.cache/kvhive/venv-probe/bin/python")
+PROBE_PYTHON = pathlib.Path(
+    os.environ.get("KVHIVE_CLIENT_PYTHON") or "/root/.cache/kvhive/venv-probe/bin/python"
+)
 SRC_DIR = pathlib.Path(__file__).resolve().parents[3] / "src"
 HERE = pathlib.Path(__file__).resolve().parent
 

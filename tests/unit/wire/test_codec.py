@@ -8,8 +8,15 @@ from kvhive.wire import types as t
 enc = msgspec.msgpack.encode
 
 KEY = {
-    "model_name": "m", "world_size": 1, "worker_id": None, "token_ids": [1, 2, 3],
-    "start": 0, "end": 3, "request_id": "r1", "cache_salt": "", "request_configs": None,
+    "model_name": "m",
+    "world_size": 1,
+    "worker_id": None,
+    "token_ids": [1, 2, 3],
+    "start": 0,
+    "end": 3,
+    "request_id": "r1",
+    "cache_salt": "",
+    "request_configs": None,
     "num_kv_readers": 1,
 }
 
@@ -42,8 +49,12 @@ def test_key_encoding_matches_reference_vector():
 
 
 def test_key_fields_matched_by_name_defaults_apply():
-    short = {k: v for k, v in KEY.items() if k not in ("cache_salt", "num_kv_readers", "request_configs")}
-    (key, _) = codec.decode_args(codec.decode_op(enc(8)), [enc(dict(reversed(short.items()))), enc(1)])
+    short = {
+        k: v for k, v in KEY.items() if k not in ("cache_salt", "num_kv_readers", "request_configs")
+    }
+    (key, _) = codec.decode_args(
+        codec.decode_op(enc(8)), [enc(dict(reversed(short.items()))), enc(1)]
+    )
     assert key.cache_salt == "" and key.num_kv_readers == 0
 
 
@@ -66,19 +77,32 @@ def test_int_and_bool_coercion():
 def test_results():
     assert codec.encode_result(None) == []
     assert codec.encode_result((b"", True)) == [bytes.fromhex("92c400c3")]
-    assert msgspec.msgpack.decode(codec.encode_result(t.PrepareRetrieveResponse(success=False))[0]) == {
-        "success": False, "data": b"", "context": {}
-    }
+    assert msgspec.msgpack.decode(
+        codec.encode_result(t.PrepareRetrieveResponse(success=False))[0]
+    ) == {"success": False, "data": b"", "context": {}}
 
 
 def test_cpu_shm_descriptor_ext():
     desc = {
-        "type": "cpu_shm", "shm_name": "/lmcache_kv_1_0", "nbytes": 16384, "version": 1,
-        "metadata": {"dtype": "float16", "shape": [2, 8, 16, 4, 8], "stride": [4096, 512, 32, 8, 1],
-                     "storage_offset": 0, "device_uuid": "cpu"},
+        "type": "cpu_shm",
+        "shm_name": "/lmcache_kv_1_0",
+        "nbytes": 16384,
+        "version": 1,
+        "metadata": {
+            "dtype": "float16",
+            "shape": [2, 8, 16, 4, 8],
+            "stride": [4096, 512, 32, 8, 1],
+            "storage_offset": 0,
+            "device_uuid": "cpu",
+        },
     }
-    frame = enc([msgspec.msgpack.Ext(1, enc(desc)), msgspec.msgpack.Ext(1, enc({"type": "cuda", "version": 1}))])
-    (descs,) = codec._DESCRIPTOR_DECODER.decode(frame), 
+    frame = enc(
+        [
+            msgspec.msgpack.Ext(1, enc(desc)),
+            msgspec.msgpack.Ext(1, enc({"type": "cuda", "version": 1})),
+        ]
+    )
+    descs = codec._DESCRIPTOR_DECODER.decode(frame)
     assert isinstance(descs[0], t.CpuShmDescriptor) and descs[0].metadata.shape == [2, 8, 16, 4, 8]
     assert isinstance(descs[1], t.OtherDescriptor) and descs[1].type == "cuda"
     bad = dict(desc, extra=1)
