@@ -14,8 +14,9 @@ from collections.abc import Sequence
 from typing import Any
 
 from kvhive.engine import keys as k
+from kvhive.engine.prefetch import Prefetcher
 from kvhive.engine.registry import ChunkGeometry, Instance, Registry
-from kvhive.engine.sessions import LookupState, Session, Sessions
+from kvhive.engine.sessions import LookupJob, LookupState, Session, Sessions
 from kvhive.errors import BadRequest, KvhiveError, RegistrationError, UnsupportedError
 from kvhive.keys import ObjectKey
 from kvhive.storage.l1.manager import L1Manager
@@ -38,6 +39,7 @@ class CacheEngine:
         registry: Registry,
         transfer_modes: frozenset[str],
         null_block_id: int = 0,
+        prefetcher: Prefetcher | None = None,
     ) -> None:
         self.l1 = l1
         self.sessions = sessions
@@ -45,6 +47,7 @@ class CacheEngine:
         self.chunk_size = sessions.chunk_size
         self.transfer_modes = transfer_modes
         self.null_block_id = null_block_id
+        self.prefetcher = prefetcher
         self._stats_lock = threading.Lock()
         self.counters: dict[str, int] = {
             "stored_chunks": 0,
@@ -248,76 +251,100 @@ class CacheEngine:
     # ---- lookup and locks --------------------------------------------------------
 
     def lookup(self, key: t.CacheKey, tp_size: int) -> None:
+        """Lock the longest resident prefix (loading from L2 when a prefetcher is set) and
+        publish the job before the acknowledgement, so a status query can never race it."""
         session = self.sessions.get(key.request_id)
         assert session is not None
-        if session.pending is not None:  # replaced before consumed: free its locks now
-            self._release_lookup(key.request_id, session.pending, 0, session.pending.hit_chunks)
-            session.pending = None
-        session.done.clear()
-        try:
-            state = self._lookup(key, session)
-        except KvhiveError as exc:
-            log.warning("lookup %s: %s; reporting 0 hits", key.request_id, exc)
-            state = LookupState(key.model_name, key.world_size, key.cache_salt, 0, [], 0)
-        session.pending = state
-        session.done.set()
-
-    def _lookup(self, key: t.CacheKey, session: Session) -> LookupState:
-        if key.num_kv_readers < 1:
-            raise BadRequest(f"num_kv_readers={key.num_kv_readers}: must be >= 1")
-        n_chunks = min(key.end, len(key.token_ids)) // self.chunk_size
+        old, session.job = session.job, None
+        if old is not None:  # replaced before consumed: free its locks (now or when it ends)
+            self._orphan(key.request_id, old)
         state = LookupState(
             key.model_name, key.world_size, key.cache_salt, key.num_kv_readers, [], 0
         )
+        job = session.job = LookupJob(state)
+        try:
+            rows = self._lookup_l1(key, session, state)
+        except KvhiveError as exc:
+            log.warning("lookup %s: %s; reporting 0 hits", key.request_id, exc)
+            rows = []
+        if rows and self.prefetcher is not None:
+            owners = {r: k.read_owner(key.request_id, key.model_name, r) for r in k.all_ranks(key)}
+            self.prefetcher.prefetch(
+                rows,
+                lambda obj: owners[obj.kv_rank],
+                state.num_readers,
+                lambda extra: self._finish_job(key.request_id, job, extra),
+            )
+        else:
+            self._finish_job(key.request_id, job, 0)
+
+    def _finish_job(self, request_id: str, job: LookupJob, extra_chunks: int) -> None:
+        job.state.hit_chunks += max(0, extra_chunks)
+        self._count(lookup_hit_chunks=job.state.hit_chunks)
+        if job.orphaned:
+            self._release_lookup(request_id, job.state, 0, job.state.hit_chunks)
+        job.done.set()
+
+    def _orphan(self, request_id: str, job: LookupJob) -> None:
+        job.orphaned = True
+        if job.done.is_set():
+            self._release_lookup(request_id, job.state, 0, job.state.hit_chunks)
+
+    def _lookup_l1(
+        self, key: t.CacheKey, session: Session, state: LookupState
+    ) -> list[list[ObjectKey]]:
+        """Lock the L1 prefix for every rank; return the rows (all ranks' keys per chunk)
+        after it that a prefetcher may still load from L2."""
+        if key.num_kv_readers < 1:
+            raise BadRequest(f"num_kv_readers={key.num_kv_readers}: must be >= 1")
+        n_chunks = min(key.end, len(key.token_ids)) // self.chunk_size
         self._count(lookups=1, lookup_chunks=n_chunks)
         if n_chunks == 0 or not self.registry.has_layout(key.model_name, key.world_size):
-            return state
+            return []
         state.hashes = self.sessions.hashes(session, key.token_ids, n_chunks)
+        per_rank = {rank: k.object_keys(key, state.hashes, rank) for rank in k.all_ranks(key)}
         hits: dict[int, int] = {}
-        for rank in k.all_ranks(key):
-            rows = [[ok] for ok in k.object_keys(key, state.hashes, rank)]
-            hits[rank] = self.l1.lock_prefix(
-                rows, key.num_kv_readers, k.read_owner(key.request_id, key.model_name, rank)
-            )
+        for rank, keys in per_rank.items():
+            owner = k.read_owner(key.request_id, key.model_name, rank)
+            hits[rank] = self.l1.lock_prefix([[x] for x in keys], key.num_kv_readers, owner)
         state.hit_chunks = min(hits.values())
         for rank, got in hits.items():  # ranks that found more give the extra back
             if got > state.hit_chunks:
-                extra = k.object_keys(key, state.hashes[state.hit_chunks : got], rank)
                 owner = k.read_owner(key.request_id, key.model_name, rank)
-                self.l1.unlock(extra, owner, key.num_kv_readers)
-        self._count(lookup_hit_chunks=state.hit_chunks)
-        return state
+                self.l1.unlock(per_rank[rank][state.hit_chunks : got], owner, key.num_kv_readers)
+        return [[per_rank[r][i] for r in per_rank] for i in range(state.hit_chunks, n_chunks)]
 
-    def _consume(self, session: Session) -> int:
-        state = session.pending
-        if state is None:
+    def _take(self, session: Session) -> int:
+        """Report a finished job once: its result moves into the session."""
+        job, session.job = session.job, None
+        if job is None:
             return 0
-        session.pending = None
-        session.lookup = state
-        return state.hit_chunks
+        session.lookup = job.state
+        return job.state.hit_chunks
 
     def query_prefetch_status(self, request_id: str) -> int | None:
         session = self.sessions.get(request_id, create=False)
-        if session is None:
+        if session is None or session.job is None:
             return 0
-        if not session.done.is_set():
+        if not session.job.done.is_set():
             return None
-        return self._consume(session)
+        return self._take(session)
 
     def wait_prefetch_status(self, request_id: str, timeout: float) -> int | None:
         session = self.sessions.get(request_id, create=False)
-        if session is None:
+        job = session.job if session is not None else None
+        if session is None or job is None:
             return 0
-        if not session.done.wait(max(0.0, min(timeout, 3600.0))):
+        if not job.done.wait(max(0.0, min(timeout, 3600.0))):
             return None
-        return self._consume(session)
+        return self._take(session) if session.job is job else 0
 
     def free_lookup_locks(self, key: t.CacheKey, tp_size: int) -> None:
         session = self.sessions.get(key.request_id, create=False)
         if session is None or key.start >= key.end:
             return
-        if session.pending is not None and session.done.is_set():
-            self._consume(session)
+        if session.job is not None and session.job.done.is_set():
+            self._take(session)
         state = session.lookup
         if state is None:
             log.debug("free_lookup_locks for %s without a lookup result", key.request_id)
@@ -343,7 +370,9 @@ class CacheEngine:
         session = self.sessions.pop(request_id)
         if session is None:
             return
-        state = session.lookup or session.pending
+        if session.job is not None:
+            session.job.orphaned = True  # a still-running prefetch frees its own locks
+        state = session.lookup or (session.job.state if session.job else None)
         if state is not None and state.hashes:
             for rank in range(state.world_size):
                 packed = k.pack_kv_rank(state.world_size, rank)

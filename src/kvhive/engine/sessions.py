@@ -31,14 +31,23 @@ class LookupState:
 
 
 @dataclass(slots=True)
+class LookupJob:
+    """One lookup: running until ``done`` is set, then reported to the client once.
+    An ``orphaned`` job was replaced by a newer lookup; whoever finishes it frees its locks."""
+
+    state: LookupState
+    done: threading.Event = field(default_factory=threading.Event)
+    orphaned: bool = False
+
+
+@dataclass(slots=True)
 class Session:
     request_id: str
     tokens: list[int] = field(default_factory=list)
     hashes: list[bytes] = field(default_factory=list)
     last_used: float = 0.0
     lookup: LookupState | None = None  # consumed result (hit length known)
-    pending: LookupState | None = None  # finished but not yet reported to the client
-    done: threading.Event = field(default_factory=threading.Event)
+    job: LookupJob | None = None  # running, or finished but not yet reported
 
 
 class Sessions:

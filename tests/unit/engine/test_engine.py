@@ -140,3 +140,42 @@ def test_bad_lookup_reports_zero(engine, make_kv):
     assert lookup_hits(engine, TOKENS, readers=0) == 0
     assert lookup_hits(engine, [2**40] + TOKENS[1:], rid="big") == 0
     assert engine.wait_prefetch_status("unknown", 0.01) == 0
+
+
+class ManualPrefetcher:
+    """Stand-in for the L2 prefetch controller that completes when the test says so,
+    to exercise the asynchronous job states (running, finished, orphaned)."""
+
+    def __init__(self):
+        self.calls = []
+
+    def prefetch(self, rows, owner_of, num_readers, done):
+        self.calls.append((rows, owner_of, num_readers, done))
+
+
+def test_lookup_with_running_prefetch(engine, make_kv):
+    register(engine, make_kv())
+    engine.store(key(TOKENS, 0, 2 * C), 11, [BLOCKS_A[:4]], b"")
+    engine.prefetcher = pf = ManualPrefetcher()
+    engine.lookup(key(TOKENS, 0, 4 * C, rid="q", worker=None), 1)
+    rows, owner_of, readers, done = pf.calls[0]
+    assert len(rows) == 2 and readers == 1  # chunks 2 and 3 are below L1
+    assert owner_of(rows[0][0]) == ("req", "q", "m", pack_kv_rank(1, 0))
+    assert engine.query_prefetch_status("q") is None  # still running
+    assert engine.wait_prefetch_status("q", 0.01) is None
+    done(1)
+    assert engine.query_prefetch_status("q") == 3
+    assert engine.query_prefetch_status("q") == 0
+
+
+def test_replaced_running_lookup_frees_its_locks_when_done(engine, make_kv):
+    register(engine, make_kv())
+    engine.store(key(TOKENS, 0, 2 * C), 11, [BLOCKS_A[:4]], b"")
+    engine.prefetcher = pf = ManualPrefetcher()
+    engine.lookup(key(TOKENS, 0, 4 * C, rid="q", worker=None), 1)
+    engine.prefetcher = None
+    engine.lookup(key(TOKENS, 0, 4 * C, rid="q", worker=None), 1)
+    assert engine.query_prefetch_status("q") == 2
+    pf.calls[0][3](0)  # the first job finishes late: its two locks go
+    keys = [ObjectKey(h, "m", pack_kv_rank(1, 0)) for h in engine.sessions.get("q").hashes[:2]]
+    assert engine.l1.unlock(keys, ("req", "q", "m", pack_kv_rank(1, 0)), 5) == 2
