@@ -55,7 +55,11 @@ started=$SECONDS
 log "building $VENV (python $pyver)"
 rm -rf "$VENV"
 "$BASE_PYTHON" -m venv "$VENV"
-pip_() { "$PY" -m pip --disable-pip-version-check "$@"; }
+# pip warns about every unused local index location; those lines are noise.
+pip_() {
+  "$PY" -m pip --disable-pip-version-check "$@" \
+    2> >(grep -v 'is ignored: it is neither a file nor a directory' >&2 || true)
+}
 
 # 1. torch: find out which wheel pip would take and refuse anything but the CPU build.
 report="$(mktemp)"

@@ -63,8 +63,9 @@ def _require_interop() -> bool:
 
 def _unavailable(reason: str) -> None:
     if _require_interop():
-        pytest.fail(f"interop required (KVHIVE_REQUIRE_INTEROP=1) but unavailable: {reason}",
-                    pytrace=False)
+        pytest.fail(
+            f"interop required (KVHIVE_REQUIRE_INTEROP=1) but unavailable: {reason}", pytrace=False
+        )
     pytest.skip(reason)
 
 
@@ -79,15 +80,20 @@ def _locate_client_python() -> tuple[str | None, str]:
     try:
         proc = subprocess.run(
             ["bash", str(SETUP_SCRIPT), "--print-path"],
-            capture_output=True, text=True, timeout=60, check=False,
+            capture_output=True,
+            text=True,
+            timeout=60,
+            check=False,
         )
     except (OSError, subprocess.TimeoutExpired) as exc:
         return None, f"could not query {SETUP_SCRIPT.name}: {exc}"
     lines = proc.stdout.strip().splitlines()
     if proc.returncode == 0 and lines and os.path.isfile(lines[-1]):
         return lines[-1], ""
-    return None, ("lmcache client venv not built; run scripts/setup_client_venv.sh "
-                  "or set KVHIVE_CLIENT_PYTHON")
+    return None, (
+        "lmcache client venv not built; run scripts/setup_client_venv.sh "
+        "or set KVHIVE_CLIENT_PYTHON"
+    )
 
 
 # ---------------------------------------------------------------------------
@@ -144,7 +150,9 @@ def xfail_on_reference(request: pytest.FixtureRequest, target: str):
 
     def mark(reason: str) -> None:
         if target == "reference":
-            request.applymarker(pytest.mark.xfail(reason=f"reference defect: {reason}", strict=True))
+            request.applymarker(
+                pytest.mark.xfail(reason=f"reference defect: {reason}", strict=True)
+            )
 
     return mark
 
@@ -199,7 +207,11 @@ class ServerHandle:
         return self.proc is not None and self.proc.poll() is None
 
     def log_tail(self) -> str:
-        state = "running" if self.alive() else f"exited rc={self.proc.returncode if self.proc else None}"
+        state = (
+            "running"
+            if self.alive()
+            else f"exited rc={self.proc.returncode if self.proc else None}"
+        )
         return f"$ {' '.join(self.argv)}\n[{state}; log {self.log_path}]\n{_tail(self.log_path)}"
 
     def http_get(self, path: str, timeout: float = 5.0) -> tuple[int, Any]:
@@ -226,14 +238,21 @@ class ServerHandle:
     def start(self) -> None:
         self._log_file = open(self.log_path, "wb")  # noqa: SIM115 - closed in stop()
         self.proc = subprocess.Popen(
-            self.argv, stdout=self._log_file, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-            cwd=str(REPO), env=subprocess_env(), start_new_session=True,
+            self.argv,
+            stdout=self._log_file,
+            stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
+            cwd=str(REPO),
+            env=subprocess_env(),
+            start_new_session=True,
         )
         deadline = time.monotonic() + HEALTH_TIMEOUT_S
         last = "no answer yet"
         while time.monotonic() < deadline:
             if not self.alive():
-                raise RuntimeError(f"{self.target} server exited during start-up\n{self.log_tail()}")
+                raise RuntimeError(
+                    f"{self.target} server exited during start-up\n{self.log_tail()}"
+                )
             try:
                 code, body = self.http_get("/healthcheck", timeout=1.0)
                 if code == 200:
@@ -249,20 +268,17 @@ class ServerHandle:
         )
 
     def stop(self, grace_s: float = 8.0) -> None:
-        if self.proc is not None:
-            if self.proc.poll() is None:
+        """SIGTERM the server's process group, SIGKILL it after ``grace_s``. Idempotent."""
+        if self.proc is not None and self.proc.poll() is None:
+            # The group is signalled only while its leader (our child) is alive.
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(self.proc.pid, signal.SIGTERM)
+            try:
+                self.proc.wait(timeout=grace_s)
+            except subprocess.TimeoutExpired:
                 with contextlib.suppress(ProcessLookupError):
-                    os.killpg(self.proc.pid, signal.SIGTERM)
-                try:
-                    self.proc.wait(timeout=grace_s)
-                except subprocess.TimeoutExpired:
-                    with contextlib.suppress(ProcessLookupError):
-                        os.killpg(self.proc.pid, signal.SIGKILL)
-                    self.proc.wait(timeout=10)
-            else:
-                # the leader is gone; make sure no child of its group lingers
-                with contextlib.suppress(ProcessLookupError, PermissionError):
                     os.killpg(self.proc.pid, signal.SIGKILL)
+                self.proc.wait(timeout=10)
         if self._log_file is not None:
             self._log_file.close()
             self._log_file = None
@@ -285,12 +301,12 @@ class StatusSummary:
 
     @classmethod
     def from_status(cls, status: dict[str, Any]) -> StatusSummary:
-        if "registered_instances" in status:  # kvhive
-            l1 = status.get("l1") or {}
+        if "registered_instances" in status:  # kvhive: these fields are required
+            l1 = status["l1"]
             return cls(
                 instances=frozenset(str(k) for k in status["registered_instances"]),
-                read_locked=cls._count(l1.get("read_locked_objects", 0)),
-                staging=cls._count(l1.get("staging_objects", 0)),
+                read_locked=cls._count(l1["read_locked_objects"]),
+                staging=cls._count(l1["staging_objects"]),
                 raw=status,
             )
         # reference: cpu_shm registrations are listed with the CUDA ones,
@@ -308,12 +324,27 @@ class StatusSummary:
         )
 
 
-def server_argv(target: str, client_python: str, rpc_port: int, http_port: int,
-                l1_size_gb: float, extra: list[str]) -> list[str]:
+def server_argv(
+    target: str,
+    client_python: str,
+    rpc_port: int,
+    http_port: int,
+    l1_size_gb: float,
+    extra: list[str],
+) -> list[str]:
     common = [
-        "--host", "127.0.0.1", "--port", str(rpc_port),
-        "--http-host", "127.0.0.1", "--http-port", str(http_port),
-        "--l1-size-gb", str(l1_size_gb), "--eviction-policy", "LRU",
+        "--host",
+        "127.0.0.1",
+        "--port",
+        str(rpc_port),
+        "--http-host",
+        "127.0.0.1",
+        "--http-port",
+        str(http_port),
+        "--l1-size-gb",
+        str(l1_size_gb),
+        "--eviction-policy",
+        "LRU",
     ]
     if target == "kvhive":
         return [sys.executable, "-m", "kvhive", "server", *common, *extra]
@@ -326,23 +357,16 @@ def _server_log_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return tmp_path_factory.mktemp("interop-servers")
 
 
-@pytest.fixture(scope="module")
-def start_server(client_python: str, target: str, _server_log_dir: Path):
-    """Factory: ``start_server(l1_size_gb=..., extra=[...])`` -> running ServerHandle.
-
-    Servers started through it are stopped at the end of the module.
-    """
-    handles: list[ServerHandle] = []
-
+def _server_factory(client_python: str, target: str, log_dir: Path, handles: list[ServerHandle]):
     def start(l1_size_gb: float = 0.5, extra: list[str] | None = None) -> ServerHandle:
         rpc, http = free_port(), free_port()
         while http == rpc:
             http = free_port()
-        n = len(list(_server_log_dir.iterdir()))
+        n = len(list(log_dir.iterdir()))
         handle = ServerHandle(
             target=target,
             argv=server_argv(target, client_python, rpc, http, l1_size_gb, list(extra or [])),
-            log_path=_server_log_dir / f"{n:03d}-{target}-{rpc}.log",
+            log_path=log_dir / f"{n:03d}-{target}-{rpc}.log",
             rpc_port=rpc,
             http_port=http,
         )
@@ -350,7 +374,31 @@ def start_server(client_python: str, target: str, _server_log_dir: Path):
         handle.start()
         return handle
 
-    yield start
+    return start
+
+
+@pytest.fixture(scope="module")
+def start_server(client_python: str, target: str, _server_log_dir: Path):
+    """Factory ``start_server(l1_size_gb=..., extra=[...])`` -> running ServerHandle.
+
+    Servers started through it live until the end of the test module.
+    """
+    handles: list[ServerHandle] = []
+    yield _server_factory(client_python, target, _server_log_dir, handles)
+    for h in handles:
+        h.stop()
+
+
+@pytest.fixture
+def fresh_server(client_python: str, target: str, _server_log_dir: Path, attach_server):
+    """Like ``start_server`` but the servers live for one test (and their logs are attached)."""
+    handles: list[ServerHandle] = []
+    start = _server_factory(client_python, target, _server_log_dir, handles)
+
+    def start_attached(l1_size_gb: float = 0.5, extra: list[str] | None = None) -> ServerHandle:
+        return attach_server(start(l1_size_gb, extra))
+
+    yield start_attached
     for h in handles:
         h.stop()
 
@@ -390,14 +438,13 @@ def attach_server(request: pytest.FixtureRequest):
 def parse_result(stdout: str) -> dict[str, Any] | None:
     for line in reversed(stdout.splitlines()):
         if line.startswith(RESULT_MARK):
-            return json.loads(line[len(RESULT_MARK):])
+            return json.loads(line[len(RESULT_MARK) :])
     return None
 
 
 @dataclass
 class DriverRunner:
     client_python: str
-    request: pytest.FixtureRequest
     runs: list[tuple[list[str], str, str]] = field(default_factory=list)
 
     def argv(self, script: str, *args: str) -> list[str]:
@@ -407,8 +454,14 @@ class DriverRunner:
         argv = self.argv(script, *args)
         try:
             proc = subprocess.run(
-                argv, capture_output=True, text=True, timeout=timeout, cwd=str(DRIVERS),
-                env=subprocess_env(), stdin=subprocess.DEVNULL, check=False,
+                argv,
+                capture_output=True,
+                text=True,
+                timeout=timeout,
+                cwd=str(DRIVERS),
+                env=subprocess_env(),
+                stdin=subprocess.DEVNULL,
+                check=False,
             )
             out, err, rc = proc.stdout, proc.stderr, proc.returncode
         except subprocess.TimeoutExpired as exc:
@@ -431,8 +484,10 @@ class DriverRunner:
     def context(self) -> str:
         parts = []
         for argv, out, err in self.runs:
-            parts.append(f"$ {' '.join(argv)}\n--- stdout ---\n{_last(out, 40)}\n"
-                         f"--- stderr ---\n{_last(err, 60)}")
+            parts.append(
+                f"$ {' '.join(argv)}\n--- stdout ---\n{_last(out, 40)}\n"
+                f"--- stderr ---\n{_last(err, 60)}"
+            )
         return "\n\n".join(parts) or "<no driver runs>"
 
 
@@ -452,15 +507,24 @@ class BackgroundDriver:
     def __init__(self, argv: list[str]) -> None:
         self.argv = argv
         self.proc = subprocess.Popen(
-            argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, stdin=subprocess.DEVNULL,
-            text=True, cwd=str(DRIVERS), env=subprocess_env(),
+            argv,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            stdin=subprocess.DEVNULL,
+            text=True,
+            cwd=str(DRIVERS),
+            env=subprocess_env(),
         )
         self.lines: queue.Queue[str] = queue.Queue()
         self.stdout: list[str] = []
         self.stderr: list[str] = []
         self._threads = [
-            threading.Thread(target=self._pump, args=(self.proc.stdout, self.stdout, True), daemon=True),
-            threading.Thread(target=self._pump, args=(self.proc.stderr, self.stderr, False), daemon=True),
+            threading.Thread(
+                target=self._pump, args=(self.proc.stdout, self.stdout, True), daemon=True
+            ),
+            threading.Thread(
+                target=self._pump, args=(self.proc.stderr, self.stderr, False), daemon=True
+            ),
         ]
         for t in self._threads:
             t.start()
@@ -485,7 +549,7 @@ class BackgroundDriver:
                     break
                 continue
             if line.startswith(RESULT_MARK):
-                return json.loads(line[len(RESULT_MARK):])
+                return json.loads(line[len(RESULT_MARK) :])
         raise AssertionError(f"background driver produced no result\n{self.context()}")
 
     def kill(self) -> None:
@@ -503,12 +567,14 @@ class BackgroundDriver:
                 os.unlink(path)
 
     def context(self) -> str:
-        return (f"$ {' '.join(self.argv)}\n--- stdout ---\n{_last(''.join(self.stdout), 40)}\n"
-                f"--- stderr ---\n{_last(''.join(self.stderr), 60)}")
+        return (
+            f"$ {' '.join(self.argv)}\n--- stdout ---\n{_last(''.join(self.stdout), 40)}\n"
+            f"--- stderr ---\n{_last(''.join(self.stderr), 60)}"
+        )
 
 
 @pytest.fixture
 def driver(client_python: str, request: pytest.FixtureRequest) -> DriverRunner:
-    runner = DriverRunner(client_python, request)
+    runner = DriverRunner(client_python)
     _attach(request, "interop driver runs", runner.context)
     return runner

@@ -31,18 +31,42 @@ def test_bench_server_cpu(
     attach_server(server)
     out_json = tmp_path / "bench.json"
     argv = [
-        str(Path(client_python).parent / "lmcache"), "bench", "server",
-        "--mode", "cpu", "--transfer-mode", mode,
-        "--rpc-url", server.rpc_url, "--url", server.http_url,
-        "--kvcache-shape-spec", "(2,256,16,4,64):bfloat16:4",
-        "--num-tokens", "1024",  # + 1 sequence token: 4 full chunks per request
+        str(Path(client_python).parent / "lmcache"),
+        "bench",
+        "server",
+        "--mode",
+        "cpu",
+        "--transfer-mode",
+        mode,
+        "--rpc-url",
+        server.rpc_url,
+        "--url",
+        server.http_url,
+        "--kvcache-shape-spec",
+        "(2,256,16,4,64):bfloat16:4",
+        "--num-tokens",
+        "1024",  # + 1 sequence token: 4 full chunks per request
         # Distinct sequences per mode, so the cold pass of one never hits the other's data.
-        "--start", str(first_seq), "--end", str(first_seq + SEQUENCES),
-        "--interval", "0.2",
-        "--format", "json", "--output", str(out_json),
+        "--start",
+        str(first_seq),
+        "--end",
+        str(first_seq + SEQUENCES),
+        "--interval",
+        "0.2",
+        "--format",
+        "json",
+        "--output",
+        str(out_json),
     ]
-    proc = subprocess.run(argv, capture_output=True, text=True, timeout=180,
-                          env=interop_env, stdin=subprocess.DEVNULL, check=False)
+    proc = subprocess.run(
+        argv,
+        capture_output=True,
+        text=True,
+        timeout=180,
+        env=interop_env,
+        stdin=subprocess.DEVNULL,
+        check=False,
+    )
     text = f"$ {' '.join(argv)}\nrc={proc.returncode}\n{proc.stdout[-6000:]}\n{proc.stderr[-6000:]}"
     attach_context("lmcache bench server output", lambda: text)
     assert proc.returncode == 0, text

@@ -85,9 +85,9 @@ MALFORMED = {
 }
 
 
-def test_raw_malformed_frames_get_error_replies(start_server, attach_server, raw, xfail_on_reference):
+def test_raw_malformed_frames_get_error_replies(fresh_server, raw, xfail_on_reference):
     xfail_on_reference("malformed requests are dropped without a reply (defects 1, 3)")
-    server = attach_server(start_server(l1_size_gb=0.1))  # own server: the reference may die
+    server = fresh_server(l1_size_gb=0.1)  # own server: the reference may die
     c = raw(server.rpc_url)
     missing, not_error = [], []
     for n, (name, rest) in enumerate(MALFORMED.items()):

@@ -31,9 +31,19 @@ def run_eviction(server, attach_server, driver, settle_ms, eviction_results):
     def run(mode: str) -> dict:
         if mode not in eviction_results:
             eviction_results[mode] = driver.run(
-                "eviction.py", "--url", server.rpc_url, "--mode", mode,
-                "--model", f"ev-{mode}", "--requests", str(REQUESTS), "--chunks", str(CHUNKS),
-                "--settle-ms", str(settle_ms),
+                "eviction.py",
+                "--url",
+                server.rpc_url,
+                "--mode",
+                mode,
+                "--model",
+                f"ev-{mode}",
+                "--requests",
+                str(REQUESTS),
+                "--chunks",
+                str(CHUNKS),
+                "--settle-ms",
+                str(settle_ms),
             )
         return eviction_results[mode]
 

@@ -16,10 +16,9 @@ import pytest
 pytestmark = pytest.mark.interop
 
 
-def test_reregister_same_instance_new_cache(start_server, attach_server, driver, settle_ms,
-                                            xfail_on_reference):
+def test_reregister_same_instance_new_cache(fresh_server, driver, settle_ms, xfail_on_reference):
     xfail_on_reference("re-registering a known instance_id keeps the old mapping (defect 6)")
-    server = attach_server(start_server(l1_size_gb=0.2))
+    server = fresh_server(l1_size_gb=0.2)
     res = driver.run("reregister.py", "--url", server.rpc_url, "--settle-ms", str(settle_ms))
     assert res["register_error"] is None, res["register_error"]
     assert res["store_t1_ok"] is True

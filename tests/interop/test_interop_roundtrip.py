@@ -32,10 +32,23 @@ def test_roundtrip(server, attach_server, driver, settle_ms, mode, block_size, d
     attach_server(server)
     chunks = 8
     res = driver.run(
-        "roundtrip.py", "--url", server.rpc_url, "--mode", mode,
-        "--block-size", str(block_size), "--dtype", dtype, "--storage", storage,
-        "--model", f"rt-{mode}-{block_size}-{dtype}-{storage}",
-        "--num-chunks", str(chunks), "--settle-ms", str(settle_ms),
+        "roundtrip.py",
+        "--url",
+        server.rpc_url,
+        "--mode",
+        mode,
+        "--block-size",
+        str(block_size),
+        "--dtype",
+        dtype,
+        "--storage",
+        storage,
+        "--model",
+        f"rt-{mode}-{block_size}-{dtype}-{storage}",
+        "--num-chunks",
+        str(chunks),
+        "--settle-ms",
+        str(settle_ms),
     )
     c = res["chunk_size"]
     assert c == 256

@@ -247,7 +247,9 @@ class VllmHarness:
                 raise TimeoutError(f"lookup {request_id} did not finish in {timeout}s")
             time.sleep(0.002)
 
-    def free_lookup_locks(self, request_id: str, token_ids: list[int], start: int, end: int) -> None:
+    def free_lookup_locks(
+        self, request_id: str, token_ids: list[int], start: int, end: int
+    ) -> None:
         assert self.scheduler is not None
         self.scheduler.free_lookup_locks(token_ids, start, end, request_id)
 

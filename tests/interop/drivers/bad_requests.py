@@ -16,7 +16,6 @@ import time
 from typing import Any
 
 from _common import emit
-
 from lmcache.utils import EngineType
 from lmcache.v1.multiprocess.custom_types import (
     BlockAllocationRecord,
@@ -41,8 +40,9 @@ def render(value: Any) -> Any:
     return value
 
 
-def key(model: str, tokens: list[int], *, worker_id: int | None, end: int, readers: int,
-        rid: str) -> IPCCacheServerKey:
+def key(
+    model: str, tokens: list[int], *, worker_id: int | None, end: int, readers: int, rid: str
+) -> IPCCacheServerKey:
     return IPCCacheServerKey(
         model_name=model,
         world_size=1,
@@ -137,7 +137,9 @@ def main() -> None:
         "lookup_token_out_of_range": lambda: client.lookup(
             key(args.model, [2**40] * chunk, worker_id=None, end=chunk, readers=1, rid="bad-l1"), 1
         ),
-        "store_unknown_instance": lambda: client.store(wkey, unknown_iid, [[1]], b"stub_ipc_handle"),
+        "store_unknown_instance": lambda: client.store(
+            wkey, unknown_iid, [[1]], b"stub_ipc_handle"
+        ),
         "retrieve_unknown_instance": lambda: client.retrieve(
             wkey, unknown_iid, [[1]], b"stub_ipc_handle", 0
         ),

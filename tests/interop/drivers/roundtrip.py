@@ -51,8 +51,12 @@ def main() -> None:
     p.add_argument("--num-chunks", type=int, default=8)
     p.add_argument("--partial-chunks", type=int, default=3)
     p.add_argument("--seed", type=int, default=1234)
-    p.add_argument("--settle-ms", type=float, default=0.0,
-                   help="pause between a store reply and the next lookup")
+    p.add_argument(
+        "--settle-ms",
+        type=float,
+        default=0.0,
+        help="pause between a store reply and the next lookup",
+    )
     p.add_argument("--keep-registered", action="store_true")
     args = p.parse_args()
 
@@ -92,8 +96,9 @@ def main() -> None:
         nb = hit // c * b
         ok, errs = h.retrieve("req-full", tok_a, dst_full[:nb], 0, hit)
         res["full_retrieve_ok"], res["full_load_errors"] = ok, errs
-        res["full_bytes_equal"] = bytes_equal(snapshot_blocks(kv, dst_full[:nb]),
-                                              snapshot_blocks_from(src_snap, 0, nb))
+        res["full_bytes_equal"] = bytes_equal(
+            snapshot_blocks(kv, dst_full[:nb]), snapshot_blocks_from(src_snap, 0, nb)
+        )
     h.end_session("req-full")
 
     # Partial hit: shared prefix, then divergence.
@@ -106,8 +111,9 @@ def main() -> None:
         nb = min(hit // c, k) * b
         ok, errs = h.retrieve("req-partial", tok_p, dst_partial[:nb], 0, nb // b * c)
         res["partial_retrieve_ok"], res["partial_load_errors"] = ok, errs
-        res["partial_bytes_equal"] = bytes_equal(snapshot_blocks(kv, dst_partial[:nb]),
-                                                 snapshot_blocks_from(src_snap, 0, nb))
+        res["partial_bytes_equal"] = bytes_equal(
+            snapshot_blocks(kv, dst_partial[:nb]), snapshot_blocks_from(src_snap, 0, nb)
+        )
     h.end_session("req-partial")
 
     # Zero hit.
@@ -131,8 +137,9 @@ def main() -> None:
             bool((t[:, :skipped] == sentinel_bytes(kv, t)).all()) for t in got
         )
         want = snapshot_blocks_from(src_snap, start // c * b, nb)
-        res["apc_bytes_equal"] = bytes_equal([t[:, skipped:] for t in got],
-                                             [t[:, skipped:] for t in want])
+        res["apc_bytes_equal"] = bytes_equal(
+            [t[:, skipped:] for t in got], [t[:, skipped:] for t in want]
+        )
     h.end_session("req-apc")
 
     # Storing resident chunks again is harmless.
