@@ -53,6 +53,15 @@ ENV_VARS: dict[str, EnvVar[Any]] = {
             _log_level,
             "The reference's log-level variable, honoured when KVHIVE_LOG_LEVEL is unset.",
         ),
+        *(
+            EnvVar(
+                f"LMCACHE_RESP_{what}",
+                None,
+                _optional_str,
+                f"resp L2 adapter {what.lower()} used when the adapter JSON leaves it empty.",
+            )
+            for what in ("HOST", "PORT", "USERNAME", "PASSWORD")
+        ),
         EnvVar(
             "PYTHONHASHSEED",
             None,
@@ -66,6 +75,10 @@ if TYPE_CHECKING:  # declared for type checkers; values come from __getattr__
     KVHIVE_LOG_LEVEL: str | None
     LMCACHE_LOG_LEVEL: str | None
     PYTHONHASHSEED: str | None
+    LMCACHE_RESP_HOST: str | None
+    LMCACHE_RESP_PORT: str | None
+    LMCACHE_RESP_USERNAME: str | None
+    LMCACHE_RESP_PASSWORD: str | None
 
 
 def __getattr__(name: str) -> Any:

@@ -65,3 +65,27 @@ class LayoutError(KvhiveError):
     """A KV layout cannot be mapped onto the chunk object layout."""
 
     code = "layout"
+
+
+class L2Error(KvhiveError):
+    """An L2 adapter operation failed (I/O error, backend refused, bad response)."""
+
+    code = "l2"
+
+
+class ObjectMissing(L2Error):
+    """The L2 backend holds no object under this key."""
+
+    code = "l2_missing"
+
+
+class CorruptObject(L2Error):
+    """An L2 object failed its length or checksum check; it is treated as a miss."""
+
+    code = "l2_corrupt"
+
+
+class CapacityExceeded(L2Error):
+    """The L2 tier has no room for this object (full slots or capacity reached)."""
+
+    code = "l2_full"

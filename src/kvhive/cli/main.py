@@ -46,7 +46,11 @@ def _cmd_server(args: argparse.Namespace, parser: argparse.ArgumentParser) -> in
     # Imported here so `kvhive version` and `--help` need none of the server's dependencies.
     from kvhive.server import run as server_run
 
-    return server_run.serve(config)
+    try:
+        return server_run.serve(config)
+    except ConfigError as exc:  # found while opening resources (plugin import, L2 adapter)
+        print(_error_line(parser.prog, exc), file=sys.stderr)
+        return EXIT_USAGE
 
 
 def _cmd_version(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:

@@ -8,7 +8,15 @@ from kvhive.config.deferred import DEFERRED_FLAGS, DEFERRED_VALUES
 from kvhive.config.eviction import EvictionConfig, EvictionPolicy
 from kvhive.config.http import HTTPConfig
 from kvhive.config.l1 import L1Config
+from kvhive.config.l2 import L2Config, PrefetchPolicy, StorePolicy
+from kvhive.config.l2_adapters import AdapterSpec
 from kvhive.config.mp import EngineType, HashAlgorithm, MPConfig, TransferMode
+from kvhive.config.observability import (
+    HTTPAdminConfig,
+    LookupHashLogConfig,
+    ObservabilityConfig,
+    RuntimePluginConfig,
+)
 from kvhive.config.parse import (
     add_server_arguments,
     config_from_namespace,
@@ -22,10 +30,18 @@ __all__ = [
     "EngineType",
     "EvictionConfig",
     "EvictionPolicy",
+    "HTTPAdminConfig",
     "HTTPConfig",
     "HashAlgorithm",
     "L1Config",
+    "L2Config",
+    "AdapterSpec",
+    "PrefetchPolicy",
+    "StorePolicy",
+    "LookupHashLogConfig",
     "MPConfig",
+    "ObservabilityConfig",
+    "RuntimePluginConfig",
     "ServerConfig",
     "TransferMode",
     "add_server_arguments",

@@ -34,29 +34,6 @@ def _value(metavar: str) -> dict[str, Any]:
 # One row per flag.  Feature names group the rows in --help.
 # fmt: off
 DEFERRED_FLAGS: tuple[DeferredFlag, ...] = (
-    # L2 policy / L2 adapters
-    DeferredFlag("--l2-store-policy", "L2 storage", "L2 store policy (default, skip_l1).", _value("POLICY")),
-    DeferredFlag("--l2-prefetch-policy", "L2 storage", "L2 prefetch policy (default, retain).", _value("POLICY")),
-    DeferredFlag("--l2-prefetch-max-in-flight", "L2 storage", "Concurrent L2 prefetch requests.", _value("INT")),
-    DeferredFlag("--l2-adapter", "L2 storage", "L2 adapter as a JSON object; repeatable.", {"metavar": "JSON", "action": "append"}),
-    # observability
-    DeferredFlag("--disable-observability", "observability", "Disable the event bus entirely.", _SWITCH),
-    DeferredFlag("--disable-metrics", "observability", "Skip the metrics subscribers.", _SWITCH),
-    DeferredFlag("--disable-logging", "observability", "Skip the logging subscribers.", _SWITCH),
-    DeferredFlag("--enable-tracing", "observability", "Register the tracing subscriber.", _SWITCH),
-    DeferredFlag("--event-bus-queue-size", "observability", "Event bus queue capacity.", _value("INT")),
-    DeferredFlag("--otlp-endpoint", "observability", "OTLP gRPC endpoint for metrics and traces.", _value("URL")),
-    DeferredFlag("--prometheus-port", "observability", "Port of the Prometheus /metrics endpoint.", _value("PORT")),
-    DeferredFlag("--metrics-sample-rate", "observability", "Share of chunks tracked by lifecycle histograms.", _value("RATE")),
-    DeferredFlag("--service-instance-id", "observability", "OTel service.instance.id of this server.", _value("ID")),
-    # lookup-hash logging
-    DeferredFlag("--lookup-hash-log-dir", "lookup-hash logging", "Directory of the lookup-hash JSONL log.", _value("DIR")),
-    DeferredFlag("--lookup-hash-log-rotation-interval", "lookup-hash logging", "Seconds before the log rotates.", _value("SECONDS")),
-    DeferredFlag("--lookup-hash-log-rotation-max-size", "lookup-hash logging", "Bytes before the log rotates.", _value("BYTES")),
-    DeferredFlag("--lookup-hash-log-max-files", "lookup-hash logging", "Log files kept.", _value("INT")),
-    # runtime plugins
-    DeferredFlag("--runtime-plugin-locations", "runtime plugins", "Plugin scripts or directories.", {"metavar": "PATH", "nargs": "*"}),
-    DeferredFlag("--runtime-plugin-config", "runtime plugins", "Extra plugin config as a JSON object.", _value("JSON")),
 )
 # fmt: on
 

@@ -37,6 +37,9 @@ class FlagSpec:
     check: Check | None = None
     default_text: str | None = None
     """Shown instead of the default in --help when the default is resolved later (None)."""
+    repeat: bool = False
+    """tuple[str, ...] fields: one value per occurrence (``--flag A --flag B``), not nargs."""
+    metavar: str | None = None
 
 
 def flag_field(
@@ -46,9 +49,11 @@ def flag_field(
     default: Any = dataclasses.MISSING,
     check: Check | None = None,
     default_text: str | None = None,
+    repeat: bool = False,
+    metavar: str | None = None,
 ) -> Any:
     """Declare a config field bound to a command-line flag.  Omit ``default`` for a required flag."""
-    spec = FlagSpec(flag=flag, help=help, check=check, default_text=default_text)
+    spec = FlagSpec(flag, help, check, default_text, repeat, metavar)
     return dataclasses.field(default=default, metadata={_META_KEY: spec})
 
 
@@ -131,6 +136,10 @@ def coerce(flag: str, hint: Any, value: Any) -> Any:
         if optional:
             return None
         raise ConfigError(flag, "is required")
+    if get_origin(base) is tuple:  # tuple[str, ...]: a repeatable/nargs flag
+        if not isinstance(value, (list, tuple)) or not all(isinstance(v, str) for v in value):
+            raise ConfigError(flag, f"must be a list of strings (got {value!r})")
+        return tuple(value)
     choices = choices_of(base)
     if choices is not None:
         if value not in choices:

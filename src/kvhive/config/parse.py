@@ -10,7 +10,7 @@ from __future__ import annotations
 import argparse
 import re
 from collections.abc import Sequence
-from typing import Any, NoReturn
+from typing import Any, NoReturn, get_origin
 
 from kvhive.config.deferred import DEFERRED_FLAGS, dest_of
 from kvhive.config.fields import FieldInfo, choices_of, from_text, section_fields, unwrap_optional
@@ -45,6 +45,10 @@ def _add_field(group: Any, dest: str, info: FieldInfo) -> None:
     kwargs: dict[str, Any] = {"dest": dest, "default": argparse.SUPPRESS, "help": _help_text(info)}
     if base is bool:
         kwargs["action"] = argparse.BooleanOptionalAction  # --flag / --no-flag
+    elif get_origin(base) is tuple and info.spec.repeat:  # one value per occurrence
+        kwargs.update(action="append", metavar=info.spec.metavar or "VALUE")
+    elif get_origin(base) is tuple:  # tuple[str, ...]: zero or more values
+        kwargs.update(nargs="*", metavar=info.spec.metavar or "PATH")
     else:
         choices = choices_of(base)
         kwargs["metavar"] = "{" + ",".join(choices) + "}" if choices else _METAVARS[base]

@@ -10,7 +10,14 @@ from typing import Any, get_type_hints
 from kvhive.config.eviction import EvictionConfig
 from kvhive.config.http import HTTPConfig
 from kvhive.config.l1 import L1Config
+from kvhive.config.l2 import L2Config
 from kvhive.config.mp import MPConfig
+from kvhive.config.observability import (
+    HTTPAdminConfig,
+    LookupHashLogConfig,
+    ObservabilityConfig,
+    RuntimePluginConfig,
+)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -20,7 +27,12 @@ class ServerConfig:
     mp: MPConfig = field(default_factory=MPConfig)
     l1: L1Config
     eviction: EvictionConfig
+    l2: L2Config = field(default_factory=L2Config)
     http: HTTPConfig = field(default_factory=HTTPConfig)
+    http_admin: HTTPAdminConfig = field(default_factory=HTTPAdminConfig)
+    observability: ObservabilityConfig = field(default_factory=ObservabilityConfig)
+    lookup_hash_log: LookupHashLogConfig = field(default_factory=LookupHashLogConfig)
+    plugins: RuntimePluginConfig = field(default_factory=RuntimePluginConfig)
 
     def __post_init__(self) -> None:
         for name, cls in server_sections():
@@ -29,7 +41,22 @@ class ServerConfig:
 
     def to_dict(self) -> dict[str, dict[str, Any]]:
         """JSON-safe view grouped by section (for ``GET /config``)."""
-        return {name: dataclasses.asdict(getattr(self, name)) for name, _ in server_sections()}
+        return {name: _lists(_section_dict(getattr(self, name))) for name, _ in server_sections()}
+
+
+def _section_dict(section: Any) -> dict[str, Any]:
+    """A section's own ``to_dict`` (e.g. masking secrets) or all its fields."""
+    own = getattr(section, "to_dict", None)
+    return own() if callable(own) else dataclasses.asdict(section)
+
+
+def _lists(value: Any) -> Any:
+    """Tuples (repeatable flags) become lists, so the view round-trips through JSON."""
+    if isinstance(value, dict):
+        return {k: _lists(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_lists(v) for v in value]
+    return value
 
 
 @functools.cache

@@ -19,6 +19,9 @@ from kvhive.engine.registry import ChunkGeometry, Instance, Registry
 from kvhive.engine.sessions import LookupJob, LookupState, Session, Sessions
 from kvhive.errors import BadRequest, KvhiveError, RegistrationError, UnsupportedError
 from kvhive.keys import ObjectKey
+from kvhive.observability.bus import DISABLED, EventBus
+from kvhive.observability.health import InFlight
+from kvhive.observability.publish import EngineTelemetry
 from kvhive.storage.l1.manager import L1Manager
 from kvhive.transfer.descriptors import TensorDesc
 from kvhive.transfer.paged import PagedKV
@@ -40,6 +43,8 @@ class CacheEngine:
         transfer_modes: frozenset[str],
         null_block_id: int = 0,
         prefetcher: Prefetcher | None = None,
+        bus: EventBus = DISABLED,
+        inflight: InFlight | None = None,
     ) -> None:
         self.l1 = l1
         self.sessions = sessions
@@ -48,6 +53,8 @@ class CacheEngine:
         self.transfer_modes = transfer_modes
         self.null_block_id = null_block_id
         self.prefetcher = prefetcher
+        self.telemetry = EngineTelemetry(bus, self.chunk_size)
+        self.inflight = inflight or InFlight()
         self._stats_lock = threading.Lock()
         self.counters: dict[str, int] = {
             "stored_chunks": 0,
@@ -79,6 +86,7 @@ class CacheEngine:
     def report_block_allocation(
         self, instance_id: int, model_name: str, records: list[Any]
     ) -> None:
+        self.telemetry.block_allocation(instance_id, model_name, len(records))
         return None  # telemetry only; the empty reply is the acknowledgement
 
     def clear(self, force: bool) -> None:
@@ -194,6 +202,8 @@ class CacheEngine:
             [x[0] for x in todo], inst.geometry.nbytes, k.write_owner(instance_id)
         )
         taken = [s for s in slots if s is not None]
+        tr = self.telemetry.store_begin(key, instance_id)
+        copy = self.inflight.begin("store", key.request_id)
         try:
             for slot, (_, blocks) in zip(slots, todo, strict=True):
                 if slot is not None:
@@ -201,9 +211,19 @@ class CacheEngine:
         except BaseException:
             self.l1.abort(taken)
             raise
+        finally:
+            self.inflight.end(copy)
         committed = sum(self.l1.commit(taken))
         skipped = len(todo) - len(taken)
         self._count(stored_chunks=committed, store_skipped_resident=skipped)
+        self.telemetry.store_end(
+            tr,
+            key,
+            instance_id,
+            stored=committed,
+            skipped=skipped,
+            object_nbytes=inst.geometry.nbytes,
+        )
         return OK
 
     def retrieve(
@@ -218,10 +238,14 @@ class CacheEngine:
             self._count(retrieve_failures=1)
             return SOFT_TRANSFER_FAILURE
         inst.kv_ranks.add(kv_rank)
+        tr = self.telemetry.retrieve_begin(key, instance_id)
         try:
             ok = self._scatter(inst, keys, block_ids, skip)
         finally:
             self.l1.unlock(keys, owner)
+        self.telemetry.retrieve_end(
+            tr, key, instance_id, keys=keys, ok=ok, object_nbytes=inst.geometry.nbytes
+        )
         if not ok:
             self._count(retrieve_failures=1)
             return SOFT_TRANSFER_FAILURE
@@ -241,9 +265,10 @@ class CacheEngine:
             if any(s is None for s in slots):
                 return False
             c = self.chunk_size
-            for i, (slot, blocks) in enumerate(zip(slots, per_chunk, strict=True)):
-                chunk_skip = min(max(skip - i * c, 0), c)
-                inst.mapping.scatter(self.l1.view(slot), blocks, chunk_skip)
+            with self.inflight.track("retrieve"):
+                for i, (slot, blocks) in enumerate(zip(slots, per_chunk, strict=True)):
+                    chunk_skip = min(max(skip - i * c, 0), c)
+                    inst.mapping.scatter(self.l1.view(slot), blocks, chunk_skip)
             return True
         finally:
             self.l1.unlock([s.key for s in slots if s is not None], pin)
@@ -262,11 +287,13 @@ class CacheEngine:
             key.model_name, key.world_size, key.cache_salt, key.num_kv_readers, [], 0
         )
         job = session.job = LookupJob(state)
+        self.telemetry.lookup_start(key)
         try:
             rows = self._lookup_l1(key, session, state)
         except KvhiveError as exc:
             log.warning("lookup %s: %s; reporting 0 hits", key.request_id, exc)
             rows = []
+        self.telemetry.lookup_hashes(key, state.hashes, lambda: self._geometry(key))
         if rows and self.prefetcher is not None:
             owners = {r: k.read_owner(key.request_id, key.model_name, r) for r in k.all_ranks(key)}
             self.prefetcher.prefetch(
@@ -276,9 +303,25 @@ class CacheEngine:
                 lambda extra: self._finish_job(key.request_id, job, extra),
             )
         else:
-            self._finish_job(key.request_id, job, 0)
+            exit_reason = self.telemetry.early_exit(key, state.hashes)
+            self._finish_job(key.request_id, job, 0, exit_reason)
 
-    def _finish_job(self, request_id: str, job: LookupJob, extra_chunks: int) -> None:
+    def _geometry(self, key: t.CacheKey) -> ChunkGeometry | None:
+        for inst in self.registry.snapshot():
+            if inst.model_name == key.model_name and inst.world_size == key.world_size:
+                return inst.geometry
+        return None
+
+    def _finish_job(
+        self, request_id: str, job: LookupJob, extra_chunks: int, early_exit: str = ""
+    ) -> None:
+        self.telemetry.lookup_end(
+            request_id,
+            job.state,
+            l1_chunks=job.state.hit_chunks,
+            l2_chunks=max(0, extra_chunks),
+            early_exit=early_exit,
+        )
         job.state.hit_chunks += max(0, extra_chunks)
         self._count(lookup_hit_chunks=job.state.hit_chunks)
         if job.orphaned:
@@ -368,6 +411,7 @@ class CacheEngine:
 
     def end_session(self, request_id: str) -> None:
         session = self.sessions.pop(request_id)
+        self.telemetry.request_end(request_id)
         if session is None:
             return
         if session.job is not None:
@@ -387,6 +431,7 @@ class CacheEngine:
 
     def reap_sessions(self) -> int:
         dead = self.sessions.expired()
+        self.telemetry.sessions_expired(len(dead))
         for s in dead:
             rid = s.request_id
             self.l1.release_owners(lambda o, rid=rid: o[0] == "req" and o[1] == rid)

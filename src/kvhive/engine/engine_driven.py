@@ -151,6 +151,16 @@ class EngineDriven:
         taken = [s for s in slots if s is not None]
         done = sum(self.l1.commit(taken))
         self.engine._count(stored_chunks=done)
+        tel = self.engine.telemetry  # the worker copied; no server-side copy time
+        tel.store_end(
+            tel.store_begin(key, instance_id),
+            key,
+            instance_id,
+            stored=done,
+            skipped=len(slots) - len(taken),
+            object_nbytes=inst.geometry.nbytes,
+            elapsed=0.0,
+        )
         return done == len(taken)
 
     def _commit_pickle(self, inst: Instance, key: t.CacheKey, data: bytes) -> bool:
@@ -168,15 +178,26 @@ class EngineDriven:
             return False
         slots = self.l1.reserve(keys, nbytes, k.write_owner(inst.instance_id))
         taken = [s for s in slots if s is not None]
+        tel = self.engine.telemetry
+        tr = tel.store_begin(key, inst.instance_id)
         try:
-            for slot, arr in zip(slots, tensors, strict=True):
-                if slot is not None:
-                    self.l1.view(slot)[:] = arr.reshape(-1)
+            with self.engine.inflight.track("store", key.request_id):
+                for slot, arr in zip(slots, tensors, strict=True):
+                    if slot is not None:
+                        self.l1.view(slot)[:] = arr.reshape(-1)
         except BaseException:
             self.l1.abort(taken)
             raise
         done = sum(self.l1.commit(taken))
         self.engine._count(stored_chunks=done)
+        tel.store_end(
+            tr,
+            key,
+            inst.instance_id,
+            stored=done,
+            skipped=len(slots) - len(taken),
+            object_nbytes=nbytes,
+        )
         return done == len(taken)
 
     # ---- retrieve ------------------------------------------------------------------
@@ -193,6 +214,16 @@ class EngineDriven:
             self.l1.unlock([s.key for s in slots if s is not None], pin)
             self.l1.unlock(keys, lookup_owner)
             self.engine._count(retrieve_failures=1)
+            tel = self.engine.telemetry
+            tel.retrieve_end(
+                tel.retrieve_begin(key, instance_id),
+                key,
+                instance_id,
+                keys=keys,
+                ok=False,
+                object_nbytes=inst.geometry.nbytes,
+                elapsed=0.0,
+            )
             return t.PrepareRetrieveResponse(success=False)
         if inst.shm_pool:
             with self._lock:
@@ -200,19 +231,23 @@ class EngineDriven:
             return t.PrepareRetrieveResponse(
                 success=True, context={"slots": [self._slot_desc(s, inst) for s in slots if s]}
             )
+        tel = self.engine.telemetry
+        tr = tel.retrieve_begin(key, instance_id)
         try:
             g = inst.geometry
-            data = pickle_codec.encode_tensors(
-                [self.l1.view(s) for s in slots if s], g.shape, g.dtype
-            )
+            with self.engine.inflight.track("retrieve", key.request_id):
+                data = pickle_codec.encode_tensors(
+                    [self.l1.view(s) for s in slots if s], g.shape, g.dtype
+                )
         finally:
             self.l1.unlock(keys, pin)
             self.l1.unlock(keys, lookup_owner)
         self.engine._count(retrieved_chunks=len(keys))
+        tel.retrieve_end(tr, key, instance_id, keys=keys, ok=True, object_nbytes=g.nbytes)
         return t.PrepareRetrieveResponse(success=True, data=data)
 
     def commit_retrieve(self, key: t.CacheKey, instance_id: int) -> bool:
-        self._inst(instance_id)
+        inst = self._inst(instance_id)
         with self._lock:
             keys = self._pending_reads.pop(_sig(instance_id, key), None)
         if keys is None:
@@ -221,6 +256,16 @@ class EngineDriven:
         self.l1.unlock(keys, ("edcopy", instance_id))
         self.l1.unlock(keys, k.read_owner(key.request_id, key.model_name, kv_rank))
         self.engine._count(retrieved_chunks=len(keys))
+        tel = self.engine.telemetry  # the worker copied; no server-side copy time
+        tel.retrieve_end(
+            tel.retrieve_begin(key, instance_id),
+            key,
+            instance_id,
+            keys=keys,
+            ok=True,
+            object_nbytes=inst.geometry.nbytes,
+            elapsed=0.0,
+        )
         return True
 
 

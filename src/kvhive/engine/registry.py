@@ -16,6 +16,9 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, Literal, Protocol
 
+from kvhive.observability import events as ev
+from kvhive.observability.bus import DISABLED, EventBus
+
 log = logging.getLogger(__name__)
 
 Mode = Literal["lmcache_driven", "engine_driven"]
@@ -80,8 +83,10 @@ class Registry:
         reap_timeout: float,
         registration_grace: float,
         clock: Callable[[], float] = time.monotonic,
+        bus: EventBus = DISABLED,
     ) -> None:
         self._instances: dict[int, Instance] = {}
+        self._bus = bus
         self._lock = threading.Lock()
         self._clock = clock
         self._reap_timeout = reap_timeout
@@ -102,6 +107,15 @@ class Registry:
         with self._lock:
             old = self._instances.get(inst.instance_id)
             self._instances[inst.instance_id] = inst
+        if self._bus.enabled:
+            self._bus.publish(
+                ev.InstanceRegistered(
+                    instance_id=inst.instance_id,
+                    model_name=inst.model_name,
+                    world_size=inst.world_size,
+                    mode=inst.mode,
+                )
+            )
         if old is not None:
             log.info("instance %d re-registered: replacing its old mapping", inst.instance_id)
             self._closed(old, "replaced")
@@ -168,6 +182,12 @@ class Registry:
         return dead
 
     def _closed(self, inst: Instance, reason: str) -> None:
+        if self._bus.enabled:
+            self._bus.publish(
+                ev.InstanceDropped(
+                    instance_id=inst.instance_id, model_name=inst.model_name, reason=reason
+                )
+            )
         if inst.mapping is not None:
             try:
                 inst.mapping.close()

@@ -19,9 +19,14 @@ from kvhive.engine.engine_driven import EngineDriven
 from kvhive.engine.registry import Registry
 from kvhive.engine.sessions import Sessions
 from kvhive.hashing import build_token_hasher
+from kvhive.keys import ObjectKey, unpack_kv_rank
+from kvhive.observability.health import InFlight
+from kvhive.observability.setup import Observability, Sources
+from kvhive.plugins import PluginLauncher
 from kvhive.server.dispatch import Dispatcher
 from kvhive.server.pools import AffinityPool, CpuPool
 from kvhive.server.transport import ZmqServer
+from kvhive.storage.controllers import L2Layer
 from kvhive.storage.eviction import make_policy
 from kvhive.storage.l1.manager import L1Manager
 from kvhive.storage.quota import QuotaRegistry
@@ -41,6 +46,10 @@ class KvhiveServer:
     def __init__(self, config: ServerConfig) -> None:
         self.config = config
         self.started_at = time.time()
+        # Observability first: producers capture the bus when they are built.
+        self.obs = Observability(config)
+        bus = self.obs.bus
+        self.inflight = InFlight(config.http_admin.health_copy_deadline_seconds)
         mp, l1c, ev = config.mp, config.l1, config.eviction
         self.hasher = build_token_hasher(mp.hash_algorithm, mp.chunk_size, mp.none_hash_seed)
         self.quotas = QuotaRegistry()
@@ -57,10 +66,24 @@ class KvhiveServer:
             eviction_ratio=ev.ratio,
             quotas=self.quotas,
             shm_name=mp.shm_name,
+            bus=bus,
         )
+        try:  # L2 adapters open files and connections; give L1 back if one fails
+            self.l2 = L2Layer(
+                config.l2,
+                self.l1,
+                self.quotas,
+                object_nbytes=self._object_nbytes,
+                read_ttl_s=float(l1c.read_ttl_seconds),
+                bus=bus,
+            )
+        except BaseException:
+            self.l1.close()
+            raise
         self.registry = Registry(
             reap_timeout=mp.worker_reap_timeout_seconds,
             registration_grace=mp.worker_registration_grace_seconds,
+            bus=bus,
         )
         self.engine = CacheEngine(
             l1=self.l1,
@@ -68,6 +91,9 @@ class KvhiveServer:
             registry=self.registry,
             transfer_modes=_MODES[mp.supported_transfer_mode],
             null_block_id=mp.null_block_id,
+            prefetcher=self.l2.prefetch if self.l2.enabled else None,
+            bus=bus,
+            inflight=self.inflight,
         )
         pool_name = self.l1.arena.shm_segment_name if mp.shm_name else ""
         self.engine_driven = EngineDriven(
@@ -84,15 +110,29 @@ class KvhiveServer:
         if mp.ipc_path:
             urls.append(f"ipc://{mp.ipc_path}")
         self.zmq = ZmqServer(urls, self.dispatcher.handle)
+        self.plugins = PluginLauncher(config)
+        self.obs.attach(
+            Sources(
+                l1_stats=lambda: self.l1.stats().to_dict(),
+                engine_counters=lambda: dict(self.engine.counters),
+                active_prefetch_jobs=self._active_lookups,
+                active_sessions=lambda: len(self.engine.sessions),
+                registered_instances=lambda: len(self.registry.snapshot()),
+            )
+        )
         self._stop = threading.Event()
         self._maint = threading.Thread(target=self._maintain, name="kvhive-sessions", daemon=True)
         self._closed = False
+        self._running = False
 
     def start(self) -> None:
         removed = cleanup_stale_segments()
         if removed:
             log.info("removed %d shared-memory segment(s) left by dead clients", len(removed))
+        self.obs.start()
+        self._running = True
         self.l1.start()
+        self.l2.start()
         self.registry.start()
         self.zmq.start()
         self._maint.start()
@@ -121,18 +161,53 @@ class KvhiveServer:
             return
         self._closed = True
         log.info("shutting down")
+        self.plugins.stop()
         self._stop.set()
         self.zmq.close()
         self.affinity.shutdown(wait=True)
         self.cpu.shutdown(wait=False)
+        self.obs.stop()  # flush the bus and its subscribers before the engine goes
+        self.l2.close()  # prefetches end, write-behind drains, adapters close
         self.registry.close()
         self.l1.close()
         log.info("shut down")
 
+    def _object_nbytes(self, key: ObjectKey) -> int | None:
+        """Logical size of ``key``'s object: the chunk geometry of a registration serving
+        its model and world size (None when no such client is registered)."""
+        world, _ = unpack_kv_rank(key.kv_rank)
+        for inst in self.registry.snapshot():
+            if inst.model_name == key.model_name and inst.world_size == world:
+                return inst.geometry.nbytes
+        return None
+
+    def _active_lookups(self) -> int:
+        sessions = list(self.engine.sessions._sessions.values())  # snapshot; read only
+        return sum(1 for s in sessions if s.job is not None and not s.job.done.is_set())
+
+    def health(self) -> tuple[bool, list[str]]:
+        """Component health: (healthy, reasons).  A stuck copy or L2 load (past
+        --health-copy-deadline-seconds), a failed L1 self-check or a dead event-bus dispatcher
+        make the server unhealthy."""
+        reasons: list[str] = []
+        if not self.l1.stats().healthy:
+            reasons.append("L1 allocator self-check failed")
+        for op in self.inflight.stuck():
+            reasons.append(
+                f"{op['kind']} {op['detail']} running for {op['running_seconds']} s on "
+                f"{op['thread']} (deadline {self.inflight.deadline:g} s)"
+            )
+        bus = self.obs.bus
+        if bus.enabled and self._running and not self._closed and not bus.alive:
+            reasons.append("event bus dispatcher is not running")
+        return not reasons, reasons
+
     def status(self) -> dict[str, Any]:
         l1 = self.l1.stats().to_dict()
+        healthy, reasons = self.health()
         return {
-            "is_healthy": bool(l1.get("healthy", True)),
+            "is_healthy": healthy,
+            "unhealthy_reasons": reasons,
             "engine_type": "kvhive",
             "version": __version__,
             "chunk_size": self.config.mp.chunk_size,
@@ -141,6 +216,7 @@ class KvhiveServer:
             "supported_transfer_mode": self.config.mp.supported_transfer_mode,
             **self.engine.status(),
             "l1": l1,
+            "l2": self.l2.status(),
             "worker_liveness": self.registry.info(),
             "requests": self.dispatcher.stats(),
             "transport": {
@@ -149,4 +225,8 @@ class KvhiveServer:
                 "dropped_replies": self.zmq.dropped_replies,
             },
             "uptime_seconds": round(time.time() - self.started_at, 3),
+            "service_instance_id": self.obs.instance_id,
+            "inflight_copies": len(self.inflight),
+            "event_bus": self.obs.bus.stats(),
+            "runtime_plugins": self.plugins.status(),
         }

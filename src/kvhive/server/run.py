@@ -1,9 +1,14 @@
 """``kvhive server`` lifecycle: build the server, serve HTTP in the main thread
-(uvicorn handles SIGINT/SIGTERM), then shut everything down in order."""
+(uvicorn handles SIGINT/SIGTERM), then shut everything down in order.
+
+Runtime plugins start once uvicorn listens (so they can call the HTTP API at once);
+shutdown is plugins → event bus flush → engine (``KvhiveServer.close``)."""
 
 from __future__ import annotations
 
 import logging
+import signal
+import threading
 
 import uvicorn
 
@@ -32,7 +37,31 @@ def serve(config: ServerConfig) -> int:
             )
         )
         log.info("HTTP API on http://%s:%d", config.http.host, config.http.port)
-        uv.run()
+        if config.plugins.locations:
+            threading.Thread(
+                target=_start_plugins_when_listening, args=(uv, server), daemon=True
+            ).start()
+        # uvicorn re-raises a caught SIGTERM after its own shutdown; with the default handler
+        # that would kill the process before ``server.close()`` (plugins, bus flush, engine).
+        on_main = threading.current_thread() is threading.main_thread()
+        previous = signal.signal(signal.SIGTERM, _ignore) if on_main else None
+        try:
+            uv.run()
+        finally:
+            if previous is not None:
+                signal.signal(signal.SIGTERM, previous)
         return 0 if uv.started else 1
     finally:
         server.close()
+
+
+def _start_plugins_when_listening(uv: uvicorn.Server, server: KvhiveServer) -> None:
+    while not uv.started:
+        if uv.should_exit:
+            return
+        threading.Event().wait(0.05)
+    server.plugins.start()
+
+
+def _ignore(signum: int, frame: object) -> None:
+    """SIGTERM after uvicorn's graceful shutdown: fall through to ``server.close()``."""

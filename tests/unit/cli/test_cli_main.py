@@ -79,10 +79,11 @@ def test_a_failing_command_exits_1_with_a_logged_traceback(
         (["--eviction-policy", "FIFO"], "kvhive server: error: --eviction-policy must be one of LRU, IsolatedLRU, noop (got 'FIFO')"),
         (["--hash-algorithm", "xxhash"], "kvhive server: error: --hash-algorithm must be one of builtin, sha256_cbor, blake3 (got 'xxhash')"),
         (["--engine-type", "blend"], "kvhive server: error: --engine-type blend is not supported yet"),
-        (["--l2-adapter", "{}"], "kvhive server: error: --l2-adapter is not supported yet"),
-        (["--enable-tracing"], "kvhive server: error: --enable-tracing is not supported yet"),
-        (["--runtime-plugin-locations", "p.py"], "kvhive server: error: --runtime-plugin-locations is not supported yet"),
-        (["--lookup-hash-log-dir", "/tmp/x"], "kvhive server: error: --lookup-hash-log-dir is not supported yet"),
+        (["--l2-adapter", '{"type": "nixl_store"}'], "kvhive server: error: --l2-adapter #0 (nixl_store): adapter type 'nixl_store' is not supported yet (later issue)"),
+        (["--l2-adapter", '{"type": "fs"}'], "kvhive server: error: --l2-adapter #0 (fs): field 'base_path' is required"),
+        (["--enable-tracing"], "kvhive server: error: --enable-tracing requires --otlp-endpoint"),
+        (["--runtime-plugin-config", "{x"], "kvhive server: error: --runtime-plugin-config must be valid JSON (Expecting property name enclosed in double quotes: line 1 column 2 (char 1))"),
+        (["--metrics-sample-rate", "2"], "kvhive server: error: --metrics-sample-rate must be in (0, 1] (got 2.0)"),
         (["--worker-reap-timeout-seconds", "10"], "kvhive server: error: --worker-reap-timeout-seconds must be 0 (disabled) or >= 30 (got 10.0)"),
         (["--frobnicate", "3"], "kvhive server: error: --frobnicate is not a known option"),
         (["--chunk-size"], "kvhive server: error: --chunk-size expected one argument"),
@@ -146,7 +147,7 @@ def test_python_dash_m_version() -> None:
     [
         (["--http-port", "70000"], "--http-port"),
         (["--eviction-policy", "ARC"], "--eviction-policy"),
-        (["--prometheus-port", "9090"], "--prometheus-port"),
+        (["--prometheus-port", "0"], "--prometheus-port"),
     ],
 )
 def test_python_dash_m_server_rejects_bad_flags(argv: list[str], flag: str) -> None:

@@ -158,7 +158,8 @@ def test_boundary_values_are_accepted() -> None:
 def test_server_config_to_dict_is_json_and_grouped() -> None:
     config = ServerConfig(l1=L1Config(size_gb=1), eviction=EvictionConfig(policy="LRU"))
     data = config.to_dict()
-    assert list(data) == ["mp", "l1", "eviction", "http"]
+    assert list(data)[:5] == ["mp", "l1", "eviction", "l2", "http"]
+    assert {"observability", "lookup_hash_log", "plugins", "http_admin"} <= set(data)
     assert data["mp"]["port"] == 5555
     assert data["mp"]["max_gpu_workers"] == 1
     assert data["l1"]["size_gb"] == 1.0

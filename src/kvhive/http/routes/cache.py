@@ -1,16 +1,33 @@
-"""Cache control: /cache/clear and /cache/checksums (the reference's bench uses the latter)."""
+"""Cache control: /cache/clear, /cache/checksums (the reference's bench uses it), /cache/objects.
+
+``/cache/objects`` lists and deletes stored objects.  The reference lists only L2; kvhive also
+lists L1 (``tier=l1``).  L2 listing and deletion go through two optional server hooks that the
+L2 layer provides::
+
+    server.l2_list_objects(adapter: str | None, model_name: str | None, page_size: int,
+                           page_token: str | None) -> dict   # the response body below
+    server.l2_delete_objects(keys: list[ObjectKey], adapter: str | None) -> dict
+                                                              # {"deleted", "skipped", "ok"[, "error"]}
+
+Without L2 adapters (or hooks) L2 requests answer 503.  Domain errors use ``{"detail": ...}``.
+"""
 
 from __future__ import annotations
 
-from typing import Any
+import base64
+import binascii
+from typing import Any, Literal
 
-from fastapi import APIRouter, HTTPException
+from fastapi import APIRouter, HTTPException, Query
 from pydantic import BaseModel, Field
 
 from kvhive.http.deps import ServerDep
+from kvhive.keys import ObjectKey, validate_salt
 from kvhive.server.core import KvhiveServer
 
-router = APIRouter()
+router = APIRouter(tags=["cache"])
+
+MAX_DELETE_KEYS = 10_000
 
 
 class ClearRequest(BaseModel):
@@ -79,3 +96,117 @@ def _checksum_instance(server: KvhiveServer, instance_id: int) -> Any:
     if not instances:
         raise HTTPException(404, f"instance_id {instance_id} not registered")
     return instances[0]
+
+
+# ---- /cache/objects -------------------------------------------------------------------------
+
+
+class EncodedKey(BaseModel):
+    chunk_hash_hex: str
+    model_name: str
+    kv_rank: int
+    object_group_id: int = 0
+    cache_salt: str = ""
+
+
+class DeleteRequest(BaseModel):
+    keys: list[EncodedKey]
+    tier: Literal["l1", "l2", "all"] = "l2"
+    force: bool = False
+    adapter: str | None = None
+
+
+def encode_key(key: ObjectKey) -> dict[str, Any]:
+    return {
+        "chunk_hash_hex": key.chunk_hash.hex(),
+        "model_name": key.model_name,
+        "kv_rank": key.kv_rank,
+        "object_group_id": key.object_group_id,
+        "cache_salt": key.cache_salt,
+    }
+
+
+def decode_key(i: int, k: EncodedKey) -> ObjectKey:
+    try:
+        return ObjectKey(
+            bytes.fromhex(k.chunk_hash_hex),
+            k.model_name,
+            k.kv_rank,
+            k.object_group_id,
+            validate_salt(k.cache_salt),
+        )
+    except ValueError as exc:
+        raise HTTPException(400, f"keys[{i}]: {exc}") from None
+
+
+def _page_token(token: str | None) -> int:
+    if not token:
+        return 0
+    try:
+        return int(base64.urlsafe_b64decode(token.encode()).decode())
+    except (ValueError, binascii.Error, UnicodeDecodeError):
+        raise HTTPException(400, "invalid page_token") from None
+
+
+def _has_l2(server: Any) -> bool:
+    l2 = getattr(server.config, "l2", None)
+    return bool(l2 is not None and l2.adapters)
+
+
+def _l2_hook(server: Any, name: str) -> Any:
+    if not _has_l2(server):
+        raise HTTPException(503, "no L2 adapters are configured")
+    hook = getattr(server, name, None)
+    if hook is None:
+        raise HTTPException(503, "this server cannot list or delete L2 objects")
+    return hook
+
+
+@router.get("/cache/objects")
+def list_objects(
+    server: ServerDep,
+    tier: str = "l2",
+    adapter: str | None = None,
+    model_name: str | None = None,
+    page_size: int = Query(500, ge=1, le=5000),
+    page_token: str | None = None,
+) -> dict[str, Any]:
+    """One page of stored objects: ``{"adapter", "shared", "entries": [{"key", "size_bytes"}],
+    "next_page_token"}``.  ``tier`` is ``l2`` (reference, default) or ``l1`` (kvhive)."""
+    if tier == "l1":
+        start = _page_token(page_token)
+        slots, total = server.l1.list_objects(start, page_size)
+        entries = [
+            {"key": encode_key(s.key), "size_bytes": s.nbytes}
+            for s in slots
+            if model_name is None or s.key.model_name == model_name
+        ]
+        end = start + len(slots)
+        token = base64.urlsafe_b64encode(str(end).encode()).decode() if end < total else None
+        return {"adapter": "l1", "shared": False, "entries": entries, "next_page_token": token}
+    if tier not in ("l2", "all"):
+        raise HTTPException(400, f"tier {tier!r} is not supported; use l1 or l2")
+    hook = _l2_hook(server, "l2_list_objects")
+    return hook(adapter, model_name, page_size, page_token)
+
+
+@router.delete("/cache/objects")
+def delete_objects(req: DeleteRequest, server: ServerDep) -> dict[str, Any]:
+    """Delete keys from L1 (locks respected unless ``force``), L2 or both."""
+    if len(req.keys) > MAX_DELETE_KEYS:
+        raise HTTPException(400, f"at most {MAX_DELETE_KEYS} keys per call (got {len(req.keys)})")
+    keys = [decode_key(i, k) for i, k in enumerate(req.keys)]
+    out: dict[str, Any] = {"deleted": 0, "skipped": 0, "ok": True}
+    if req.tier in ("l1", "all"):
+        removed = server.l1.delete(keys, force=req.force)
+        out["deleted"] += removed
+        out["skipped"] += len(keys) - removed
+    if req.tier == "l2" or (req.tier == "all" and _has_l2(server)):
+        hook = _l2_hook(server, "l2_delete_objects")
+        res = hook(keys, req.adapter)
+        out["deleted"] += int(res.get("deleted", 0))
+        out["skipped"] += int(res.get("skipped", 0))
+        if not res.get("ok", True):
+            out["ok"] = False
+            out["error"] = res.get("error", "L2 delete failed")
+    return out

@@ -38,6 +38,7 @@ happened, on whichever caller thread drains the queue; they must not block.
 
 from __future__ import annotations
 
+import itertools
 import logging
 import threading
 import time
@@ -46,6 +47,8 @@ from collections.abc import Callable, Iterable, Mapping, Sequence
 import numpy as np
 
 from kvhive.keys import ObjectKey
+from kvhive.observability import events as ev
+from kvhive.observability.bus import DISABLED, EventBus
 from kvhive.storage.eviction.base import EvictionPolicy
 from kvhive.storage.l1.allocator import FreeListAllocator
 from kvhive.storage.l1.arena import Arena
@@ -77,6 +80,7 @@ class L1Manager:
         clock: Clock = time.monotonic,
         evict_interval: float = 1.0,
         arena: Arena | None = None,
+        bus: EventBus = DISABLED,
     ) -> None:
         """``arena`` may be injected (tests use small grow steps); else one is created.
 
@@ -102,9 +106,11 @@ class L1Manager:
         self._watermark = watermark
         self._ratio = eviction_ratio
         self._mu = threading.Lock()
+        self._bus = bus  # publish() is a non-blocking enqueue; fine under the mutex
         self._objects: dict[ObjectKey, Slot] = {}
         self._staging: dict[ObjectKey, Reservation] = {}
         self._salt_bytes: dict[str, int] = {}
+        self._temporary: set[ObjectKey] = set()  # removed when their last read lock goes
         self._resident_bytes = self._staging_bytes = 0
         self._evicted_objects = self._evicted_bytes = 0
         self._expired = self._evictor_errors = 0
@@ -176,6 +182,11 @@ class L1Manager:
             if len(offsets) < len(need):
                 used = self._alloc.allocated_bytes
                 self._drops.add(len(need) - len(offsets), now, used, self._size)
+                if self._bus.enabled:
+                    lost = [keys[i] for i in need[len(offsets) :]]
+                    self._bus.publish(
+                        ev.L1AllocationFailed(keys=lost, model_name=lost[0].model_name)
+                    )
         self._events.drain()
         return out
 
@@ -190,11 +201,16 @@ class L1Manager:
             raise RuntimeError("L1 is closed")
         return view
 
-    def commit(self, slots: Sequence[Slot]) -> list[bool]:
+    def commit(
+        self, slots: Sequence[Slot], *, temporary: bool = False, announce: bool = True
+    ) -> list[bool]:
         """Make reserved slots resident and readable (the policy sees them as created).
 
         False for a slot that is no longer its key's reservation or whose write TTL had
-        expired (then its memory is freed).  Emits "committed" for the others.
+        expired (then its memory is freed).  Emits "committed" for the others unless
+        ``announce`` is False (objects loaded from L2 must not be written back to it).
+        A ``temporary`` object is removed as soon as its last read lock is released
+        (``unlock``/``release_owners``); until someone locks it, it is simply evictable.
         """
         out: list[bool] = []
         committed: list[ObjectKey] = []
@@ -219,9 +235,15 @@ class L1Manager:
                 self._salt_bytes[salt] = self._salt_bytes.get(salt, 0) + phys
                 committed.append(slot.key)
                 out.append(True)
+            if temporary:
+                self._temporary.update(committed)
             if committed:
                 self._policy.on_created(committed)
-                self._events.record("committed", committed)
+                if announce:
+                    self._events.record("committed", committed)
+                if self._bus.enabled:
+                    total = sum(self._alloc.physical(self._objects[k].nbytes) for k in committed)
+                    self._bus.publish(ev.L1WriteFinished(keys=committed, total_bytes=total))
         self._events.drain()
         return out
 
@@ -274,9 +296,17 @@ class L1Manager:
             return [self._objects.get(key) for key in keys]
 
     def unlock(self, keys: Iterable[ObjectKey], owner: Owner, count: int = 1) -> int:
-        """Release up to ``count`` live read locks of ``owner`` per key; returns how many."""
+        """Release up to ``count`` live read locks of ``owner`` per key; returns how many.
+
+        Temporary objects left without any read lock are removed.
+        """
         with self._mu:
-            return sum(self._reads.release(key, owner, count) for key in keys)
+            keys = list(keys)
+            released = sum(self._reads.release(key, owner, count) for key in keys)
+            if self._temporary:
+                self._drop_unlocked_temporary(keys)
+        self._events.drain()
+        return released
 
     def release_owners(self, match: Callable[[Owner], bool]) -> tuple[int, int]:
         """Drop every read lock and reservation of owners matching ``match`` (dead client).
@@ -289,6 +319,9 @@ class L1Manager:
             dead = [(k, r) for k, r in self._staging.items() if match(r.owner)]
             for key, res in dead:
                 self._free_reservation(key, res)
+            if locks and self._temporary:
+                self._drop_unlocked_temporary(list(self._temporary))
+        self._events.drain()
         return locks, len(dead)
 
     def contains(self, keys: Sequence[ObjectKey]) -> list[bool]:
@@ -351,10 +384,20 @@ class L1Manager:
             if buckets is not None:
                 self._enforce_quotas(buckets)
             used = self._alloc.allocated_bytes
-            if used and used >= self._watermark * self._size:
+            triggered = bool(used and used >= self._watermark * self._size)
+            if triggered:
                 victims = self._pick(self._policy.victims(self._evictable), self._ratio * used)
                 self._remove(victims, evicted=True)
             evicted = self._evicted_objects - before
+            if self._bus.enabled:
+                self._bus.publish(
+                    ev.L1EvictionTick(
+                        usage=used / self._size,
+                        watermark=self._watermark,
+                        triggered=triggered or evicted > 0,
+                        evicted=evicted,
+                    )
+                )
         self._events.drain()
         return evicted
 
@@ -390,6 +433,13 @@ class L1Manager:
         with self._mu:
             self._events.add_listener(fn)
 
+    def list_objects(self, start: int, limit: int) -> tuple[list[Slot], int]:
+        """Up to ``limit`` resident slots from position ``start`` of the object table (insertion
+        order) and the table size; positions shift as objects come and go (best effort paging)."""
+        with self._mu:
+            total = len(self._objects)
+            return list(itertools.islice(self._objects.values(), start, start + limit)), total
+
     def stats(self) -> L1Stats:
         with self._mu:
             used = self._alloc.allocated_bytes
@@ -398,6 +448,7 @@ class L1Manager:
             )
             return L1Stats(
                 objects=len(self._objects),
+                temporary_objects=len(self._temporary),
                 staging_objects=len(self._staging),
                 read_locked_objects=self._reads.locked_keys(),
                 used_bytes=used,
@@ -469,6 +520,7 @@ class L1Manager:
             else:
                 del self._salt_bytes[key.cache_salt]
             self._reads.drop(key)
+            self._temporary.discard(key)
         self._alloc.free_many(ranges)
         self._resident_bytes -= total
         self._policy.on_removed(keys)
@@ -476,6 +528,14 @@ class L1Manager:
             self._evicted_objects += len(keys)
             self._evicted_bytes += total
         self._events.record("removed", keys)
+        if self._bus.enabled:
+            self._bus.publish(
+                ev.L1KeysEvicted(keys=keys, reason="evicted" if evicted else "deleted")
+            )
+
+    def _drop_unlocked_temporary(self, keys: Iterable[ObjectKey]) -> None:
+        gone = [k for k in keys if k in self._temporary and not self._reads.is_locked(k)]
+        self._remove(gone, evicted=False)
 
     def _free_reservation(self, key: ObjectKey, res: Reservation) -> None:
         del self._staging[key]

@@ -40,6 +40,7 @@ class L1Stats:
     """A consistent snapshot of L1 (sizes in bytes, physical, i.e. aligned)."""
 
     objects: int
+    temporary_objects: int  # loaded from L2 for one reader set (prefetch policy default)
     staging_objects: int
     read_locked_objects: int
     used_bytes: int  # resident + staging

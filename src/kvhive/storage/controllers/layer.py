@@ -1,0 +1,123 @@
+"""L2Layer: the configured adapters and their three controllers, with one lifecycle.
+
+Start: adapters are opened in flag order (a failure closes those already open and raises),
+the store controller listens to L1 commits, the eviction controller starts, and durable
+adapters are scanned in the background so usage and eviction know what a previous run left.
+Shutdown (the reverse, with deadlines): prefetches finish (each bounded by its deadlines),
+write-behind drains for up to ``drain_timeout`` seconds and releases its L1 locks, the
+evictor stops, then adapters close — all before L1 is released.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from typing import Any
+
+from kvhive.config.l2 import L2Config
+from kvhive.observability.bus import DISABLED, EventBus
+from kvhive.storage.controllers.eviction import L2EvictionController
+from kvhive.storage.controllers.prefetch import PrefetchController, SizeOf
+from kvhive.storage.controllers.store import StoreController
+from kvhive.storage.l1.manager import L1Manager
+from kvhive.storage.l2.managed import ManagedAdapter
+from kvhive.storage.l2.registry import build_adapter
+from kvhive.storage.quota import QuotaRegistry
+
+log = logging.getLogger(__name__)
+
+
+def open_adapters(config: L2Config, bus: EventBus = DISABLED) -> list[ManagedAdapter]:
+    """Build every configured adapter in order; on failure close the opened ones and raise."""
+    opened: list[ManagedAdapter] = []
+    try:
+        for spec in config.specs:
+            opened.append(ManagedAdapter(spec, build_adapter(spec), bus))
+    except BaseException:
+        for adapter in opened:
+            adapter.close()
+        raise
+    return opened
+
+
+class L2Layer:
+    """Adapters + store, prefetch and eviction controllers (module docstring)."""
+
+    def __init__(
+        self,
+        config: L2Config,
+        l1: L1Manager,
+        quotas: QuotaRegistry,
+        *,
+        object_nbytes: SizeOf,
+        read_ttl_s: float = 300.0,
+        drain_timeout: float = 10.0,
+        bus: EventBus = DISABLED,
+    ) -> None:
+        self.config = config
+        self.l1 = l1
+        self.adapters = open_adapters(config, bus)
+        self.drain_timeout = drain_timeout
+        self.store = StoreController(
+            l1,
+            self.adapters,
+            skip_l1=config.store_policy == "skip_l1",
+            pin_refresh_s=max(0.5, read_ttl_s / 3),
+        )
+        self.prefetch = PrefetchController(
+            l1,
+            self.adapters,
+            object_nbytes=object_nbytes,
+            retain=config.prefetch_policy == "retain",
+            max_in_flight=config.prefetch_max_in_flight,
+        )
+        self.eviction = L2EvictionController(self.adapters, quotas)
+        self._scan = threading.Thread(
+            target=self._rebuild_usage, name="kvhive-l2-scan", daemon=True
+        )
+        self._closed = False
+
+    @property
+    def enabled(self) -> bool:
+        return bool(self.adapters)
+
+    def start(self) -> None:
+        if not self.adapters:
+            return
+        self.l1.add_listener(self.store.on_l1_event)
+        self.store.start()
+        self.eviction.start()
+        self._scan.start()
+
+    def _rebuild_usage(self) -> None:
+        for adapter in self.adapters:
+            if adapter.adapter.durable:
+                adapter.rebuild_usage()
+
+    def usage_by_salt(self) -> dict[str, int]:
+        """Bytes per cache_salt summed over all adapters (L1 does not count; /quota)."""
+        total: dict[str, int] = {}
+        for adapter in self.adapters:
+            for salt, n in adapter.usage().bytes_by_salt.items():
+                total[salt] = total.get(salt, 0) + n
+        return total
+
+    def status(self) -> dict[str, Any]:
+        return {
+            "store_policy": self.config.store_policy,
+            "prefetch_policy": self.config.prefetch_policy,
+            "adapters": [a.status() for a in self.adapters],
+            "store": self.store.status(),
+            "prefetch": self.prefetch.status(),
+            "eviction": self.eviction.status(),
+        }
+
+    def close(self) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        self.prefetch.close()
+        self.store.close(self.drain_timeout)
+        self.eviction.close()
+        for adapter in self.adapters:
+            adapter.close()

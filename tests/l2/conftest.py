@@ -1,0 +1,176 @@
+"""Real backends for the L2 adapter tests: a temp directory, device files, a gcc-built C
+plugin, a redis-server and a moto S3 server, each started on a free loopback port.
+
+A missing service binary or package skips its tests with the reason, unless
+``KVHIVE_REQUIRE_SERVICES=1`` (set by CI), which turns the skip into a failure.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from l2_testlib import WAIT_S, free_port
+
+from kvhive.config.l2_adapters import parse_adapter
+from kvhive.storage.eviction import make_policy
+from kvhive.storage.l1.manager import L1Manager
+from kvhive.storage.l2.managed import ManagedAdapter
+from kvhive.storage.l2.registry import build_adapter
+
+HERE = Path(__file__).resolve().parent
+
+
+def services_required() -> bool:
+    return os.environ.get("KVHIVE_REQUIRE_SERVICES", "").strip().lower() in ("1", "true", "yes")
+
+
+def unavailable(reason: str) -> None:
+    if services_required():
+        pytest.fail(f"KVHIVE_REQUIRE_SERVICES=1 but {reason}", pytrace=False)
+    pytest.skip(reason)
+
+
+def _wait_port(port: int, proc: subprocess.Popen, what: str) -> None:
+    deadline = time.monotonic() + WAIT_S
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"{what} exited with {proc.returncode}")
+        try:
+            with socket.create_connection(("127.0.0.1", port), timeout=0.2):
+                return
+        except OSError:
+            time.sleep(0.05)
+    raise RuntimeError(f"{what} did not listen on port {port}")
+
+
+def _stop(proc: subprocess.Popen) -> None:
+    proc.terminate()
+    try:
+        proc.wait(5)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait(5)
+
+
+@pytest.fixture(scope="session")
+def redis_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[str, int]]:
+    exe = shutil.which("redis-server") or shutil.which("valkey-server")
+    if exe is None:
+        unavailable("redis-server is not installed (apt-get install -y redis-server)")
+    try:
+        import redis  # noqa: F401
+    except ImportError:
+        unavailable("redis-py is not installed (pip install 'kvhive[redis]')")
+    port = free_port()
+    work = tmp_path_factory.mktemp("redis")
+    argv = [exe, "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no",
+            "--dir", str(work), "--protected-mode", "no"]  # fmt: skip
+    proc = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        _wait_port(port, proc, "redis-server")
+        yield "127.0.0.1", port
+    finally:
+        _stop(proc)
+
+
+@pytest.fixture(scope="session")
+def s3_server() -> Iterator[str]:
+    """A moto S3 server; yields the path-style endpoint of a fresh bucket."""
+    try:
+        import awscrt  # noqa: F401
+        import moto.server  # noqa: F401
+    except ImportError as exc:
+        unavailable(f"{exc.name} is not installed (pip install 'kvhive[s3]' 'moto[server]')")
+    port = free_port()
+    proc = subprocess.Popen([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)  # fmt: skip
+    try:
+        _wait_port(port, proc, "moto server")
+        urllib.request.urlopen(
+            urllib.request.Request(f"http://127.0.0.1:{port}/kvhive", method="PUT")
+        )
+        yield f"http://127.0.0.1:{port}/kvhive"
+    finally:
+        _stop(proc)
+
+
+@pytest.fixture(scope="session")
+def sample_plugin(tmp_path_factory: pytest.TempPathFactory) -> str:
+    gcc = shutil.which("gcc") or shutil.which("cc")
+    if gcc is None:
+        unavailable("gcc is not installed (apt-get install -y gcc)")
+    out = tmp_path_factory.mktemp("plugin") / "libsample_plugin.so"
+    subprocess.run([gcc, "-O2", "-shared", "-fPIC", "-o", str(out), str(HERE / "sample_plugin.c"),
+                    "-lpthread"], check=True)  # fmt: skip
+    return str(out)
+
+
+@pytest.fixture
+def adapter_json(request: pytest.FixtureRequest, tmp_path: Path) -> Callable[..., dict[str, Any]]:
+    """``adapter_json(kind, **extra)``: a JSON object for ``kind`` on this test's backends."""
+
+    def make(kind: str, **extra: Any) -> dict[str, Any]:
+        base: dict[str, Any]
+        if kind in ("fs", "fs_native"):
+            base = {"base_path": str(tmp_path / kind)}
+        elif kind == "mock":
+            base = {"max_size_gb": 1, "mock_bandwidth_gb": 50}
+        elif kind == "raw_block":
+            base = {"device_path": str(tmp_path / "raw.img"), "slot_bytes": 1 << 18,
+                    "capacity_bytes": 8 << 20, "meta_total_bytes": 1 << 20}  # fmt: skip
+        elif kind == "dax":
+            base = {"device_path": str(tmp_path / "dax.img"), "max_dax_size_gb": 8 / 1024,
+                    "slot_bytes": 1 << 18}  # fmt: skip
+        elif kind == "plugin":
+            base = {"module_path": str(HERE / "py_plugin.py"), "class_name": "DictStore"}
+        elif kind == "native_plugin":
+            base = {"library_path": request.getfixturevalue("sample_plugin")}
+        elif kind == "resp":
+            host, port = request.getfixturevalue("redis_server")
+            base = {"host": host, "port": port}
+        elif kind == "s3":
+            endpoint = request.getfixturevalue("s3_server")
+            base = {"s3_endpoint": endpoint, "s3_region": "us-east-1", "disable_tls": True,
+                    "aws_access_key_id": "test", "aws_secret_access_key": "test",
+                    "s3_num_io_threads": 2}  # fmt: skip
+        else:
+            raise ValueError(kind)
+        return {"type": kind, **base, **extra}
+
+    return make
+
+
+@pytest.fixture
+def open_adapter() -> Iterator[Callable[[dict[str, Any]], ManagedAdapter]]:
+    """``open_adapter(json)``: a ManagedAdapter, closed at teardown (or by the test)."""
+    opened: list[ManagedAdapter] = []
+
+    def make(raw: dict[str, Any], index: int = 0) -> ManagedAdapter:
+        spec = parse_adapter(index, json.loads(json.dumps(raw)))
+        adapter = ManagedAdapter(spec, build_adapter(spec))
+        opened.append(adapter)
+        return adapter
+
+    yield make
+    for adapter in opened:
+        adapter.close()
+
+
+@pytest.fixture
+def l1() -> Iterator[L1Manager]:
+    manager = L1Manager(size_bytes=32 << 20, align_bytes=4096, lazy=False, init_bytes=0,
+                        write_ttl=600.0, read_ttl=300.0, policy=make_policy("LRU"),
+                        watermark=0.95, eviction_ratio=0.2)  # fmt: skip
+    yield manager
+    manager.close()

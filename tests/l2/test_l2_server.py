@@ -1,0 +1,96 @@
+"""The L2 layer inside a real KvhiveServer: /quota, /status, /config, shutdown order."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from fastapi import FastAPI
+from fastapi.testclient import TestClient
+from l2_testlib import free_port
+
+from kvhive.config import parse_server_args
+from kvhive.http.app import create_app
+from kvhive.http.routes import quota
+from kvhive.server.core import KvhiveServer
+
+
+@pytest.fixture
+def server(tmp_path: Path) -> Iterator[KvhiveServer]:
+    fs = {
+        "type": "fs",
+        "base_path": str(tmp_path / "l2"),
+        "eviction": {"eviction_policy": "IsolatedLRU"},
+    }
+    s3_like = {"type": "s3", "s3_endpoint": "s3://b.h", "s3_region": "r", "aws_access_key_id": "id",
+               "aws_secret_access_key": "secret"}  # fmt: skip
+    cfg = parse_server_args(["--host", "127.0.0.1", "--port", str(free_port()), "--l1-size-gb", "0.0625",
+                             "--eviction-policy", "LRU", "--l2-adapter", json.dumps(fs)])  # fmt: skip
+    assert parse_server_args(["--l1-size-gb", "1", "--eviction-policy", "LRU", "--l2-adapter",
+                              json.dumps(s3_like)]).to_dict()["l2"]["adapters"][0]["aws_secret_access_key"] == "***"  # fmt: skip
+    srv = KvhiveServer(cfg)
+    srv.start()
+    yield srv
+    srv.close()
+
+
+def test_quota_endpoints_have_the_reference_shapes(server: KvhiveServer) -> None:
+    client = TestClient(create_app(server))
+    assert client.get("/quota").json() == {"users": {}}
+    r = client.put("/quota/_default", json={"limit_gb": 1.5})
+    assert r.status_code == 200 and r.json() == {
+        "cache_salt": "_default",
+        "limit_gb": 1.5,
+        "status": "ok",
+    }
+    assert server.quotas.get("") == int(1.5 * 2**30)
+    assert client.get("/quota/_default").json() == {
+        "cache_salt": "_default", "limit_gb": 1.5, "current_usage_gb": 0.0, "exists": True}  # fmt: skip
+    assert client.get("/quota/nobody").json()["exists"] is False
+    assert client.get("/quota").json() == {
+        "users": {"_default": {"limit_gb": 1.5, "current_usage_gb": 0.0}}
+    }
+    for body, error in [
+        ("{x", "invalid JSON body"),
+        ("[1]", "body must be {'limit_gb': <float>}"),
+        ('{"limit_gb": "a"}', "limit_gb must be numeric"),
+        ('{"limit_gb": "nan"}', "limit_gb must be finite"),
+        ('{"limit_gb": -1}', "limit_gb must be non-negative"),
+    ]:
+        r = client.put("/quota/t", content=body, headers={"content-type": "application/json"})
+        assert (r.status_code, r.json()) == (400, {"error": error})
+    assert client.delete("/quota/_default").json() == {
+        "cache_salt": "_default",
+        "status": "removed",
+    }
+    assert client.delete("/quota/_default").json() == {
+        "cache_salt": "_default",
+        "status": "not_found",
+    }
+
+
+def test_quota_before_the_engine_is_up() -> None:
+    app = FastAPI()
+    app.include_router(quota.router)
+    r = TestClient(app).get("/quota")
+    assert (r.status_code, r.json()) == (503, {"error": "engine not initialized"})
+
+
+def test_status_and_config_show_l2(server: KvhiveServer) -> None:
+    client = TestClient(create_app(server))
+    l2 = client.get("/status").json()["l2"]
+    assert l2["adapters"][0]["type"] == "fs" and l2["adapters"][0]["durable"] is True
+    assert l2["store_policy"] == "default" and "lanes" in l2["store"]
+    assert client.get("/config").json()["l2"]["adapters"][0]["type"] == "fs"
+
+
+def test_a_bad_adapter_at_start_exits_2(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    from kvhive.cli.main import main
+
+    bad = {"type": "plugin", "module_path": str(tmp_path / "missing.py"), "class_name": "X"}
+    argv = ["server", "--port", str(free_port()), "--http-port", str(free_port()), "--l1-size-gb", "0.01",
+            "--eviction-policy", "LRU", "--l2-adapter", json.dumps(bad)]  # fmt: skip
+    assert main(argv) == 2
+    assert "--l2-adapter #0 (plugin): cannot import" in capsys.readouterr().err
