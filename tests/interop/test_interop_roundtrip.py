@@ -79,3 +79,52 @@ def test_roundtrip(server, attach_server, driver, settle_ms, mode, block_size, d
     assert str(res["instance_id"]) not in summary.instances
     assert summary.read_locked == 0
     assert summary.staging == 0
+
+
+@pytest.fixture(scope="module")
+def shm_pool_server(start_server):
+    # The whole L1 is one POSIX segment the engine-driven worker maps (protocol.md §15.5).
+    import os
+
+    return start_server(l1_size_gb=0.25, extra=["--shm-name", f"kvhive_it_{os.getpid()}"])
+
+
+@pytest.mark.parametrize("block_size", [16, 128])
+def test_roundtrip_engine_driven_shared_pool(
+    shm_pool_server, attach_server, driver, settle_ms, block_size
+):
+    attach_server(shm_pool_server)
+    res = driver.run(
+        "roundtrip.py",
+        "--url",
+        shm_pool_server.rpc_url,
+        "--mode",
+        "engine_driven",
+        "--block-size",
+        str(block_size),
+        "--dtype",
+        "bfloat16",
+        "--storage",
+        "per-layer",
+        "--model",
+        f"rt-shmpool-{block_size}",
+        "--num-chunks",
+        "6",
+        "--partial-chunks",
+        "2",
+        "--settle-ms",
+        str(settle_ms),
+    )
+    c = res["chunk_size"]
+    assert res["store_ok"] == [True, True]
+    assert res["full_hit_tokens"] == 6 * c and res["full_bytes_equal"] is True
+    assert res["partial_hit_tokens"] == 2 * c and res["partial_bytes_equal"] is True
+    assert res["zero_hit_tokens"] == 0
+    assert res["apc_bytes_equal"] is True and res["apc_skipped_untouched"] is True
+    summary = shm_pool_server.summary()
+    assert summary.read_locked == 0 and summary.staging == 0
+    status = shm_pool_server.status()
+    assert status["counters"]["stored_chunks"] >= 6
+    # The worker took the shared-pool strategy, not the pickle fallback.
+    assert f"rt-shmpool-{block_size}" in shm_pool_server.log_tail()
+    assert "shm pool" in shm_pool_server.log_tail()
