@@ -94,3 +94,33 @@ def test_a_bad_adapter_at_start_exits_2(tmp_path: Path, capsys: pytest.CaptureFi
             "--eviction-policy", "LRU", "--l2-adapter", json.dumps(bad)]  # fmt: skip
     assert main(argv) == 2
     assert "--l2-adapter #0 (plugin): cannot import" in capsys.readouterr().err
+
+
+def test_cache_objects_lists_and_deletes_l2(server: KvhiveServer, tmp_path: Path) -> None:
+    import time
+
+    from kvhive.keys import ObjectKey, pack_kv_rank
+
+    keys = [ObjectKey(bytes([i]) * 32, "m", pack_kv_rank(1, 0)) for i in range(3)]
+    slots = server.l1.reserve(keys, 8192, ("test", 1))
+    for i, slot in enumerate(slots):
+        server.l1.view(slot)[:] = i
+    server.l1.commit(slots)  # write-behind pushes them to the fs adapter
+    deadline = time.monotonic() + 10
+    while len(server.l2.adapters[0].tracker.snapshot()) < 3 and time.monotonic() < deadline:
+        time.sleep(0.02)
+    client = TestClient(create_app(server))
+    page = client.get("/cache/objects", params={"page_size": 2}).json()
+    assert page["adapter"] == "fs" and page["shared"] is False
+    assert len(page["entries"]) == 2 and page["next_page_token"]
+    rest = client.get("/cache/objects", params={"page_token": page["next_page_token"]}).json()
+    listed = {e["key"]["chunk_hash_hex"] for e in page["entries"] + rest["entries"]}
+    assert listed == {k.chunk_hash.hex() for k in keys}
+    assert all(8192 <= e["size_bytes"] <= 8192 + 64 for e in page["entries"])  # + integrity trailer
+    assert client.get("/cache/objects", params={"adapter": "s3"}).status_code == 404
+    victim = page["entries"][0]["key"]
+    r = client.request("DELETE", "/cache/objects", json={"keys": [victim], "tier": "l2"})
+    assert r.status_code == 200 and r.json() == {"deleted": 1, "skipped": 0, "ok": True}
+    left = client.get("/cache/objects", params={"page_size": 10}).json()["entries"]
+    assert victim["chunk_hash_hex"] not in {e["key"]["chunk_hash_hex"] for e in left}
+    assert len(left) == 2

@@ -1,15 +1,8 @@
 """Cache control: /cache/clear, /cache/checksums (the reference's bench uses it), /cache/objects.
 
 ``/cache/objects`` lists and deletes stored objects.  The reference lists only L2; kvhive also
-lists L1 (``tier=l1``).  L2 listing and deletion go through two optional server hooks that the
-L2 layer provides::
-
-    server.l2_list_objects(adapter: str | None, model_name: str | None, page_size: int,
-                           page_token: str | None) -> dict   # the response body below
-    server.l2_delete_objects(keys: list[ObjectKey], adapter: str | None) -> dict
-                                                              # {"deleted", "skipped", "ok"[, "error"]}
-
-Without L2 adapters (or hooks) L2 requests answer 503.  Domain errors use ``{"detail": ...}``.
+lists L1 (``tier=l1``).  L2 listing and deletion go through ``server.l2`` (the L2 layer);
+without L2 adapters L2 requests answer 503.  Domain errors use ``{"detail": ...}``.
 """
 
 from __future__ import annotations
@@ -153,13 +146,17 @@ def _has_l2(server: Any) -> bool:
     return bool(l2 is not None and l2.adapters)
 
 
-def _l2_hook(server: Any, name: str) -> Any:
+def _l2_adapter(server: Any, adapter: str | None) -> Any:
     if not _has_l2(server):
         raise HTTPException(503, "no L2 adapters are configured")
-    hook = getattr(server, name, None)
-    if hook is None:
-        raise HTTPException(503, "this server cannot list or delete L2 objects")
-    return hook
+    try:
+        return server.l2.find(adapter)
+    except LookupError as exc:
+        raise HTTPException(404, str(exc)) from None
+
+
+def _token(n: int | None) -> str | None:
+    return None if n is None else base64.urlsafe_b64encode(str(n).encode()).decode()
 
 
 @router.get("/cache/objects")
@@ -182,12 +179,20 @@ def list_objects(
             if model_name is None or s.key.model_name == model_name
         ]
         end = start + len(slots)
-        token = base64.urlsafe_b64encode(str(end).encode()).decode() if end < total else None
+        token = _token(end if end < total else None)
         return {"adapter": "l1", "shared": False, "entries": entries, "next_page_token": token}
     if tier not in ("l2", "all"):
         raise HTTPException(400, f"tier {tier!r} is not supported; use l1 or l2")
-    hook = _l2_hook(server, "l2_list_objects")
-    return hook(adapter, model_name, page_size, page_token)
+    _l2_adapter(server, adapter)  # 503 without L2, 404 for an unknown adapter
+    found, items, nxt = server.l2.list_objects(
+        adapter, model_name, _page_token(page_token), page_size
+    )
+    return {
+        "adapter": found.spec.type,
+        "shared": found.spec.shared,
+        "entries": [{"key": encode_key(k), "size_bytes": n} for k, n in items],
+        "next_page_token": _token(nxt),
+    }
 
 
 @router.delete("/cache/objects")
@@ -202,11 +207,16 @@ def delete_objects(req: DeleteRequest, server: ServerDep) -> dict[str, Any]:
         out["deleted"] += removed
         out["skipped"] += len(keys) - removed
     if req.tier == "l2" or (req.tier == "all" and _has_l2(server)):
-        hook = _l2_hook(server, "l2_delete_objects")
-        res = hook(keys, req.adapter)
-        out["deleted"] += int(res.get("deleted", 0))
-        out["skipped"] += int(res.get("skipped", 0))
-        if not res.get("ok", True):
+        if req.adapter is not None:
+            _l2_adapter(server, req.adapter)  # 404 for an unknown adapter
+        elif not _has_l2(server):
+            raise HTTPException(503, "no L2 adapters are configured")
+        try:
+            deleted, skipped = server.l2.delete_objects(keys, req.adapter)
+        except Exception as exc:  # request boundary: an L2 failure is reported in the body
             out["ok"] = False
-            out["error"] = res.get("error", "L2 delete failed")
+            out["error"] = f"L2 delete failed: {exc}"
+        else:
+            out["deleted"] += deleted
+            out["skipped"] += skipped
     return out

@@ -15,6 +15,7 @@ import threading
 from typing import Any
 
 from kvhive.config.l2 import L2Config
+from kvhive.keys import ObjectKey
 from kvhive.observability.bus import DISABLED, EventBus
 from kvhive.storage.controllers.eviction import L2EvictionController
 from kvhive.storage.controllers.prefetch import PrefetchController, SizeOf
@@ -101,6 +102,42 @@ class L2Layer:
             for salt, n in adapter.usage().bytes_by_salt.items():
                 total[salt] = total.get(salt, 0) + n
         return total
+
+    def find(self, adapter: str | None) -> ManagedAdapter:
+        """The adapter named by type (first of that type), index, or label; default the first."""
+        if not self.adapters:
+            raise LookupError("no L2 adapters are configured")
+        if adapter is None:
+            return self.adapters[0]
+        for a in self.adapters:
+            if adapter in (a.spec.type, str(a.index), a.name):
+                return a
+        raise LookupError(f"unknown L2 adapter {adapter!r}")
+
+    def list_objects(
+        self, adapter: str | None, model_name: str | None, start: int, limit: int
+    ) -> tuple[ManagedAdapter, list[tuple[ObjectKey, int]], int | None]:
+        """One page of an adapter's objects from its usage tracker (which a restart
+        rebuilds by scanning durable adapters); returns (adapter, items, next start)."""
+        a = self.find(adapter)
+        items = [
+            (k, n)
+            for k, n in a.tracker.snapshot()
+            if model_name is None or k.model_name == model_name
+        ]
+        page = items[start : start + limit]
+        return a, page, (start + limit if start + limit < len(items) else None)
+
+    def delete_objects(
+        self, keys: list[ObjectKey], adapter: str | None, timeout: float = 30.0
+    ) -> tuple[int, int]:
+        """Delete ``keys`` from one adapter, or from all when ``adapter`` is None;
+        returns (deleted, skipped).  Raises on a failed or late backend."""
+        targets = [self.find(adapter)] if adapter is not None else list(self.adapters)
+        deleted = 0
+        for a in targets:
+            deleted += sum(a.delete(keys).result(timeout=timeout))
+        return deleted, len(keys) * len(targets) - deleted
 
     def status(self) -> dict[str, Any]:
         return {

@@ -147,6 +147,11 @@ class Tracker:
         with self._lock:
             return Usage(self._used, self.capacity, dict(self._salts), len(self._sizes))
 
+    def snapshot(self) -> list[tuple[ObjectKey, int]]:
+        """(key, size) of every known object, in insertion order (for listings)."""
+        with self._lock:
+            return list(self._sizes.items())
+
     def size_of(self, key: ObjectKey) -> int | None:
         with self._lock:
             return self._sizes.get(key)

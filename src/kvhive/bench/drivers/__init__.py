@@ -1,0 +1,1 @@
+"""Scripts the bench runs in OTHER interpreters (the lmcache client venv); never imported."""

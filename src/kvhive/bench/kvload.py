@@ -1,0 +1,290 @@
+"""Load generators on kvhive's own client (threads, one :class:`KvhiveEngine` each).
+
+Result dicts have the same shape as the lmcache client driver's (``drivers/lmcache_client.py``)
+so the runner treats both alike::
+
+    transfer: {"chunk_bytes": B, "engines": E, "errors": [...],
+               "ops": {"store"|"retrieve": {"<chunks per request>": {
+                   "gbs": aggregate GB/s, "ms_p50": per-request median, "requests": n}}}}
+    lookup:   {"hit"|"miss": {"<prefix chunks>": {"p50_ms", "p99_ms", "n"}}}
+    noop:     {"p50_ms", "p99_ms", "n"}
+"""
+
+from __future__ import annotations
+
+import random
+import statistics
+import threading
+import time
+from collections.abc import Callable, Sequence
+from typing import Any
+
+from kvhive.bench.kvengine import KvhiveEngine, KVShape, make_tokens
+from kvhive.client import KvhiveClient
+
+Progress = Callable[[str], None]
+#: Pause between the last store and the first lookup: the reference commits a store only
+#: after it has replied (protocol.md §23 defect 12); kvhive needs none.
+SETTLE_S = 0.1
+
+
+def percentile_ms(samples: Sequence[float], q: float) -> float:
+    """Nearest-rank percentile of ``samples`` (seconds), in milliseconds."""
+    s = sorted(samples)
+    return s[min(len(s) - 1, max(0, int(round(q * len(s) + 0.5)) - 1))] * 1000.0
+
+
+def latency_summary(samples: Sequence[float]) -> dict[str, float]:
+    return {
+        "p50_ms": round(percentile_ms(samples, 0.50), 4),
+        "p99_ms": round(percentile_ms(samples, 0.99), 4),
+        "n": len(samples),
+    }
+
+
+def _ranges(n_chunks: int, per_req: int) -> list[tuple[int, int]]:
+    return [(i, min(n_chunks, i + per_req)) for i in range(0, n_chunks, per_req)]
+
+
+class _Engine:
+    """One thread's engine: chunks ``[0, n)`` of its cache are the store source, ``[n, 2n)``
+    the retrieve destination."""
+
+    def __init__(self, url: str, shape: KVShape, chunks: int, block_size: int, idx: int) -> None:
+        self.idx = idx
+        self.eng = KvhiveEngine(url, shape, num_chunks=2 * chunks, block_size=block_size)
+        self.src = self.eng.chunk_blocks(0, chunks)
+        self.dst = self.eng.chunk_blocks(chunks, chunks)
+
+    def setup(self) -> None:
+        self.eng.register()
+        self.eng.kv.fill(self.src, seed=self.idx)
+        self.eng.kv.fill(self.dst, seed=10_000 + self.idx)  # fault the pages in, untimed
+
+
+def run_transfer(
+    url: str,
+    shape: KVShape,
+    *,
+    chunks: int = 16,
+    per_request: Sequence[int] = (1, 16),
+    rounds: int = 3,
+    engines: int = 1,
+    block_size: int = 16,
+    seed: int | None = None,
+    progress: Progress | None = None,
+) -> dict[str, Any]:
+    """Store then retrieve ``rounds`` x ``chunks`` chunks per engine, ``per_request`` chunks
+    per request, with ``engines`` engines (threads) at once.  Only the store and retrieve
+    requests are timed; lookups (which lock the chunks for the retrieve) are not.  Token ids
+    come from ``seed`` (random by default: a store of resident chunks would be skipped)."""
+    if seed is None:
+        seed = random.getrandbits(40)
+    workers: list[_Engine] = []
+    try:
+        for i in range(engines):
+            workers.append(_Engine(url, shape, chunks, block_size, i))
+    except BaseException:
+        for w in workers:
+            w.eng.close(unregister=False)
+        raise
+    barrier = threading.Barrier(engines)
+    # samples[op][per_req] -> list of (t_start, t_end) per request, all engines
+    samples: dict[str, dict[int, list[tuple[float, float]]]] = {
+        "store": {p: [] for p in per_request},
+        "retrieve": {p: [] for p in per_request},
+    }
+    errors: list[str] = []
+    lock = threading.Lock()
+
+    def body(w: _Engine) -> None:
+        w.setup()
+        eng, c, bpc = w.eng, w.eng.chunk_size, w.eng.blocks_per_chunk
+        for p in per_request:
+            toks = [make_tokens(seed * 1_000_003 + w.idx * 7919 + p * 131 + r, chunks * c)
+                    for r in range(rounds)]  # fmt: skip
+            mine: dict[str, list[tuple[float, float]]] = {"store": [], "retrieve": []}
+            barrier.wait()
+            for r in range(rounds):
+                for a, b in _ranges(chunks, p):
+                    t0 = time.perf_counter()
+                    ok = eng.store(f"s{w.idx}-{p}-{r}", toks[r], w.src[a * bpc : b * bpc],
+                                   a * c, b * c)  # fmt: skip
+                    mine["store"].append((t0, time.perf_counter()))
+                    if not ok:
+                        errors.append(f"store failed (engine {w.idx}, {p}/req, round {r})")
+            time.sleep(SETTLE_S)
+            rids = []
+            for r in range(rounds):  # lock every round's chunks (untimed)
+                rid = f"r{w.idx}-{p}-{r}"
+                hit = eng.lookup(rid, toks[r])
+                if hit != chunks:
+                    errors.append(f"lookup hit {hit}/{chunks} (engine {w.idx}, {p}/req)")
+                rids.append(rid)
+            barrier.wait()
+            for r in range(rounds):
+                for a, b in _ranges(chunks, p):
+                    t0 = time.perf_counter()
+                    ok = eng.retrieve(rids[r], toks[r], w.dst[a * bpc : b * bpc], a * c, b * c)
+                    mine["retrieve"].append((t0, time.perf_counter()))
+                    if not ok:
+                        errors.append(f"retrieve failed (engine {w.idx}, {p}/req, round {r})")
+            for rid in rids:
+                eng.end_session(rid)
+            if not eng.kv.blocks_equal(w.src, w.dst):
+                errors.append(f"retrieved bytes differ from the stored ones (engine {w.idx})")
+            with lock:
+                for op in mine:
+                    samples[op][p].extend(mine[op])
+
+    try:
+        _run_threads([lambda w=w: body(w) for w in workers], errors)
+    finally:
+        for w in workers:
+            w.eng.close()
+    chunk_bytes = shape.chunk_bytes(workers[0].eng.chunk_size)
+    out = _summarise(samples, chunk_bytes, chunks, rounds, engines)
+    out["errors"] = errors
+    if progress:
+        progress(_describe(out))
+    return out
+
+
+def _run_threads(bodies: list[Callable[[], None]], errors: list[str]) -> None:
+    def guard(fn: Callable[[], None]) -> None:
+        try:
+            fn()
+        except Exception as exc:  # reported in the result, never hangs the others
+            errors.append(f"{type(exc).__name__}: {exc}")
+
+    threads = [threading.Thread(target=guard, args=(b,), daemon=True) for b in bodies]
+    for th in threads:
+        th.start()
+    for th in threads:
+        th.join()
+
+
+def _summarise(
+    samples: dict[str, dict[int, list[tuple[float, float]]]],
+    chunk_bytes: int,
+    chunks: int,
+    rounds: int,
+    engines: int,
+) -> dict[str, Any]:
+    ops: dict[str, dict[str, dict[str, float]]] = {}
+    for op, by_p in samples.items():
+        ops[op] = {}
+        for p, spans in by_p.items():
+            if not spans:
+                continue
+            ops[op][str(p)] = transfer_figures(spans, chunk_bytes, p, engines)
+    return {"chunk_bytes": chunk_bytes, "engines": engines, "chunks": chunks, "ops": ops}
+
+
+def transfer_figures(
+    spans: Sequence[tuple[float, float]], chunk_bytes: int, per_req: int, engines: int
+) -> dict[str, float]:
+    """GB/s of a set of request spans ``(t_start, t_end)``.
+
+    One engine: ``bytes per request / median request time`` (what a single request achieves).
+    Several: all their bytes over the wall time from the first start to the last end.
+    """
+    times = [b - a for a, b in spans]
+    per_req_bytes = chunk_bytes * per_req
+    if engines == 1:
+        gbs = per_req_bytes / statistics.median(times) / 1e9
+    else:
+        wall = max(b for _, b in spans) - min(a for a, _ in spans)
+        gbs = per_req_bytes * len(spans) / wall / 1e9
+    return {
+        "gbs": round(gbs, 4),
+        "ms_p50": round(statistics.median(times) * 1000, 4),
+        "requests": len(spans),
+    }
+
+
+def _describe(out: dict[str, Any]) -> str:
+    parts = []
+    for op, by_p in out["ops"].items():
+        for p, f in by_p.items():
+            parts.append(f"{op} {p}/req {f['gbs']:.2f} GB/s")
+    return f"{out['engines']} engine(s): " + ", ".join(parts)
+
+
+def run_lookups(
+    url: str,
+    *,
+    prefixes: Sequence[int] = (1, 64, 400),
+    samples: int = 200,
+    block_size: int = 16,
+    shape: KVShape | None = None,
+    progress: Progress | None = None,
+) -> dict[str, Any]:
+    """Lookup latency (lookup + status polls, no sleeps) for each prefix length, on chunks that
+    are resident (hit) and on tokens never stored (miss).  Each sample is a new request id."""
+    from kvhive.bench.kvengine import SHAPES
+
+    shape = shape or SHAPES["tiny"]
+    top = max(prefixes)
+    per_store = 16
+    eng = KvhiveEngine(
+        url, shape, num_chunks=per_store, block_size=block_size, model_name="bench-lookup"
+    )
+    chunk, bpc = eng.chunk_size, eng.blocks_per_chunk
+    out: dict[str, Any] = {"hit": {}, "miss": {}, "errors": []}
+    try:
+        eng.register()
+        blocks = eng.chunk_blocks(0, per_store)
+        eng.kv.fill(blocks, seed=3)
+        hit_tokens = make_tokens(4242, top * chunk)
+        for a in range(0, top, per_store):  # store `top` chunks, 16 per request
+            b = min(top, a + per_store)
+            if not eng.store("lk-store", hit_tokens, blocks[: (b - a) * bpc], a * chunk, b * chunk):
+                out["errors"].append(f"store of chunks [{a}, {b}) failed")
+        eng.end_session("lk-store")
+        time.sleep(SETTLE_S)
+        miss_tokens = make_tokens(999, top * chunk)
+        seq = 0
+        for label, toks in (("hit", hit_tokens), ("miss", miss_tokens)):
+            for n in prefixes:
+                expect = n if label == "hit" else 0
+                lat = []
+                for _ in range(samples):
+                    rid = f"lk-{seq}"
+                    seq += 1
+                    t0 = time.perf_counter()
+                    hit = eng.lookup(rid, toks[: n * chunk])
+                    lat.append(time.perf_counter() - t0)
+                    eng.end_session(rid)
+                    if hit != expect and len(out["errors"]) < 10:
+                        out["errors"].append(f"lookup {label} {n}: {hit} chunks, expected {expect}")
+                out[label][str(n)] = latency_summary(lat)
+                if progress:
+                    f = out[label][str(n)]
+                    progress(f"lookup {label} {n} chunk(s): p50 {f['p50_ms']:.3f} ms "
+                             f"p99 {f['p99_ms']:.3f} ms")  # fmt: skip
+    finally:
+        eng.close()
+    return out
+
+
+def run_noop(url: str, *, samples: int = 2000, progress: Progress | None = None) -> dict[str, Any]:
+    """Round trip of the empty ``noop`` request (after 100 warm-up calls)."""
+    with KvhiveClient(url) as client:
+        for _ in range(100):
+            client.call("noop")
+        lat = []
+        for _ in range(samples):
+            t0 = time.perf_counter()
+            client.call("noop")
+            lat.append(time.perf_counter() - t0)
+    out = latency_summary(lat)
+    if progress:
+        progress(f"noop: p50 {out['p50_ms'] * 1000:.0f} us p99 {out['p99_ms'] * 1000:.0f} us")
+    return out
+
+
+def clear(url: str) -> None:
+    """Drop every unlocked object (``clear(false)``) between sections."""
+    with KvhiveClient(url) as client:
+        client.call("clear", False)
