@@ -80,6 +80,11 @@ class Sessions:
     def __len__(self) -> int:
         return len(self._sessions)
 
+    def snapshot(self) -> list[Session]:
+        """The live sessions (a copy of the table; the sessions themselves are shared)."""
+        with self._lock:
+            return list(self._sessions.values())
+
     def hashes(self, session: Session, tokens: Sequence[int], n_chunks: int) -> list[bytes]:
         """Chunk hashes 0..n_chunks-1 of ``tokens``, reusing the session's chain when its
         tokens are still a prefix of the new list."""

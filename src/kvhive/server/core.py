@@ -182,7 +182,7 @@ class KvhiveServer:
         return None
 
     def _active_lookups(self) -> int:
-        sessions = list(self.engine.sessions._sessions.values())  # snapshot; read only
+        sessions = self.engine.sessions.snapshot()
         return sum(1 for s in sessions if s.job is not None and not s.job.done.is_set())
 
     def health(self) -> tuple[bool, list[str]]:

@@ -200,12 +200,6 @@ def test_deferred_table_covers_the_brief() -> None:
     assert {d.flag for d in DEFERRED_FLAGS} == set(DEFERRED_ARGV) | set(SWITCHES)
 
 
-@pytest.mark.parametrize("flag", [d.flag for d in DEFERRED_FLAGS])
-def test_deferred_flags_parse_but_are_not_supported_yet(flag: str) -> None:
-    error = config_error(flag, *DEFERRED_ARGV.get(flag, []), "--port", "6000")
-    assert (error.flag, error.message) == (flag, "is not supported yet")
-
-
 def test_repeated_deferred_flag_and_empty_plugin_list() -> None:
     assert config_error("--l2-adapter", "{}", "--l2-adapter", "{}").flag == "--l2-adapter"
     assert parse("--runtime-plugin-locations").plugins.locations == ()
