@@ -19,49 +19,17 @@ import os
 import random
 import time
 from _posixshmem import shm_open, shm_unlink
-from dataclasses import dataclass
 from typing import Any
 
 import msgspec
 import numpy as np
 
+from kvhive.bench.config import KVShape
 from kvhive.client import KvhiveClient
 from kvhive.wire import types as t
 
-_ITEMSIZE = {"bfloat16": 2, "float16": 2, "float32": 4}
 _SEGMENTS = itertools.count()
 STUB_EVENT = b"stub_ipc_handle"  # what the 0.5.6 CPU client sends as its event handle
-
-
-@dataclass(frozen=True)
-class KVShape:
-    """A model's KV geometry (per token: ``2 * layers * kv_heads * head_size`` elements)."""
-
-    name: str
-    layers: int
-    kv_heads: int
-    head_size: int
-    dtype: str = "bfloat16"
-
-    @property
-    def itemsize(self) -> int:
-        return _ITEMSIZE[self.dtype]
-
-    def chunk_bytes(self, chunk_tokens: int) -> int:
-        """Bytes of one chunk object (all layers, K and V)."""
-        return 2 * self.layers * chunk_tokens * self.kv_heads * self.head_size * self.itemsize
-
-    def layer_block_bytes(self, block_size: int) -> int:
-        return 2 * self.kv_heads * block_size * self.head_size * self.itemsize
-
-
-#: The issue's large shape (32 MiB per 256-token chunk), SmolLM2-135M (the e2e model) and a
-#: tiny one for lookup latency (whose cost does not depend on bytes).
-SHAPES: dict[str, KVShape] = {
-    "32L-8H-128D": KVShape("32L-8H-128D", 32, 8, 128),
-    "smollm2-135m": KVShape("smollm2-135m", 30, 3, 64),
-    "tiny": KVShape("tiny", 2, 1, 16),
-}
 
 
 def make_tokens(seed: int, n: int, vocab: int = 50_000) -> list[int]:

@@ -12,6 +12,7 @@ so the runner treats both alike::
 
 from __future__ import annotations
 
+import math
 import random
 import statistics
 import threading
@@ -19,7 +20,8 @@ import time
 from collections.abc import Callable, Sequence
 from typing import Any
 
-from kvhive.bench.kvengine import KvhiveEngine, KVShape, make_tokens
+from kvhive.bench.config import SHAPES, KVShape
+from kvhive.bench.kvengine import KvhiveEngine, make_tokens
 from kvhive.client import KvhiveClient
 
 Progress = Callable[[str], None]
@@ -31,7 +33,7 @@ SETTLE_S = 0.1
 def percentile_ms(samples: Sequence[float], q: float) -> float:
     """Nearest-rank percentile of ``samples`` (seconds), in milliseconds."""
     s = sorted(samples)
-    return s[min(len(s) - 1, max(0, int(round(q * len(s) + 0.5)) - 1))] * 1000.0
+    return s[min(len(s) - 1, max(0, math.ceil(q * len(s)) - 1))] * 1000.0
 
 
 def latency_summary(samples: Sequence[float]) -> dict[str, float]:
@@ -50,16 +52,38 @@ class _Engine:
     """One thread's engine: chunks ``[0, n)`` of its cache are the store source, ``[n, 2n)``
     the retrieve destination."""
 
-    def __init__(self, url: str, shape: KVShape, chunks: int, block_size: int, idx: int) -> None:
+    def __init__(
+        self, url: str, shape: KVShape, chunks: int, block_size: int, idx: int, model: str
+    ) -> None:
         self.idx = idx
-        self.eng = KvhiveEngine(url, shape, num_chunks=2 * chunks, block_size=block_size)
+        self.eng = KvhiveEngine(
+            url, shape, num_chunks=2 * chunks, block_size=block_size, model_name=model
+        )
         self.src = self.eng.chunk_blocks(0, chunks)
         self.dst = self.eng.chunk_blocks(chunks, chunks)
 
-    def setup(self) -> None:
+    def setup(self, seed: int) -> None:
         self.eng.register()
         self.eng.kv.fill(self.src, seed=self.idx)
-        self.eng.kv.fill(self.dst, seed=10_000 + self.idx)  # fault the pages in, untimed
+        self.eng.kv.fill(self.dst, seed=10_000 + self.idx)
+        warm_up(self.eng, self.src, self.dst, seed)
+
+
+def warm_up(eng: KvhiveEngine, src: list[int], dst: list[int], seed: int) -> None:
+    """One untimed store of every source block and retrieve into every destination block.
+
+    The server maps the engine's segments at registration but its page tables fill on first
+    touch; a long-running engine's pages are long touched, so the timed requests must not pay
+    for that (on the 2-core box the first 512 MiB retrieve runs at half speed)."""
+    c, n = eng.chunk_size, len(src) // eng.blocks_per_chunk
+    toks = make_tokens(seed ^ 0x5EED, n * c)
+    rid = f"warm-{seed}-{eng.instance_id}"
+    eng.store(rid, toks, src, 0, n * c)
+    time.sleep(SETTLE_S)
+    if eng.lookup(rid + "-r", toks) == n:
+        eng.retrieve(rid + "-r", toks, dst, 0, n * c)
+    eng.end_session(rid + "-r")
+    eng.end_session(rid)
 
 
 def run_transfer(
@@ -72,18 +96,23 @@ def run_transfer(
     engines: int = 1,
     block_size: int = 16,
     seed: int | None = None,
+    model_name: str = "bench-model",
     progress: Progress | None = None,
 ) -> dict[str, Any]:
     """Store then retrieve ``rounds`` x ``chunks`` chunks per engine, ``per_request`` chunks
     per request, with ``engines`` engines (threads) at once.  Only the store and retrieve
     requests are timed; lookups (which lock the chunks for the retrieve) are not.  Token ids
-    come from ``seed`` (random by default: a store of resident chunks would be skipped)."""
+    come from ``seed`` (random by default: a store of resident chunks would be skipped).
+
+    A figure whose requests did not all succeed (a failed store; a lookup that did not hit
+    every chunk, a failed retrieve or wrong bytes for the retrieve) reports its ``failures``;
+    the caller must not use its GB/s then."""
     if seed is None:
         seed = random.getrandbits(40)
     workers: list[_Engine] = []
     try:
         for i in range(engines):
-            workers.append(_Engine(url, shape, chunks, block_size, i))
+            workers.append(_Engine(url, shape, chunks, block_size, i, model_name))
     except BaseException:
         for w in workers:
             w.eng.close(unregister=False)
@@ -95,10 +124,17 @@ def run_transfer(
         "retrieve": {p: [] for p in per_request},
     }
     errors: list[str] = []
+    failures = {op: dict.fromkeys(per_request, 0) for op in ("store", "retrieve")}
     lock = threading.Lock()
 
+    def fail(op: str, p: int, msg: str) -> None:
+        with lock:
+            failures[op][p] += 1
+            if len(errors) < 20:
+                errors.append(msg)
+
     def body(w: _Engine) -> None:
-        w.setup()
+        w.setup(seed + w.idx)
         eng, c, bpc = w.eng, w.eng.chunk_size, w.eng.blocks_per_chunk
         for p in per_request:
             toks = [make_tokens(seed * 1_000_003 + w.idx * 7919 + p * 131 + r, chunks * c)
@@ -112,14 +148,14 @@ def run_transfer(
                                    a * c, b * c)  # fmt: skip
                     mine["store"].append((t0, time.perf_counter()))
                     if not ok:
-                        errors.append(f"store failed (engine {w.idx}, {p}/req, round {r})")
+                        fail("store", p, f"store failed (engine {w.idx}, {p}/req, round {r})")
             time.sleep(SETTLE_S)
             rids = []
             for r in range(rounds):  # lock every round's chunks (untimed)
                 rid = f"r{w.idx}-{p}-{r}"
                 hit = eng.lookup(rid, toks[r])
                 if hit != chunks:
-                    errors.append(f"lookup hit {hit}/{chunks} (engine {w.idx}, {p}/req)")
+                    fail("retrieve", p, f"lookup hit {hit}/{chunks} (engine {w.idx}, {p}/req)")
                 rids.append(rid)
             barrier.wait()
             for r in range(rounds):
@@ -128,11 +164,11 @@ def run_transfer(
                     ok = eng.retrieve(rids[r], toks[r], w.dst[a * bpc : b * bpc], a * c, b * c)
                     mine["retrieve"].append((t0, time.perf_counter()))
                     if not ok:
-                        errors.append(f"retrieve failed (engine {w.idx}, {p}/req, round {r})")
+                        fail("retrieve", p, f"retrieve failed (engine {w.idx}, {p}/req, round {r})")
             for rid in rids:
                 eng.end_session(rid)
             if not eng.kv.blocks_equal(w.src, w.dst):
-                errors.append(f"retrieved bytes differ from the stored ones (engine {w.idx})")
+                fail("retrieve", p, f"retrieved bytes differ from the stored ones (engine {w.idx})")
             with lock:
                 for op in mine:
                     samples[op][p].extend(mine[op])
@@ -144,6 +180,10 @@ def run_transfer(
             w.eng.close()
     chunk_bytes = shape.chunk_bytes(workers[0].eng.chunk_size)
     out = _summarise(samples, chunk_bytes, chunks, rounds, engines)
+    for op, by_p in failures.items():
+        for p, n in by_p.items():
+            if str(p) in out["ops"][op]:
+                out["ops"][op][str(p)]["failures"] = n
     out["errors"] = errors
     if progress:
         progress(_describe(out))
@@ -222,13 +262,11 @@ def run_lookups(
 ) -> dict[str, Any]:
     """Lookup latency (lookup + status polls, no sleeps) for each prefix length, on chunks that
     are resident (hit) and on tokens never stored (miss).  Each sample is a new request id."""
-    from kvhive.bench.kvengine import SHAPES
-
     shape = shape or SHAPES["tiny"]
     top = max(prefixes)
     per_store = 16
     eng = KvhiveEngine(
-        url, shape, num_chunks=per_store, block_size=block_size, model_name="bench-lookup"
+        url, shape, num_chunks=per_store, block_size=block_size, model_name="bench-lookup-kvhive"
     )
     chunk, bpc = eng.chunk_size, eng.blocks_per_chunk
     out: dict[str, Any] = {"hit": {}, "miss": {}, "errors": []}
@@ -282,9 +320,3 @@ def run_noop(url: str, *, samples: int = 2000, progress: Progress | None = None)
     if progress:
         progress(f"noop: p50 {out['p50_ms'] * 1000:.0f} us p99 {out['p99_ms'] * 1000:.0f} us")
     return out
-
-
-def clear(url: str) -> None:
-    """Drop every unlocked object (``clear(false)``) between sections."""
-    with KvhiveClient(url) as client:
-        client.call("clear", False)

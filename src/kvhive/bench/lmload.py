@@ -11,7 +11,7 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-from kvhive.bench.kvengine import KVShape
+from kvhive.bench.config import KVShape
 from kvhive.bench.kvload import Progress, transfer_figures
 from kvhive.bench.servers import subprocess_env
 
@@ -57,6 +57,7 @@ def run_transfer(
     engines: int = 1,
     block_size: int = 16,
     seed: int | None = None,
+    model_name: str = "bench-model",
     progress: Progress | None = None,
 ) -> dict[str, Any]:
     """``engines`` driver processes at once (meeting at a file barrier before each timed
@@ -71,7 +72,7 @@ def run_transfer(
                 "--chunks", str(chunks), "--rounds", str(rounds),
                 "--per-request", *[str(p) for p in per_request],
                 "--engines", str(engines), "--index", str(i), "--barrier-dir", barrier,
-                "--seed", str(seed), *_shape_args(shape),
+                "--seed", str(seed), "--model", model_name, *_shape_args(shape),
             ]  # fmt: skip
             procs.append(
                 (
@@ -107,6 +108,9 @@ def run_transfer(
         for p in per_request:
             spans = [tuple(s) for r in results for s in r["spans"][op][str(p)]]
             ops[op][str(p)] = transfer_figures(spans, chunk_bytes, p, engines)  # type: ignore[arg-type]
+            ops[op][str(p)]["failures"] = sum(
+                r.get("failures", {}).get(op, {}).get(str(p), 0) for r in results
+            )
     out = {
         "chunk_bytes": chunk_bytes,
         "engines": engines,
@@ -137,7 +141,8 @@ def run_lookups(
         client_python, str(DRIVER), "lookup", "--url", url,
         "--block-size", str(block_size), "--samples", str(samples), "--poll-s", str(poll_s),
         "--prefixes", *[str(p) for p in prefixes],
-        "--seed", str(random.getrandbits(30)), "--model", "bench-lookup", *_shape_args(shape),
+        "--seed", str(random.getrandbits(30)), "--model", "bench-lookup-lmcache",
+        *_shape_args(shape),
     ]  # fmt: skip
     try:
         proc = subprocess.run(

@@ -138,7 +138,11 @@ class BenchReport:
                 lines.append([f"[{group}]"] + [""] * (len(head) - 1))
             cells = [r.label, r.unit, _fmt(r.kvhive), _fmt(r.vs_memcpy, 2)]
             if has_ref:
-                cells += [_fmt(r.reference), _fmt(r.reference_vs_memcpy, 2), _fmt(r.vs_reference, 2)]
+                cells += [
+                    _fmt(r.reference),
+                    _fmt(r.reference_vs_memcpy, 2),
+                    _fmt(r.vs_reference, 2),
+                ]
             lines.append(cells)
         out = []
         if self.memcpy_gbs is not None:

@@ -148,6 +148,34 @@ class ServerProcess:
         self.stop()
         raise RuntimeError(f"{self.kind} server not healthy within {timeout_s}s\n{self.log_tail()}")
 
+    def rss_bytes(self) -> int:
+        """Resident memory of the server process (0 when unknown)."""
+        if self.proc is None:
+            return 0
+        try:
+            with open(f"/proc/{self.proc.pid}/status") as f:
+                for line in f:
+                    if line.startswith("VmRSS:"):
+                        return int(line.split()[1]) * 1024
+        except (OSError, ValueError):
+            pass
+        return 0
+
+    def settle(self, timeout_s: float = 60.0, quiet_s: float = 1.0, poll_s: float = 0.25) -> float:
+        """Wait until the server's resident memory stops growing for ``quiet_s`` (kvhive
+        pre-faults its whole L1 in the background after it is healthy, ~1 s per GiB here;
+        measuring meanwhile would measure that too).  Returns the seconds waited."""
+        t0 = time.perf_counter()
+        last, since = self.rss_bytes(), time.perf_counter()
+        while time.perf_counter() - t0 < timeout_s and self.alive():
+            time.sleep(poll_s)
+            now = self.rss_bytes()
+            if now > last + (8 << 20):
+                last, since = now, time.perf_counter()
+            elif time.perf_counter() - since >= quiet_s:
+                break
+        return time.perf_counter() - t0
+
     def healthy(self, timeout: float = 1.0) -> bool:
         try:
             with urllib.request.urlopen(self.http_url + "/healthcheck", timeout=timeout) as r:

@@ -1,4 +1,4 @@
-"""The ``kvhive`` console script: ``kvhive server ...`` and ``kvhive version``.
+"""The ``kvhive`` console script: ``kvhive server ...``, ``kvhive bench ...`` and ``kvhive version``.
 
 Only this module exits: bad flags and invalid values print one line
 ``kvhive server: error: --flag must be ... (got X)`` and return 2.
@@ -13,6 +13,7 @@ from collections.abc import Callable, Sequence
 from typing import NoReturn
 
 import kvhive
+from kvhive.bench.cli import add_bench_arguments
 from kvhive.config import add_server_arguments, config_from_namespace
 from kvhive.config.parse import argparse_error_to_config_error
 from kvhive.errors import ConfigError
@@ -53,6 +54,12 @@ def _cmd_server(args: argparse.Namespace, parser: argparse.ArgumentParser) -> in
         return EXIT_USAGE
 
 
+def _cmd_bench(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
+    from kvhive.bench.cli import run_bench_command  # the bench needs nothing at server start
+
+    return run_bench_command(args)
+
+
 def _cmd_version(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
     print(f"kvhive {kvhive.__version__}")
     return 0
@@ -78,6 +85,16 @@ def build_parser() -> argparse.ArgumentParser:
     )
     add_server_arguments(server)
     server.set_defaults(handler=_cmd_server, command_parser=server)
+    bench = commands.add_parser(
+        "bench",
+        help="benchmark a server (vs memcpy and, optionally, `lmcache server`)",
+        description="Start servers, drive them with the lmcache 0.5.6 client and kvhive's "
+        "own client, and report GB/s, latencies and start-up time as ratios to memcpy "
+        "(and to `lmcache server` with --vs-reference).",
+        allow_abbrev=False,
+    )
+    add_bench_arguments(bench)
+    bench.set_defaults(handler=_cmd_bench, command_parser=bench)
     version = commands.add_parser("version", help="print the kvhive version")
     version.set_defaults(handler=_cmd_version, command_parser=version)
     return parser

@@ -30,24 +30,31 @@ class KvhiveClient:
         self._ctx = zmq.Context.instance()
         self._sock = self._ctx.socket(zmq.DEALER)
         self._sock.setsockopt(zmq.LINGER, 0)
+        # A receive timeout instead of a poll before each receive: one call less per reply.
+        self._sock.setsockopt(zmq.RCVTIMEO, int(timeout * 1000))
         self._sock.connect(url)
         self._timeout_ms = int(timeout * 1000)
         self._uids = itertools.count()
         self._use_names = use_names
         self._enc = msgspec.msgpack.Encoder()
+        self._op_frames: dict[str, bytes] = {}
 
     def send(self, op: str, *args: Any) -> int:
         uid = next(self._uids)
-        wire_op: int | str = op if self._use_names else _OP_IDS.get(op, op)
-        frames = [self._enc.encode(uid), self._enc.encode(wire_op)]
+        op_frame = self._op_frames.get(op)
+        if op_frame is None:
+            wire_op: int | str = op if self._use_names else _OP_IDS.get(op, op)
+            op_frame = self._op_frames[op] = self._enc.encode(wire_op)
+        frames = [self._enc.encode(uid), op_frame]
         frames += [a if isinstance(a, RawFrame) else self._enc.encode(a) for a in args]
         self._sock.send_multipart(frames)
         return uid
 
     def recv(self, type_: Any = Any) -> tuple[int, Any]:
-        if not self._sock.poll(self._timeout_ms):
-            raise TimeoutError("no reply from kvhive server")
-        frames = self._sock.recv_multipart()
+        try:
+            frames = self._sock.recv_multipart()
+        except zmq.Again:
+            raise TimeoutError("no reply from kvhive server") from None
         uid = msgspec.msgpack.decode(frames[0])
         op = msgspec.msgpack.decode(frames[1])
         if isinstance(op, str) and op.startswith("error"):

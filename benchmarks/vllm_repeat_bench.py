@@ -1,0 +1,98 @@
+"""A real vLLM (CPU) engine's repeat request through kvhive vs `lmcache server`.
+
+Runs in kvhive's dev venv; starts each server in turn on free ports and runs the e2e driver
+(tests/e2e/drivers/vllm_generate.py) in the vLLM venv against it: one cold request (computes
+and stores the prompt's 6 full chunks) then ``--repeats`` repeats that load them.  Reports the
+median repeat time per server, per transfer mode, and checks that both servers produced the
+same tokens.
+
+    .venv/bin/python benchmarks/vllm_repeat_bench.py [--repeats 5] [--dtype float32]
+        [--modes lmcache_driven,engine_driven] [--json out.json]
+
+Needs scripts/setup_vllm_venv.sh and scripts/setup_client_venv.sh built.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+from kvhive.bench.servers import ServerProcess, locate_client_python, subprocess_env
+
+REPO = Path(__file__).resolve().parents[1]
+DRIVER = REPO / "tests" / "e2e" / "drivers" / "vllm_generate.py"
+MARK = "@@KVHIVE_E2E_RESULT@@ "
+
+
+def vllm_python() -> str:
+    out = subprocess.run(
+        ["bash", str(REPO / "scripts" / "setup_vllm_venv.sh"), "--print-path"],
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    return out.stdout.strip().splitlines()[-1]
+
+
+def run(py: str, mode: str, port: int, repeats: int, dtype: str, prompt: int) -> dict:
+    model = str(Path(py).parent.parent / "kvhive-model")
+    argv = [py, str(DRIVER), "--model", model, "--mode", mode, "--port", str(port),
+            "--repeats", str(repeats + 1), "--dtype", dtype, "--prompt-tokens", str(prompt)]  # fmt: skip
+    proc = subprocess.run(argv, capture_output=True, text=True, env=subprocess_env(), check=False)
+    for line in reversed(proc.stdout.splitlines()):
+        if line.startswith(MARK):
+            return json.loads(line[len(MARK) :])
+    raise RuntimeError(f"driver failed (rc={proc.returncode}):\n{proc.stderr[-3000:]}")
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--repeats", type=int, default=5)
+    ap.add_argument("--dtype", default="float32")
+    ap.add_argument("--prompt-tokens", type=int, default=1711)
+    ap.add_argument("--modes", default="lmcache_driven,engine_driven")
+    ap.add_argument("--json", default=None)
+    a = ap.parse_args()
+    py, client = vllm_python(), locate_client_python()
+    if client is None:
+        print("lmcache client venv missing (scripts/setup_client_venv.sh)", file=sys.stderr)
+        return 2
+    results: dict[str, dict[str, dict]] = {}
+    with tempfile.TemporaryDirectory() as logs:
+        for mode in a.modes.split(","):
+            for kind in ("kvhive", "reference"):
+                server = ServerProcess(kind, 4, client_python=client,
+                                       log_path=Path(logs) / f"{kind}-{mode}.log")  # fmt: skip
+                server.start()
+                try:
+                    res = run(py, mode, server.rpc_port, a.repeats, a.dtype, a.prompt_tokens)
+                finally:
+                    server.stop()
+                reqs = res["requests"]
+                results.setdefault(mode, {})[kind] = {
+                    "cold_s": reqs[0]["seconds"],
+                    "repeat_s": [r["seconds"] for r in reqs[1:]],
+                    "repeat_median_s": round(statistics.median(r["seconds"] for r in reqs[1:]), 4),
+                    "repeat_loaded_tokens": [r["num_cached_tokens"] for r in reqs[1:]],
+                    "token_ids": reqs[-1]["token_ids"],
+                }
+                print(f"{mode} {kind}: cold {reqs[0]['seconds']:.2f} s, repeat median "
+                      f"{results[mode][kind]['repeat_median_s']:.3f} s", file=sys.stderr)  # fmt: skip
+    print(f"{'mode':16} {'kvhive repeat s':>16} {'reference repeat s':>19} {'kvhive/ref':>11}")
+    for mode, r in results.items():
+        k, ref = r["kvhive"]["repeat_median_s"], r["reference"]["repeat_median_s"]
+        same = r["kvhive"]["token_ids"] == r["reference"]["token_ids"]
+        print(f"{mode:16} {k:16.3f} {ref:19.3f} {k / ref:11.3f}  same tokens: {same}")
+    if a.json:
+        Path(a.json).write_text(json.dumps(
+            {"args": vars(a), "results": results}, indent=2) + "\n")  # fmt: skip
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

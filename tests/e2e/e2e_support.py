@@ -1,0 +1,197 @@
+"""Helpers of the end-to-end tests (not fixtures): locating the vLLM venv, kvhive server
+subprocesses, and runs of the vLLM driver.  See conftest.py for the overview."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from kvhive.bench.servers import ServerProcess, subprocess_env
+
+REPO = Path(__file__).resolve().parents[2]
+DRIVER = Path(__file__).resolve().parent / "drivers" / "vllm_generate.py"
+SETUP_SCRIPT = REPO / "scripts" / "setup_vllm_venv.sh"
+RESULT_MARK = "@@KVHIVE_E2E_RESULT@@ "
+
+#: One prompt for every run: 6 full chunks of 256 tokens plus a 175-token tail.
+PROMPT_TOKENS = 1711
+MAX_TOKENS = 24
+#: float32, not bfloat16: this CPU has no AVX-512, so vLLM's bf16 matmuls take a slow
+#: fallback (about 25 s per prompt instead of 7 s), and in bf16 a prefill that continues from
+#: loaded KV rounds differently from a full prefill, so the greedy text drifts after ~15 tokens
+#: (with `lmcache server` exactly as with kvhive).  In float32 the text is identical.
+DTYPE = "float32"
+DRIVER_TIMEOUT_S = 420.0
+
+
+def require_e2e() -> bool:
+    return os.environ.get("KVHIVE_REQUIRE_E2E", "").strip().lower() in ("1", "true", "yes")
+
+
+def unavailable(reason: str) -> None:
+    if require_e2e():
+        pytest.fail(f"e2e required (KVHIVE_REQUIRE_E2E=1) but unavailable: {reason}", pytrace=False)
+    pytest.skip(reason)
+
+
+@dataclass(frozen=True)
+class VllmEnv:
+    python: str
+    model: str
+
+
+def locate() -> tuple[VllmEnv | None, str]:
+    py = os.environ.get("KVHIVE_VLLM_PYTHON", "").strip()
+    if not py:
+        try:
+            proc = subprocess.run(
+                ["bash", str(SETUP_SCRIPT), "--print-path"],
+                capture_output=True,
+                text=True,
+                timeout=60,
+                check=False,
+            )
+        except (OSError, subprocess.TimeoutExpired) as exc:
+            return None, f"could not query {SETUP_SCRIPT.name}: {exc}"
+        lines = proc.stdout.strip().splitlines()
+        if proc.returncode != 0 or not lines:
+            return (
+                None,
+                "vLLM venv not built; run scripts/setup_vllm_venv.sh or set KVHIVE_VLLM_PYTHON",
+            )
+        py = lines[-1]
+    if not (os.path.isfile(py) and os.access(py, os.X_OK)):
+        return None, f"vLLM python {py!r} is not an executable file"
+    model = os.environ.get("KVHIVE_VLLM_MODEL", "").strip() or str(
+        Path(py).parent.parent / "kvhive-model"
+    )
+    if not os.path.isfile(os.path.join(model, "config.json")):
+        return None, f"converted model missing at {model} (run scripts/setup_vllm_venv.sh)"
+    return VllmEnv(py, model), ""
+
+
+#: (title, provider) of the servers and driver runs of the session (e2e runs are few).
+CONTEXT: list[tuple[str, Any]] = []
+
+
+def _last(text: str, n: int) -> str:
+    return "\n".join(text.splitlines()[-n:])
+
+
+@dataclass
+class Servers:
+    log_dir: Path
+    started: list[ServerProcess] = field(default_factory=list)
+
+    def start(self, extra: list[str] | None = None, l1_size_gb: float = 2.0) -> ServerProcess:
+        n = len(self.started)
+        server = ServerProcess(
+            "kvhive", l1_size_gb, list(extra or []), log_path=self.log_dir / f"kvhive-{n}.log"
+        )
+        self.started.append(server)
+        CONTEXT.append((f"kvhive server {n} log (tail)", server.log_tail))
+        server.start()
+        return server
+
+    def stop_all(self) -> None:
+        for s in self.started:
+            s.stop()
+
+
+@dataclass
+class RunResult:
+    mode: str
+    requests: list[dict[str, Any]]
+    raw: dict[str, Any]
+
+    @property
+    def cold(self) -> dict[str, Any]:
+        return self.requests[0]
+
+    @property
+    def repeat(self) -> dict[str, Any]:
+        return self.requests[-1]
+
+
+def run_vllm(env: VllmEnv, mode: str, *, port: int | None = None, repeats: int = 2) -> RunResult:
+    """Run the vLLM driver once (a fresh engine) and return its parsed result."""
+    argv = [
+        env.python, str(DRIVER),
+        "--model", env.model,
+        "--mode", mode,
+        "--prompt-tokens", str(PROMPT_TOKENS),
+        "--max-tokens", str(MAX_TOKENS),
+        "--repeats", str(repeats),
+        "--dtype", DTYPE,
+    ]  # fmt: skip
+    if port is not None:
+        argv += ["--port", str(port)]
+    try:
+        proc = subprocess.run(
+            argv,
+            capture_output=True,
+            text=True,
+            timeout=DRIVER_TIMEOUT_S,
+            cwd=str(DRIVER.parent),
+            env=subprocess_env(),
+            stdin=subprocess.DEVNULL,
+            check=False,
+        )
+        out, err, rc = proc.stdout, proc.stderr, proc.returncode
+    except subprocess.TimeoutExpired as exc:
+        out = exc.stdout.decode(errors="replace") if isinstance(exc.stdout, bytes) else ""
+        err = (exc.stderr.decode(errors="replace") if isinstance(exc.stderr, bytes) else "") + (
+            f"\n<driver timed out after {DRIVER_TIMEOUT_S}s>"
+        )
+        rc = None
+    n = len(CONTEXT)
+    CONTEXT.append(
+        (
+            f"vLLM driver run {n} ({mode})",
+            lambda: (
+                f"$ {' '.join(argv)}\n--- stdout ---\n{_last(out, 40)}\n"
+                f"--- stderr ---\n{_last(err, 80)}"
+            ),
+        )
+    )
+    result = None
+    for line in reversed(out.splitlines()):
+        if line.startswith(RESULT_MARK):
+            result = json.loads(line[len(RESULT_MARK) :])
+            break
+    if rc != 0 or result is None:
+        pytest.fail(
+            f"vLLM driver failed (rc={rc}, mode {mode})\n$ {' '.join(argv)}\n"
+            f"--- stdout (tail) ---\n{_last(out, 30)}\n--- stderr (tail) ---\n{_last(err, 60)}",
+            pytrace=False,
+        )
+    assert result is not None
+    return RunResult(mode, result["requests"], result)
+
+
+def full_chunk_prefix(prompt_tokens: int, chunk_size: int) -> int:
+    """Tokens the connector can load: whole chunks only; a prompt that is all whole chunks
+    keeps its last token for vLLM to compute."""
+    hit = prompt_tokens // chunk_size * chunk_size
+    return hit - 1 if hit == prompt_tokens else hit
+
+
+def l2_flag_state() -> tuple[bool, str]:
+    """Whether ``kvhive server`` takes a live ``--l2-adapter`` (an fs adapter)."""
+    proc = subprocess.run(
+        [sys.executable, "-m", "kvhive", "server", "--help"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    if "--l2-adapter" not in proc.stdout:
+        return False, "kvhive server --help does not list --l2-adapter yet (L2 issue not landed)"
+    return True, ""
