@@ -5,7 +5,8 @@ so the runner treats both alike::
 
     transfer: {"chunk_bytes": B, "engines": E, "errors": [...],
                "ops": {"store"|"retrieve": {"<chunks per request>": {
-                   "gbs": aggregate GB/s, "ms_p50": per-request median, "requests": n}}}}
+                   "gbs": aggregate GB/s, "ms_p50": per-request median, "requests": n,
+                   "failures": requests that failed, missed or returned wrong bytes}}}}
     lookup:   {"hit"|"miss": {"<prefix chunks>": {"p50_ms", "p99_ms", "n"}}}
     noop:     {"p50_ms", "p99_ms", "n"}
 """
