@@ -7,8 +7,7 @@ L2 object names derive from them.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import NewType
+from typing import NamedTuple, NewType
 
 ChunkHash = NewType("ChunkHash", bytes)
 InstanceId = NewType("InstanceId", int)
@@ -40,9 +39,14 @@ def validate_salt(cache_salt: str) -> str:
     return cache_salt
 
 
-@dataclass(frozen=True, slots=True)
-class ObjectKey:
-    """Identity of one stored chunk object (hashable, immutable)."""
+class ObjectKey(NamedTuple):
+    """Identity of one stored chunk object (hashable, immutable).
+
+    A tuple: keys are built and hashed several times per request (object table, locks,
+    eviction order), and a tuple's construction, hash and equality run in C, three to four
+    times faster than a frozen dataclass's.  Object keys live in their own tables, never
+    mixed with plain tuples that could compare equal.
+    """
 
     chunk_hash: bytes
     model_name: str

@@ -12,6 +12,7 @@ from typing import Any
 import msgspec
 import zmq
 
+from kvhive.wire.frames import recv_frames, send_frames
 from kvhive.wire.ops import LEGACY_IDS
 
 _OP_IDS = {name: i for i, name in LEGACY_IDS.items()}
@@ -47,12 +48,12 @@ class KvhiveClient:
             op_frame = self._op_frames[op] = self._enc.encode(wire_op)
         frames = [self._enc.encode(uid), op_frame]
         frames += [a if isinstance(a, RawFrame) else self._enc.encode(a) for a in args]
-        self._sock.send_multipart(frames)
+        send_frames(self._sock, frames)
         return uid
 
     def recv(self, type_: Any = Any) -> tuple[int, Any]:
         try:
-            frames = self._sock.recv_multipart()
+            frames = recv_frames(self._sock)
         except zmq.Again:
             raise TimeoutError("no reply from kvhive server") from None
         uid = msgspec.msgpack.decode(frames[0])

@@ -11,6 +11,7 @@ from __future__ import annotations
 import logging
 import threading
 from collections.abc import Sequence
+from functools import partial
 from typing import Any
 
 from kvhive.engine import keys as k
@@ -26,7 +27,7 @@ from kvhive.storage.l1.manager import L1Manager
 from kvhive.transfer.descriptors import TensorDesc
 from kvhive.transfer.paged import PagedKV
 from kvhive.wire import types as t
-from kvhive.wire.ops import SOFT_TRANSFER_FAILURE
+from kvhive.wire.ops import SOFT_TRANSFER_FAILURE, AfterReply
 
 log = logging.getLogger(__name__)
 
@@ -276,8 +277,12 @@ class CacheEngine:
     # ---- lookup and locks --------------------------------------------------------
 
     def lookup(self, key: t.CacheKey, tp_size: int) -> None:
-        """Lock the longest resident prefix (loading from L2 when a prefetcher is set) and
-        publish the job before the acknowledgement, so a status query can never race it."""
+        """Lock the longest resident prefix (loading from L2 when a prefetcher is set)."""
+        self.start_lookup(key, tp_size).then()
+
+    def start_lookup(self, key: t.CacheKey, tp_size: int) -> AfterReply:
+        """Publish the lookup job (so a status query can never miss it) and return the
+        acknowledgement with the lookup itself as the work left to do."""
         session = self.sessions.get(key.request_id)
         assert session is not None
         old, session.job = session.job, None
@@ -287,12 +292,19 @@ class CacheEngine:
             key.model_name, key.world_size, key.cache_salt, key.num_kv_readers, [], 0
         )
         job = session.job = LookupJob(state)
+        return AfterReply(None, partial(self._run_lookup, key, session, job))
+
+    def _run_lookup(self, key: t.CacheKey, session: Session, job: LookupJob) -> None:
+        state = job.state
         self.telemetry.lookup_start(key)
         try:
             rows = self._lookup_l1(key, session, state)
         except KvhiveError as exc:
             log.warning("lookup %s: %s; reporting 0 hits", key.request_id, exc)
             rows = []
+        except BaseException:
+            self._finish_job(key.request_id, job, 0)  # a status query must never hang
+            raise
         self.telemetry.lookup_hashes(key, state.hashes, lambda: self._geometry(key))
         if rows and self.prefetcher is not None:
             owners = {r: k.read_owner(key.request_id, key.model_name, r) for r in k.all_ranks(key)}
@@ -326,11 +338,11 @@ class CacheEngine:
         self._count(lookup_hit_chunks=job.state.hit_chunks)
         if job.orphaned:
             self._release_lookup(request_id, job.state, 0, job.state.hit_chunks)
-        job.done.set()
+        job.finish()
 
     def _orphan(self, request_id: str, job: LookupJob) -> None:
         job.orphaned = True
-        if job.done.is_set():
+        if job.is_done():
             self._release_lookup(request_id, job.state, 0, job.state.hit_chunks)
 
     def _lookup_l1(
@@ -345,11 +357,13 @@ class CacheEngine:
         if n_chunks == 0 or not self.registry.has_layout(key.model_name, key.world_size):
             return []
         state.hashes = self.sessions.hashes(session, key.token_ids, n_chunks)
-        per_rank = {rank: k.object_keys(key, state.hashes, rank) for rank in k.all_ranks(key)}
+        per_rank = state.keys = {
+            rank: k.object_keys(key, state.hashes, rank) for rank in k.all_ranks(key)
+        }
         hits: dict[int, int] = {}
         for rank, keys in per_rank.items():
             owner = k.read_owner(key.request_id, key.model_name, rank)
-            hits[rank] = self.l1.lock_prefix([[x] for x in keys], key.num_kv_readers, owner)
+            hits[rank] = self.l1.lock_prefix(zip(keys), key.num_kv_readers, owner)
         state.hit_chunks = min(hits.values())
         for rank, got in hits.items():  # ranks that found more give the extra back
             if got > state.hit_chunks:
@@ -369,7 +383,7 @@ class CacheEngine:
         session = self.sessions.get(request_id, create=False)
         if session is None or session.job is None:
             return 0
-        if not session.job.done.is_set():
+        if not session.job.is_done():
             return None
         return self._take(session)
 
@@ -378,7 +392,7 @@ class CacheEngine:
         job = session.job if session is not None else None
         if session is None or job is None:
             return 0
-        if not job.done.wait(max(0.0, min(timeout, 3600.0))):
+        if not job.wait(max(0.0, min(timeout, 3600.0))):
             return None
         return self._take(session) if session.job is job else 0
 
@@ -386,7 +400,7 @@ class CacheEngine:
         session = self.sessions.get(key.request_id, create=False)
         if session is None or key.start >= key.end:
             return
-        if session.job is not None and session.job.done.is_set():
+        if session.job is not None and session.job.is_done():
             self._take(session)
         state = session.lookup
         if state is None:
@@ -399,14 +413,11 @@ class CacheEngine:
     def _release_lookup(self, request_id: str, state: LookupState, first: int, end: int) -> None:
         if end <= first:
             return
-        for rank in range(state.world_size):
-            packed = k.pack_kv_rank(state.world_size, rank)
-            obj = [
-                ObjectKey(h, state.model_name, packed, 0, state.cache_salt)
-                for h in state.hashes[first:end]
-            ]
+        for packed, keys in state.keys.items():
             self.l1.unlock(
-                obj, k.read_owner(request_id, state.model_name, packed), state.num_readers
+                keys[first:end],
+                k.read_owner(request_id, state.model_name, packed),
+                state.num_readers,
             )
 
     def end_session(self, request_id: str) -> None:
@@ -417,15 +428,9 @@ class CacheEngine:
         if session.job is not None:
             session.job.orphaned = True  # a still-running prefetch frees its own locks
         state = session.lookup or (session.job.state if session.job else None)
-        if state is not None and state.hashes:
-            for rank in range(state.world_size):
-                packed = k.pack_kv_rank(state.world_size, rank)
-                self.l1.touch(
-                    [
-                        ObjectKey(h, state.model_name, packed, 0, state.cache_salt)
-                        for h in state.hashes
-                    ]
-                )
+        if state is not None:
+            for keys in state.keys.values():
+                self.l1.touch(keys)
         # The request is over: whatever its lookups still pin is released now, not at the TTL.
         self.l1.release_owners(lambda o: o[0] == "req" and o[1] == request_id)
 

@@ -16,11 +16,14 @@ from dataclasses import dataclass, field
 
 from kvhive.errors import BadRequest
 from kvhive.hashing import TokenHasher
+from kvhive.keys import ObjectKey
 
 
 @dataclass(slots=True)
 class LookupState:
-    """What a finished lookup locked: ``hit_chunks`` prefix chunks for every rank."""
+    """What a finished lookup locked: ``hit_chunks`` prefix chunks for every rank.
+    ``keys[rank]`` are that rank's object keys for ``hashes`` (kept to release and touch
+    them without building them again)."""
 
     model_name: str
     world_size: int
@@ -28,16 +31,45 @@ class LookupState:
     num_readers: int
     hashes: list[bytes]
     hit_chunks: int
+    keys: dict[int, list[ObjectKey]] = field(default_factory=dict)
+
+
+_EVENT_LOCK = threading.Lock()
 
 
 @dataclass(slots=True)
 class LookupJob:
-    """One lookup: running until ``done`` is set, then reported to the client once.
-    An ``orphaned`` job was replaced by a newer lookup; whoever finishes it frees its locks."""
+    """One lookup: running until :meth:`finish`, then reported to the client once.
+    An ``orphaned`` job was replaced by a newer lookup; whoever finishes it frees its locks.
+
+    Most jobs finish before anyone asks, so the Event a blocking waiter needs is only
+    made when one waits (an Event costs more to build than the rest of a small lookup).
+    """
 
     state: LookupState
-    done: threading.Event = field(default_factory=threading.Event)
     orphaned: bool = False
+    _done: bool = False
+    _event: threading.Event | None = None
+
+    def finish(self) -> None:
+        self._done = True
+        event = self._event
+        if event is not None:
+            event.set()
+
+    def is_done(self) -> bool:
+        return self._done
+
+    def wait(self, timeout: float) -> bool:
+        """Block until finished or ``timeout`` seconds passed; True when finished."""
+        if self._done:
+            return True
+        with _EVENT_LOCK:
+            if self._event is None:
+                self._event = threading.Event()
+            event = self._event
+        # finish() sets _done before it reads _event: one of the two sees the other.
+        return self._done or event.wait(timeout)
 
 
 @dataclass(slots=True)
@@ -87,20 +119,27 @@ class Sessions:
 
     def hashes(self, session: Session, tokens: Sequence[int], n_chunks: int) -> list[bytes]:
         """Chunk hashes 0..n_chunks-1 of ``tokens``, reusing the session's chain when its
-        tokens are still a prefix of the new list."""
+        tokens are still a prefix of the new list.  Hashing runs outside the table lock."""
         c = self._hasher.chunk_size
         if n_chunks * c > len(tokens):
             raise BadRequest(f"range ends at token {n_chunks * c} beyond {len(tokens)} tokens")
         with self._lock:
-            cached = session.hashes
-            known = len(cached) * c
-            if cached and list(tokens[:known]) != session.tokens:
-                cached = []  # the request's token list was rewritten: rehash
-            if len(cached) < n_chunks:
-                cached = cached + self._hasher.extend(cached, tokens, n_chunks)
-                session.hashes = cached
-                session.tokens = list(tokens[: len(cached) * c])
+            cached, seen = session.hashes, session.tokens
+        usable = min(len(cached), n_chunks)
+        if usable:
+            head = seen if usable == len(cached) else seen[: usable * c]
+            if tokens[: usable * c] != head:  # the request's token list was rewritten
+                usable = 0
+        if usable == n_chunks:
             return cached[:n_chunks]
+        known = cached[:usable]
+        fresh = known + self._hasher.extend(known, tokens, n_chunks)
+        kept = tokens[: n_chunks * c]
+        with self._lock:
+            if session.hashes is cached or len(fresh) > len(session.hashes):
+                session.hashes = fresh
+                session.tokens = kept if isinstance(kept, list) else list(kept)
+        return fresh
 
     def expired(self) -> list[Session]:
         """Remove and return sessions idle longer than the TTL."""

@@ -103,6 +103,9 @@ class KvhiveServer:
             name: getattr(self.engine_driven, name, None) or getattr(self.engine, name)
             for name in OPS
         }
+        # On the wire a lookup is acknowledged once its job is published; the lookup
+        # itself runs after the acknowledgement is sent (see AfterReply).
+        handlers["lookup"] = self.engine.start_lookup
         self.affinity = AffinityPool(mp.max_gpu_workers)
         self.cpu = CpuPool(mp.max_cpu_workers)
         self.dispatcher = Dispatcher(handlers, affinity=self.affinity, cpu=self.cpu)
@@ -183,7 +186,7 @@ class KvhiveServer:
 
     def _active_lookups(self) -> int:
         sessions = self.engine.sessions.snapshot()
-        return sum(1 for s in sessions if s.job is not None and not s.job.done.is_set())
+        return sum(1 for s in sessions if s.job is not None and not s.job.is_done())
 
     def health(self) -> tuple[bool, list[str]]:
         """Component health: (healthy, reasons).  A stuck copy or L2 load (past

@@ -11,12 +11,13 @@ import logging
 import threading
 from collections import Counter
 from collections.abc import Callable, Mapping
+from functools import partial
 from typing import Any
 
 from kvhive.errors import KvhiveError, ProtocolError
 from kvhive.server.pools import AffinityPool, CpuPool
 from kvhive.wire import codec
-from kvhive.wire.ops import OPS, OpSpec, Pool
+from kvhive.wire.ops import OPS, AfterReply, OpSpec, Pool
 
 log = logging.getLogger(__name__)
 
@@ -47,38 +48,64 @@ class Dispatcher:
     def handle(
         self, identity: bytes, uid: bytes, op_frame: bytes, args: list[bytes], reply: Reply
     ) -> None:
+        """Route one request.  Only the op frame is decoded here; arguments are decoded
+        where the handler runs, so a large token list does not hold up the loop thread."""
         try:
             spec = codec.decode_op(op_frame)
+        except ProtocolError as exc:
+            self._reject(uid, exc, reply)
+            return
+        if spec.pool is Pool.INLINE or (
+            spec.inline_max_bytes and sum(map(len, args)) <= spec.inline_max_bytes
+        ):
+            self._run(spec, uid, op_frame, args, reply, True)
+        else:
+            self._pools[spec.pool].submit(
+                identity, partial(self._run, spec, uid, op_frame, args, reply, False)
+            )
+
+    def _run(
+        self,
+        spec: OpSpec,
+        uid: bytes,
+        op_frame: bytes,
+        args: list[bytes],
+        reply: Reply,
+        inline: bool,
+    ) -> None:
+        try:
             values = codec.decode_args(spec, args)
         except ProtocolError as exc:
-            self._count(self.errors, exc.code)
-            log.warning("rejected request: %s", exc)
-            reply([uid, *codec.error_frames(exc.code, str(exc))])
+            self._reject(uid, exc, reply)
             return
         self._count(self.requests, spec.name)
-        job = self._job(spec, uid, op_frame, values, reply)
-        if spec.pool is Pool.INLINE:
-            job()
-        else:
-            self._pools[spec.pool].submit(identity, job)
-
-    def _job(
-        self, spec: OpSpec, uid: bytes, op_frame: bytes, values: list[Any], reply: Reply
-    ) -> Callable[[], None]:
-        handler = self._handlers[spec.name]
-
-        def run() -> None:
+        rest = None
+        try:
+            result = self._handlers[spec.name](*values)
+            if isinstance(result, AfterReply):
+                if inline:
+                    rest = result.then
+                else:
+                    result.then()
+                result = result.value
+            frames = codec.encode_result(result)
+        except Exception as exc:  # request boundary: becomes a reply, never silence
+            frames = self._failure(spec, exc)
+            if frames is None:
+                code = exc.code if isinstance(exc, KvhiveError) else "internal"
+                reply([uid, *codec.error_frames(code, f"{spec.name}: {exc}")])
+                return
+        reply([uid, op_frame, *frames])
+        if rest is not None:
             try:
-                frames = codec.encode_result(handler(*values))
-            except Exception as exc:  # request boundary: becomes a reply, never silence
-                frames = self._failure(spec, exc)
-                if frames is None:
-                    code = exc.code if isinstance(exc, KvhiveError) else "internal"
-                    reply([uid, *codec.error_frames(code, f"{spec.name}: {exc}")])
-                    return
-            reply([uid, op_frame, *frames])
+                rest()
+            except Exception:  # the reply is out; the handler finishes its own state
+                log.exception("%s: work after the reply failed", spec.name)
 
-        return run
+    def _reject(self, uid: bytes, exc: ProtocolError, reply: Reply) -> None:
+        self._count(self.errors, exc.code)
+        log.warning("rejected request: %s", exc)
+        reply([uid, *codec.error_frames(exc.code, str(exc))])
 
     def _failure(self, spec: OpSpec, exc: Exception) -> list[bytes] | None:
         """Soft-failure frames for ``exc``, or None when the op has no soft value."""

@@ -12,10 +12,12 @@ from collections.abc import Callable
 import zmq
 
 from kvhive.wire import codec
+from kvhive.wire.frames import recv_frames, send_frames
 
 log = logging.getLogger(__name__)
 
 _REPLIES = "inproc://kvhive-replies"
+
 Handle = Callable[[bytes, bytes, bytes, list[bytes], Callable[[list[bytes]], None]], None]
 
 
@@ -68,12 +70,12 @@ class ZmqServer:
         while not self._stop.is_set():
             for sock, _ in poller.poll(200):
                 if sock is self._pull:
-                    self._forward(self._pull.recv_multipart(copy=True))
+                    self._forward(recv_frames(self._pull))
                 else:
                     self._receive(sock)
 
     def _receive(self, router: zmq.Socket) -> None:
-        frames = router.recv_multipart(copy=True)
+        frames = recv_frames(router)
         router_index = self._routers.index(router)
         if len(frames) < 3:
             self.malformed_frames += 1
@@ -91,7 +93,7 @@ class ZmqServer:
             if threading.get_ident() == self._thread.ident:
                 self._forward(msg)
             else:
-                self._push().send_multipart(msg, copy=False)
+                send_frames(self._push(), msg)
 
         try:
             self._handle(identity, uid, op, frames[3:], reply)
@@ -101,7 +103,7 @@ class ZmqServer:
     def _forward(self, msg: list[bytes]) -> None:
         router = self._routers[msg[0][0]]
         try:
-            router.send_multipart(msg[1:], copy=False)
+            send_frames(router, msg[1:])
         except zmq.ZMQError as exc:  # peer gone (ROUTER_MANDATORY): drop, count
             self.dropped_replies += 1
             log.debug("reply dropped: %s", exc)

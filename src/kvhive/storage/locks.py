@@ -61,8 +61,13 @@ class TTLLockTable(Generic[K]):
         owned = self._by_owner.get(owner)
         if owned is None:
             owned = self._by_owner[owner] = set()
+        by_key = self._by_key
         for key in keys:
-            holds = self._by_key.setdefault(key, {})
+            holds = by_key.get(key)
+            if holds is None:  # the common case first: nobody holds this key yet
+                by_key[key] = {owner: Hold(count, deadline)}
+                owned.add(key)
+                continue
             hold = holds.get(owner)
             if hold is None:
                 holds[owner] = Hold(count, deadline)

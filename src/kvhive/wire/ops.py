@@ -6,6 +6,7 @@ by name only and never take a number.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from enum import Enum
 from types import MappingProxyType
@@ -61,6 +62,21 @@ class Pool(Enum):
     CPU = "cpu"
 
 
+# About 16 chunks of 256 tokens: hashing and locking them takes less than a pool round trip.
+SMALL_LOOKUP_BYTES = 12 * 1024
+
+
+@dataclass(frozen=True, slots=True)
+class AfterReply:
+    """A handler result with work left: ``value`` is the reply, ``then`` the rest.  Inline,
+    the reply goes out first and ``then`` runs while it travels (the next request from that
+    client cannot arrive sooner); on a pool ``then`` runs before the reply, so a client that
+    polls for the outcome does not spin."""
+
+    value: Any
+    then: Callable[[], None]
+
+
 # Sentinel for handlers whose reply is the empty acknowledgement.
 NONE: Any = None
 SOFT_TRANSFER_FAILURE = (b"", False)
@@ -76,6 +92,9 @@ class OpSpec:
     pool: Pool
     soft: Any = None
     has_soft: bool = True
+    # A pooled op whose argument frames total at most this many bytes runs inline: its
+    # work is as small as the decode, and two thread hand-offs would cost more than both.
+    inline_max_bytes: int = 0
 
 
 _SPECS = [
@@ -95,8 +114,9 @@ _SPECS = [
         Pool.AFFINITY,
         SOFT_TRANSFER_FAILURE,
     ),
-    OpSpec("lookup", (t.CacheKey, int), Pool.CPU),
-    OpSpec("query_prefetch_status", (str,), Pool.CPU, 0),
+    OpSpec("lookup", (t.CacheKey, int), Pool.CPU, inline_max_bytes=SMALL_LOOKUP_BYTES),
+    # The job it reads is published before the lookup is acknowledged: O(1), never waits.
+    OpSpec("query_prefetch_status", (str,), Pool.INLINE, 0),
     OpSpec("wait_prefetch_status", (str, float), Pool.CPU, 0),
     OpSpec("free_lookup_locks", (t.CacheKey, int), Pool.CPU),
     OpSpec("end_session", (str,), Pool.CPU),

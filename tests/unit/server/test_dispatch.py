@@ -32,14 +32,14 @@ class Handlers:
             get_chunk_size=lambda: 256,
             noop=lambda: "OK",
             ping=lambda iid: True,
-            query_prefetch_status=self.blocking_query,
+            clear=self.blocking_clear,
             store=self.store,
             commit_store=self.boom,
             register_kv_cache=self.boom,
         )
         return h
 
-    def blocking_query(self, rid):
+    def blocking_clear(self, force):
         self.gate.wait(5)
         return 3
 
@@ -140,7 +140,7 @@ def test_handler_exceptions_become_soft_failure_or_error(server):
 def test_ping_never_queues_behind_blocked_cpu_pool(server):
     srv, handlers, _ = server
     with KvhiveClient(srv.endpoints[0], timeout=5) as c:
-        c.send("query_prefetch_status", "r")  # occupies the only CPU worker
+        c.send("clear", True)  # occupies the only CPU worker
         t0 = time.monotonic()
         uid = c.send("ping", 1)
         got, value = c.recv()
@@ -157,3 +157,30 @@ def test_affinity_keeps_per_connection_order(server):
         for _ in range(50):
             c.recv()
     assert handlers.order == [i * 256 for i in range(50)]
+
+
+def test_small_lookup_runs_inline_and_large_one_on_the_pool(server):
+    srv, handlers, _ = server
+    big = {**key(0), "token_ids": list(range(40_000, 50_000))}
+    with KvhiveClient(srv.endpoints[0], timeout=5) as c:
+        c.send("clear", True)  # occupies the only CPU worker
+        t0 = time.monotonic()
+        assert c.call("lookup", key(0), 1) is None  # a few hundred bytes: answered inline
+        assert c.call("query_prefetch_status", "r") is None  # always inline
+        assert time.monotonic() - t0 < 0.5
+        uid = c.send("lookup", big, 1)  # ~30 KB of token ids: queued behind the clear
+        time.sleep(0.2)
+        assert not c._sock.poll(0)
+        handlers.gate.set()
+        assert c.recv()[1] == 3
+        assert c.recv() == (uid, None)
+
+
+def test_pooled_op_with_bad_arguments_gets_error_reply(server):
+    srv, _, disp = server
+    with (
+        KvhiveClient(srv.endpoints[0], timeout=2) as c,
+        pytest.raises(RemoteError, match="argument 1 is invalid"),
+    ):
+        c.call("store", RawFrame(b"\xc1"), 1, [[1]], b"")
+    assert disp.errors

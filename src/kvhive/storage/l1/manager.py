@@ -260,7 +260,7 @@ class L1Manager:
 
     # -- read path -------------------------------------------------------------------------
 
-    def lock_prefix(self, rows: Sequence[Sequence[ObjectKey]], count: int, owner: Owner) -> int:
+    def lock_prefix(self, rows: Iterable[Sequence[ObjectKey]], count: int, owner: Owner) -> int:
         """Read-lock the longest fully resident prefix of ``rows``; returns its length L.
 
         ``rows[i]`` is every key chunk i needs.  Each key of ``rows[:L]`` gets ``count`` read
@@ -269,14 +269,20 @@ class L1Manager:
         """
         if count < 1:
             raise ValueError(f"lock count must be >= 1, got {count}")
+        flat: list[ObjectKey] = []
         with self._mu:
+            objects = self._objects
             hits = 0
             for row in rows:
-                if not all(key in self._objects for key in row):
-                    break
-                hits += 1
+                for key in row:  # no all(<generator>): a generator per row costs more
+                    if key not in objects:
+                        break
+                else:
+                    flat.extend(row)
+                    hits += 1
+                    continue
+                break
             if hits:
-                flat = [key for row in rows[:hits] for key in row]
                 self._reads.acquire(flat, owner, count)
                 self._policy.on_touched(flat)
         return hits
