@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import threading
+
 import numpy as np
+import pytest
 from conftest import BS, C, key, register
 
 from kvhive.keys import ObjectKey, pack_kv_rank
@@ -179,3 +182,31 @@ def test_replaced_running_lookup_frees_its_locks_when_done(engine, make_kv):
     pf.calls[0][3](0)  # the first job finishes late: its two locks go
     keys = [ObjectKey(h, "m", pack_kv_rank(1, 0)) for h in engine.sessions.get("q").hashes[:2]]
     assert engine.l1.unlock(keys, ("req", "q", "m", pack_kv_rank(1, 0)), 5) == 2
+
+
+def test_started_lookup_is_visible_before_it_runs_and_waiters_wake(engine, make_kv):
+    register(engine, make_kv())
+    engine.store(key(TOKENS, 0, 4 * C), 11, [BLOCKS_A], b"")
+    ack = engine.start_lookup(key(TOKENS, 0, 4 * C, rid="w", worker=None), 1)
+    assert ack.value is None  # the acknowledgement carries nothing
+    assert engine.query_prefetch_status("w") is None  # published, not run yet
+    got = []
+    waiter = threading.Thread(target=lambda: got.append(engine.wait_prefetch_status("w", 5)))
+    waiter.start()
+    ack.then()
+    waiter.join(5)
+    assert got == [4]
+    assert engine.query_prefetch_status("w") == 0  # reported once
+
+
+def test_lookup_that_raises_after_the_ack_reports_zero(engine, make_kv, monkeypatch):
+    register(engine, make_kv())
+    ack = engine.start_lookup(key(TOKENS, 0, 4 * C, rid="x", worker=None), 1)
+
+    def boom(*a):
+        raise RuntimeError("lock table broke")
+
+    monkeypatch.setattr(engine.l1, "lock_prefix", boom)
+    with pytest.raises(RuntimeError):
+        ack.then()
+    assert engine.query_prefetch_status("x") == 0  # never left polling forever

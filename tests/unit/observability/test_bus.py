@@ -135,3 +135,24 @@ def test_disabled_bus_has_no_thread_and_ignores_events() -> None:
 def test_bad_queue_size() -> None:
     with pytest.raises(ValueError):
         EventBus(max_queue_size=0)
+
+
+def test_dispatcher_lingers_after_the_first_event_then_drains_the_batch() -> None:
+    bus = EventBus(max_queue_size=100, linger_s=0.3)
+    seen: list[str] = []
+    bus.subscribe(EventType.MP_REQUEST_END, lambda e: seen.append(e.session_id))
+    bus.start()
+    t0 = time.monotonic()
+    bus.publish(end(0))
+    time.sleep(0.1)
+    assert seen == []  # lingering: one event does not pull the dispatcher onto the GIL
+    for i in range(1, 5):
+        bus.publish(end(i))
+    while len(seen) < 5 and time.monotonic() - t0 < 5:
+        time.sleep(0.01)
+    assert seen == [f"s{i}" for i in range(5)] and bus.delivered == 5
+    assert time.monotonic() - t0 >= 0.25
+    bus.publish(end(5))
+    t1 = time.monotonic()
+    bus.stop()  # cuts the linger short and still delivers
+    assert seen[-1] == "s5" and time.monotonic() - t1 < 0.25

@@ -13,7 +13,7 @@ from kvhive.errors import BadRequest
 from kvhive.server.dispatch import Dispatcher
 from kvhive.server.pools import AffinityPool, CpuPool
 from kvhive.server.transport import ZmqServer
-from kvhive.wire.ops import OPS
+from kvhive.wire.ops import OPS, AfterReply
 
 enc = msgspec.msgpack.encode
 
@@ -21,6 +21,7 @@ enc = msgspec.msgpack.encode
 class Handlers:
     def __init__(self):
         self.gate = threading.Event()
+        self.acked = threading.Event()
         self.order = []
 
     def table(self):
@@ -33,11 +34,24 @@ class Handlers:
             noop=lambda: "OK",
             ping=lambda iid: True,
             clear=self.blocking_clear,
+            lookup=self.lookup,
             store=self.store,
             commit_store=self.boom,
             register_kv_cache=self.boom,
         )
         return h
+
+    def lookup(self, key, tp):
+        """Acknowledge, then finish: inline only once the client has the ack."""
+        rid = key.request_id
+
+        def rest():
+            if rid == "inline":
+                self.order.append(("rest", self.acked.wait(5)))
+            else:
+                self.order.append(("rest", rid))
+
+        return AfterReply(None, rest)
 
     def blocking_clear(self, force):
         self.gate.wait(5)
@@ -184,3 +198,17 @@ def test_pooled_op_with_bad_arguments_gets_error_reply(server):
     ):
         c.call("store", RawFrame(b"\xc1"), 1, [[1]], b"")
     assert disp.errors
+
+
+def test_after_reply_work_runs_after_the_ack_inline_and_before_it_on_a_pool(server):
+    srv, handlers, _ = server
+    with KvhiveClient(srv.endpoints[0], timeout=5) as c:
+        assert c.call("lookup", {**key(0), "request_id": "inline"}, 1) is None
+        handlers.acked.set()  # the ack arrived while its work was still waiting for it
+        deadline = time.monotonic() + 5
+        while not handlers.order and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert handlers.order == [("rest", True)]
+        big = {**key(0), "request_id": "pooled", "token_ids": list(range(40_000, 50_000))}
+        assert c.call("lookup", big, 1) is None
+        assert handlers.order[-1] == ("rest", "pooled")  # done before the ack was sent
