@@ -55,6 +55,7 @@ class Target:
 class BenchReport:
     meta: dict[str, Any] = field(default_factory=dict)
     memcpy_gbs: float | None = None
+    echo_rtt_ms: float | None = None  # bare pyzmq echo p50: the floor of a round trip
     rows: list[Row] = field(default_factory=list)
     targets: list[Target] = field(default_factory=list)
     errors: list[str] = field(default_factory=list)
@@ -116,6 +117,7 @@ class BenchReport:
         return {
             "meta": self.meta,
             "memcpy_gbs": self.memcpy_gbs,
+            "echo_rtt_ms": self.echo_rtt_ms,
             "rows": [asdict(r) for r in self.rows],
             "targets": [asdict(t) for t in self.targets],
             "errors": list(self.errors),
@@ -147,6 +149,11 @@ class BenchReport:
         out = []
         if self.memcpy_gbs is not None:
             out.append(f"memcpy (this machine, this run): {self.memcpy_gbs:.2f} GB/s")
+        if self.echo_rtt_ms is not None:
+            out.append(
+                f"bare pyzmq echo round trip (this machine, this run): p50 "
+                f"{self.echo_rtt_ms * 1000:.0f} us; a lookup takes two round trips"
+            )
         out.append(_grid(head, lines))
         if self.targets:
             out.append("")

@@ -9,7 +9,7 @@ Sections (in run order):
                   per request;
 * ``concurrency`` the same with several engines at once (N chunks per request);
 * ``lookup``      lookup latency for 1 / 64 / 400-chunk prefixes, hit and miss;
-* ``noop``        the empty round trip.
+* ``noop``        the empty round trip, timed alongside a bare pyzmq echo (the floor).
 
 Every load measurement runs against a server started for it alone, once its memory has
 settled (see ``BenchRunner._measure``); start-up is timed separately, in ``healthy``.
@@ -22,6 +22,7 @@ import importlib.util
 import os
 import platform
 import statistics
+import subprocess
 import sys
 import tempfile
 import time
@@ -36,7 +37,7 @@ import kvhive
 from kvhive.bench import kvload, lmload
 from kvhive.bench.config import BIG, SHAPES, BenchConfig
 from kvhive.bench.report import BenchReport, Target
-from kvhive.bench.servers import Kind, ServerProcess
+from kvhive.bench.servers import Kind, ServerProcess, free_port, subprocess_env
 
 Progress = Callable[[str], None]
 
@@ -322,15 +323,32 @@ class BenchRunner:
             self.report.errors.append(f"{kind} lookup ({client}): {err}")
 
     def _noop(self, kind: Kind) -> None:
-        res = self._measure(kind, "empty round trips", lambda server: kvload.run_noop(
-            server.rpc_url, samples=self.cfg.noop_samples, progress=self.say))  # fmt: skip
-        if res:
-            for stat in ("p50", "p99"):
-                self.report.put(
-                    f"noop/kvhive/{stat}", kind, res[f"{stat}_ms"], group="round trip",
-                    label=f"empty round trip (noop) {stat}, kvhive client", unit="ms",
-                    better="lower",
-                )  # fmt: skip
+        port = free_port()
+        echo = subprocess.Popen(
+            [sys.executable, "-m", "kvhive.bench.echo", str(port)], env=subprocess_env()
+        )
+        try:
+            res = self._measure(kind, "empty round trips", lambda server: kvload.run_noop(
+                server.rpc_url, samples=self.cfg.noop_samples,
+                floor_url=f"tcp://127.0.0.1:{port}", progress=self.say))  # fmt: skip
+        finally:
+            echo.terminate()
+            echo.wait(10)
+        if not res:
+            return
+        for stat in ("p50", "p99"):
+            self.report.put(
+                f"noop/kvhive/{stat}", kind, res[f"{stat}_ms"], group="round trip",
+                label=f"empty round trip (noop) {stat}, kvhive client", unit="ms",
+                better="lower",
+            )  # fmt: skip
+            self.report.put(
+                f"noop/echo/{stat}", kind, res["floor"][f"{stat}_ms"], group="round trip",
+                label=f"bare pyzmq echo round trip {stat} (floor), same client", unit="ms",
+                better="lower", note="measured alongside this server, blocks interleaved",
+            )  # fmt: skip
+        if kind == "kvhive":
+            self.report.echo_rtt_ms = res["floor"]["p50_ms"]
 
 
 def run_bench(cfg: BenchConfig, progress: Progress | None = None) -> BenchReport:

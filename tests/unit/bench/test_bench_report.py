@@ -67,7 +67,7 @@ def test_missing_memcpy_or_reference_gives_no_ratio() -> None:
 def test_dict_json_and_table(tmp_path) -> None:
     r = _report().finalize([Target("store >= 0.7x memcpy", KEY, "vs_memcpy", 0.7)])
     d = r.to_dict()
-    assert set(d) == {"meta", "memcpy_gbs", "rows", "targets", "errors"}
+    assert set(d) == {"meta", "memcpy_gbs", "echo_rtt_ms", "rows", "targets", "errors"}
     assert {"key", "kvhive", "reference", "vs_memcpy", "vs_reference", "unit"} <= set(d["rows"][0])
     path = tmp_path / "r.json"
     r.write_json(path)

@@ -108,10 +108,18 @@ def test_cli_writes_json_and_table(tmp_path, capsys) -> None:
     ])  # fmt: skip
     assert rc == 0
     data = json.loads(out.read_text())
-    assert [r["key"] for r in data["rows"]] == ["noop/kvhive/p50", "noop/kvhive/p99"]
+    assert [r["key"] for r in data["rows"]] == [
+        "noop/kvhive/p50",
+        "noop/echo/p50",
+        "noop/kvhive/p99",
+        "noop/echo/p99",
+    ]
     assert data["memcpy_gbs"] > 0
+    # the floor was timed by the same client next to the server, and is a real round trip
+    assert 0 < data["echo_rtt_ms"] == data["rows"][1]["kvhive"] < 100
     table = capsys.readouterr().out
     assert "empty round trip (noop) p50" in table and "target" in table
+    assert "bare pyzmq echo round trip (this machine, this run)" in table
 
 
 def test_cli_rejects_unknown_section(capsys) -> None:
