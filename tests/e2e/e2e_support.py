@@ -13,7 +13,7 @@ from typing import Any
 
 import pytest
 
-from kvhive.bench.servers import ServerProcess, subprocess_env
+from kvhive.bench.servers import ServerProcess, setup_script_python, subprocess_env
 
 REPO = Path(__file__).resolve().parents[2]
 DRIVER = Path(__file__).resolve().parent / "drivers" / "vllm_generate.py"
@@ -51,22 +51,15 @@ def locate() -> tuple[VllmEnv | None, str]:
     py = os.environ.get("KVHIVE_VLLM_PYTHON", "").strip()
     if not py:
         try:
-            proc = subprocess.run(
-                ["bash", str(SETUP_SCRIPT), "--print-path"],
-                capture_output=True,
-                text=True,
-                timeout=60,
-                check=False,
-            )
+            found = setup_script_python(SETUP_SCRIPT)
         except (OSError, subprocess.TimeoutExpired) as exc:
             return None, f"could not query {SETUP_SCRIPT.name}: {exc}"
-        lines = proc.stdout.strip().splitlines()
-        if proc.returncode != 0 or not lines:
+        if found is None:
             return (
                 None,
                 "vLLM venv not built; run scripts/setup_vllm_venv.sh or set KVHIVE_VLLM_PYTHON",
             )
-        py = lines[-1]
+        py = found
     if not (os.path.isfile(py) and os.access(py, os.X_OK)):
         return None, f"vLLM python {py!r} is not an executable file"
     model = os.environ.get("KVHIVE_VLLM_MODEL", "").strip() or str(

@@ -32,6 +32,8 @@ from typing import Any
 
 import pytest
 
+from kvhive.bench.servers import LoopbackServer, setup_script_python, stop_process_group
+
 REPO = Path(__file__).resolve().parents[2]
 DRIVERS = Path(__file__).resolve().parent / "drivers"
 SETUP_SCRIPT = REPO / "scripts" / "setup_client_venv.sh"
@@ -78,18 +80,11 @@ def _locate_client_python() -> tuple[str | None, str]:
     if not SETUP_SCRIPT.is_file():
         return None, f"{SETUP_SCRIPT} is missing"
     try:
-        proc = subprocess.run(
-            ["bash", str(SETUP_SCRIPT), "--print-path"],
-            capture_output=True,
-            text=True,
-            timeout=60,
-            check=False,
-        )
+        path = setup_script_python(SETUP_SCRIPT)
     except (OSError, subprocess.TimeoutExpired) as exc:
         return None, f"could not query {SETUP_SCRIPT.name}: {exc}"
-    lines = proc.stdout.strip().splitlines()
-    if proc.returncode == 0 and lines and os.path.isfile(lines[-1]):
-        return lines[-1], ""
+    if path is not None and os.path.isfile(path):
+        return path, ""
     return None, (
         "lmcache client venv not built; run scripts/setup_client_venv.sh "
         "or set KVHIVE_CLIENT_PYTHON"
@@ -186,7 +181,7 @@ def subprocess_env(**extra: str) -> dict[str, str]:
 
 
 @dataclass
-class ServerHandle:
+class ServerHandle(LoopbackServer):
     target: str
     argv: list[str]
     log_path: Path
@@ -194,17 +189,6 @@ class ServerHandle:
     http_port: int
     proc: subprocess.Popen | None = None
     _log_file: Any = field(default=None, repr=False)
-
-    @property
-    def rpc_url(self) -> str:
-        return f"tcp://127.0.0.1:{self.rpc_port}"
-
-    @property
-    def http_url(self) -> str:
-        return f"http://127.0.0.1:{self.http_port}"
-
-    def alive(self) -> bool:
-        return self.proc is not None and self.proc.poll() is None
 
     def log_tail(self) -> str:
         state = (
@@ -269,16 +253,7 @@ class ServerHandle:
 
     def stop(self, grace_s: float = 8.0) -> None:
         """SIGTERM the server's process group, SIGKILL it after ``grace_s``. Idempotent."""
-        if self.proc is not None and self.proc.poll() is None:
-            # The group is signalled only while its leader (our child) is alive.
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(self.proc.pid, signal.SIGTERM)
-            try:
-                self.proc.wait(timeout=grace_s)
-            except subprocess.TimeoutExpired:
-                with contextlib.suppress(ProcessLookupError):
-                    os.killpg(self.proc.pid, signal.SIGKILL)
-                self.proc.wait(timeout=10)
+        stop_process_group(self.proc, grace_s)
         if self._log_file is not None:
             self._log_file.close()
             self._log_file = None

@@ -63,23 +63,75 @@ def locate_client_python(explicit: str | None = None) -> str | None:
     if not CLIENT_SETUP_SCRIPT.is_file():
         return None
     try:
-        proc = subprocess.run(
-            ["bash", str(CLIENT_SETUP_SCRIPT), "--print-path"],
-            capture_output=True,
-            text=True,
-            timeout=60,
-            check=False,
-        )
+        path = setup_script_python(CLIENT_SETUP_SCRIPT)
     except (OSError, subprocess.TimeoutExpired):
         return None
+    return path if path is not None and os.access(path, os.X_OK) else None
+
+
+def setup_script_python(setup_script: Path) -> str | None:
+    """What ``bash setup_script --print-path`` reports: the last line it prints (its venv's
+    python) when it exits 0, else None.  The setup scripts never build with ``--print-path``.
+
+    Shared with the interop and end-to-end tests, which explain a missing venv in their own
+    words; raises ``OSError`` or ``subprocess.TimeoutExpired`` when the script cannot be run.
+    """
+    proc = subprocess.run(
+        ["bash", str(setup_script), "--print-path"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
     lines = proc.stdout.strip().splitlines()
-    if proc.returncode == 0 and lines and os.access(lines[-1], os.X_OK):
-        return lines[-1]
-    return None
+    return lines[-1] if proc.returncode == 0 and lines else None
+
+
+def stop_process_group(proc: subprocess.Popen[Any] | None, grace_s: float) -> None:
+    """SIGTERM the process group led by ``proc`` (started with ``start_new_session=True``),
+    SIGKILL it after ``grace_s``.  Nothing happens once ``proc`` has exited.
+
+    Shared with the interop tests' server handle.
+    """
+    # The group is signalled only while its leader (our child) is alive: afterwards the
+    # group id could belong to someone else.
+    if proc is None or proc.poll() is not None:
+        return
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(proc.pid, signal.SIGTERM)
+    try:
+        proc.wait(timeout=grace_s)
+    except subprocess.TimeoutExpired:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait(timeout=10)
+
+
+class LoopbackServer:
+    """Addresses and liveness of a server subprocess listening on 127.0.0.1.
+
+    A mixin for dataclasses that have these attributes as fields: :class:`ServerProcess` and
+    the interop tests' server handle.
+    """
+
+    rpc_port: int
+    http_port: int
+    proc: subprocess.Popen[bytes] | None
+
+    @property
+    def rpc_url(self) -> str:
+        return f"tcp://127.0.0.1:{self.rpc_port}"
+
+    @property
+    def http_url(self) -> str:
+        return f"http://127.0.0.1:{self.http_port}"
+
+    def alive(self) -> bool:
+        return self.proc is not None and self.proc.poll() is None
 
 
 @dataclass
-class ServerProcess:
+class ServerProcess(LoopbackServer):
     """One server subprocess.  ``start()`` returns the seconds from spawn to the first
     ``200`` from ``GET /healthcheck`` (polled every ``poll_s``)."""
 
@@ -101,14 +153,6 @@ class ServerProcess:
         if self.kind == "reference" and not self.client_python:
             raise ValueError("the reference server needs the lmcache client venv's python")
 
-    @property
-    def rpc_url(self) -> str:
-        return f"tcp://127.0.0.1:{self.rpc_port}"
-
-    @property
-    def http_url(self) -> str:
-        return f"http://127.0.0.1:{self.http_port}"
-
     def argv(self) -> list[str]:
         common = [
             "--host", "127.0.0.1",
@@ -123,9 +167,6 @@ class ServerProcess:
         assert self.client_python is not None
         lmcache = str(Path(self.client_python).parent / "lmcache")
         return [lmcache, "server", *common, "--supported-transfer-mode", "auto", *self.extra]
-
-    def alive(self) -> bool:
-        return self.proc is not None and self.proc.poll() is None
 
     def start(self, timeout_s: float = 60.0, poll_s: float = 0.01) -> float:
         out = self._log = open(self.log_path, "wb") if self.log_path else None  # noqa: SIM115
@@ -205,15 +246,7 @@ class ServerProcess:
 
     def stop(self, grace_s: float = 10.0) -> None:
         """SIGTERM the server's process group, SIGKILL it after ``grace_s``.  Idempotent."""
-        if self.proc is not None and self.proc.poll() is None:
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(self.proc.pid, signal.SIGTERM)
-            try:
-                self.proc.wait(timeout=grace_s)
-            except subprocess.TimeoutExpired:
-                with contextlib.suppress(ProcessLookupError):
-                    os.killpg(self.proc.pid, signal.SIGKILL)
-                self.proc.wait(timeout=10)
+        stop_process_group(self.proc, grace_s)
         if self._log is not None:
             self._log.close()
             self._log = None

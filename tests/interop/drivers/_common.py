@@ -6,11 +6,15 @@ unmodified lmcache client classes and talk to a server started by the pytest
 side. Each driver prints exactly one result line, ``RESULT_MARK`` followed by a
 JSON object, which the pytest side parses and asserts on.
 
+The drivers use most of this module, so they import it whole (``import _common as
+common``) rather than each repeating a long list of names.
+
 Nothing in here imports kvhive.
 """
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import sys
@@ -29,6 +33,15 @@ import zmq  # noqa: E402
 RESULT_MARK = "@@KVHIVE_INTEROP_RESULT@@ "
 
 DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
+
+
+def driver_parser(model: str) -> argparse.ArgumentParser:
+    """A parser with the arguments every driver takes: the server's URL and the model name
+    (``model`` by default; the drivers keep their data apart by model name)."""
+    p = argparse.ArgumentParser()
+    p.add_argument("--url", required=True)
+    p.add_argument("--model", default=model)
+    return p
 
 
 def emit(result: dict[str, Any]) -> None:
@@ -330,3 +343,18 @@ def blocks_for(start_block: int, num_chunks: int, blocks_in_chunk: int) -> list[
 
 def chunk_blocks(block_ids: list[int], chunk: int, blocks_in_chunk: int) -> list[int]:
     return block_ids[chunk * blocks_in_chunk : (chunk + 1) * blocks_in_chunk]
+
+
+def src_dst_blocks(num_chunks: int, blocks_in_chunk: int) -> tuple[list[int], list[int]]:
+    """``num_chunks`` chunks of source blocks from block 1 (block 0 is vLLM's null block and
+    is never used), then as many destination blocks right after them."""
+    src = blocks_for(1, num_chunks, blocks_in_chunk)
+    return src, blocks_for(src[-1] + 1, num_chunks, blocks_in_chunk)
+
+
+def register_cpu_kv(h: VllmHarness, shape: ModelShape, num_blocks: int) -> dict[str, torch.Tensor]:
+    """Allocate ``num_blocks`` zeroed blocks of per-layer vLLM CPU KV cache and register them
+    through ``h``'s worker adapter."""
+    kv = make_vllm_cpu_kv_caches(shape, num_blocks, h.block_size)
+    h.register(kv, fake_kv_cache_config(shape, num_blocks, h.block_size))
+    return kv

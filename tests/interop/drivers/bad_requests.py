@@ -10,12 +10,11 @@ came back: the reference's behaviour for every failure, spec section 5).
 
 from __future__ import annotations
 
-import argparse
 import os
 import time
 from typing import Any
 
-from _common import emit
+from _common import driver_parser, emit
 from lmcache.utils import EngineType
 from lmcache.v1.multiprocess.custom_types import (
     BlockAllocationRecord,
@@ -78,10 +77,8 @@ def collect(futures: dict[str, Any], deadline_s: float) -> dict[str, dict[str, A
 
 
 def main() -> None:
-    p = argparse.ArgumentParser()
-    p.add_argument("--url", required=True)
+    p = driver_parser("interop-bad")
     p.add_argument("--deadline", type=float, default=3.0)
-    p.add_argument("--model", default="interop-bad")
     args = p.parse_args()
 
     import zmq

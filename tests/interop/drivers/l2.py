@@ -9,25 +9,11 @@ reports hits, byte equality and L1 object counts before and after the session en
 
 from __future__ import annotations
 
-import argparse
 import json
 import time
 import urllib.request
 
-from _common import (
-    ModelShape,
-    VllmHarness,
-    blocks_for,
-    bytes_equal,
-    emit,
-    fake_kv_cache_config,
-    fill_blocks,
-    log,
-    make_vllm_cpu_kv_caches,
-    set_blocks,
-    snapshot_blocks,
-    tokens,
-)
+import _common as common
 
 SEED = 4242
 
@@ -59,29 +45,25 @@ def wait_for(base: str, what: str, check, timeout: float = 30.0) -> dict:
 
 
 def main() -> None:
-    p = argparse.ArgumentParser()
-    p.add_argument("--url", required=True)
+    p = common.driver_parser("interop-l2")
     p.add_argument("--http", required=True)
     p.add_argument("--phase", choices=["store", "load", "both"], default="both")
-    p.add_argument("--model", default="interop-l2")
     p.add_argument("--chunks", type=int, default=4)
     p.add_argument("--block-size", type=int, default=16)
     p.add_argument("--expect-l1-freed", action="store_true")
     p.add_argument("--no-clear", action="store_true")
     args = p.parse_args()
 
-    shape = ModelShape()
-    h = VllmHarness(args.url, args.model, args.block_size, "lmcache_driven")
+    shape = common.ModelShape()
+    h = common.VllmHarness(args.url, args.model, args.block_size, "lmcache_driven")
     c, b, n = h.chunk_size, h.blocks_in_chunk, args.chunks
-    src = blocks_for(1, n, b)
-    dst = blocks_for(src[-1] + 1, n, b)
-    kv = make_vllm_cpu_kv_caches(shape, dst[-1] + 1, args.block_size)
-    h.register(kv, fake_kv_cache_config(shape, dst[-1] + 1, args.block_size))
-    toks = tokens(SEED, n * c)
+    src, dst = common.src_dst_blocks(n, b)
+    kv = common.register_cpu_kv(h, shape, dst[-1] + 1)
+    toks = common.tokens(SEED, n * c)
     res: dict = {"chunk_size": c}
 
     if args.phase in ("store", "both"):
-        fill_blocks(kv, src, seed=SEED)
+        common.fill_blocks(kv, src, seed=SEED)
         res["store_ok"] = h.store("l2-store", toks, src, 0, n * c)
         h.end_session("l2-store")
         status = wait_for(args.http, "write-behind", l2_idle)
@@ -89,7 +71,7 @@ def main() -> None:
             status = wait_for(args.http, "skip_l1 freeing", lambda s: s["l1"]["objects"] == 0)
         res["l1_objects_after_store"] = status["l1"]["objects"]
         res["l2_stored"] = [a["stored"] for a in status["l2"]["adapters"]]
-        log(f"stored {n} chunks; L2 stored {res['l2_stored']}")
+        common.log(f"stored {n} chunks; L2 stored {res['l2_stored']}")
 
     if args.phase in ("load", "both"):
         if not args.no_clear:
@@ -98,21 +80,23 @@ def main() -> None:
         hit = h.lookup("l2-load", toks)
         res["hit_chunks"] = hit // c
         nb = hit // c * b
-        fill_blocks(kv, src, seed=SEED)
-        want = snapshot_blocks(kv, src[:nb])
-        set_blocks(kv, dst, 5.0)
+        common.fill_blocks(kv, src, seed=SEED)
+        want = common.snapshot_blocks(kv, src[:nb])
+        common.set_blocks(kv, dst, 5.0)
         ok, errors = h.retrieve("l2-load", toks, dst[:nb], 0, hit) if hit else (False, [])
         res["retrieve_ok"], res["load_errors"] = ok, errors
-        res["bytes_equal"] = bool(hit) and bytes_equal(snapshot_blocks(kv, dst[:nb]), want)
+        res["bytes_equal"] = bool(hit) and common.bytes_equal(
+            common.snapshot_blocks(kv, dst[:nb]), want
+        )
         h.end_session("l2-load")
         status = http(args.http, "/status")
         res["l1_objects_after_session"] = status["l1"]["objects"]
         res["read_locked_after_session"] = status["l1"]["read_locked_objects"]
         res["l2_loaded"] = [a["loaded"] for a in status["l2"]["adapters"]]
-        log(f"hit {hit // c} chunks; loaded {res['l2_loaded']}")
+        common.log(f"hit {hit // c} chunks; loaded {res['l2_loaded']}")
 
     h.shutdown()
-    emit(res)
+    common.emit(res)
 
 
 if __name__ == "__main__":

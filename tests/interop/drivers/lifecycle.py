@@ -13,41 +13,28 @@ end the session on the scheduler side and exit normally.
 
 from __future__ import annotations
 
-import argparse
 import time
 
-from _common import (
-    ModelShape,
-    VllmHarness,
-    blocks_for,
-    emit,
-    fake_kv_cache_config,
-    fill_blocks,
-    make_vllm_cpu_kv_caches,
-    tokens,
-)
+import _common as common
 
 
 def main() -> None:
-    p = argparse.ArgumentParser()
-    p.add_argument("--url", required=True)
+    p = common.driver_parser("interop-lifecycle")
     p.add_argument("--mode", choices=["lmcache_driven", "engine_driven"], default="lmcache_driven")
-    p.add_argument("--model", default="interop-lifecycle")
     p.add_argument("--phase", choices=["hold", "unregister"], required=True)
     p.add_argument("--chunks", type=int, default=4)
     p.add_argument("--settle-ms", type=float, default=0.0)
     p.add_argument("--heartbeat", type=float, default=5.0)
     args = p.parse_args()
 
-    shape = ModelShape()
+    shape = common.ModelShape()
     bs = 16
-    h = VllmHarness(args.url, args.model, bs, args.mode, heartbeat_interval=args.heartbeat)
+    h = common.VllmHarness(args.url, args.model, bs, args.mode, heartbeat_interval=args.heartbeat)
     c, b, n = h.chunk_size, h.blocks_in_chunk, args.chunks
-    src = blocks_for(1, n, b)
-    kv = make_vllm_cpu_kv_caches(shape, src[-1] + 1, bs)
-    h.register(kv, fake_kv_cache_config(shape, src[-1] + 1, bs))
-    tk = tokens(777, n * c)
-    fill_blocks(kv, src, seed=777)
+    src = common.blocks_for(1, n, b)
+    kv = common.register_cpu_kv(h, shape, src[-1] + 1)
+    tk = common.tokens(777, n * c)
+    common.fill_blocks(kv, src, seed=777)
     res: dict = {"instance_id": h.instance_id, "chunk_size": c, "mode": args.mode}
     res["store_ok"] = h.store("lc-store", tk, src, 0, n * c)
     h.end_session("lc-store")
@@ -63,11 +50,11 @@ def main() -> None:
         if h.scheduler is not None:
             h.scheduler.shutdown()
         res["unregistered"] = True
-        emit(res)
+        common.emit(res)
         return
 
     res["ready"] = True
-    emit(res)
+    common.emit(res)
     while True:  # wait for SIGKILL
         time.sleep(3600)
 

@@ -17,48 +17,30 @@ mapping A (spec defect 6), so both checks fail there.
 
 from __future__ import annotations
 
-import argparse
 import time
 
-from _common import (
-    ModelShape,
-    VllmHarness,
-    blocks_for,
-    bytes_equal,
-    emit,
-    fake_kv_cache_config,
-    fill_blocks,
-    log,
-    make_vllm_cpu_kv_caches,
-    set_blocks,
-    snapshot_blocks,
-    tokens,
-)
+import _common as common
 
 
 def main() -> None:
-    p = argparse.ArgumentParser()
-    p.add_argument("--url", required=True)
-    p.add_argument("--model", default="interop-reregister")
+    p = common.driver_parser("interop-reregister")
     p.add_argument("--chunks", type=int, default=2)
     p.add_argument("--settle-ms", type=float, default=0.0)
     args = p.parse_args()
 
-    shape, bs, n = ModelShape(), 16, args.chunks
+    shape, bs, n = common.ModelShape(), 16, args.chunks
     res: dict = {}
 
-    h1 = VllmHarness(args.url, args.model, bs, "lmcache_driven", with_scheduler=False)
+    h1 = common.VllmHarness(args.url, args.model, bs, "lmcache_driven", with_scheduler=False)
     c, b = h1.chunk_size, h1.blocks_in_chunk
-    src = blocks_for(1, n, b)
-    dst = blocks_for(src[-1] + 1, n, b)
+    src, dst = common.src_dst_blocks(n, b)
     nblocks = dst[-1] + 1
-    kv_a = make_vllm_cpu_kv_caches(shape, nblocks, bs)
-    h1.register(kv_a, fake_kv_cache_config(shape, nblocks, bs))
+    kv_a = common.register_cpu_kv(h1, shape, nblocks)
     iid = h1.instance_id
     res["instance_id"] = iid
-    t1, t2 = tokens(501, n * c), tokens(502, n * c)
-    fill_blocks(kv_a, src, seed=501)
-    want_t1 = snapshot_blocks(kv_a, src)
+    t1, t2 = common.tokens(501, n * c), common.tokens(502, n * c)
+    common.fill_blocks(kv_a, src, seed=501)
+    want_t1 = common.snapshot_blocks(kv_a, src)
     res["store_t1_ok"] = h1.store("rr-t1", t1, src, 0, n * c)
     # Crash worker 1: no unregister, heartbeat gone, socket closed.
     hb = h1.worker._heartbeat
@@ -66,46 +48,46 @@ def main() -> None:
         hb.stop()
     h1.worker.req_client.close()
     # Make A's pages distinguishable from anything the test expects.
-    set_blocks(kv_a, src + dst, -5.0)
-    log(f"worker 1 (instance {iid}) abandoned")
+    common.set_blocks(kv_a, src + dst, -5.0)
+    common.log(f"worker 1 (instance {iid}) abandoned")
 
-    h2 = VllmHarness(args.url, args.model, bs, "lmcache_driven")
+    h2 = common.VllmHarness(args.url, args.model, bs, "lmcache_driven")
     h2.worker.instance_id = iid  # a restarted client reusing its fixed id
-    kv_b = make_vllm_cpu_kv_caches(shape, nblocks, bs)
+    kv_b = common.make_vllm_cpu_kv_caches(shape, nblocks, bs)
     try:
-        h2.register(kv_b, fake_kv_cache_config(shape, nblocks, bs))
+        h2.register(kv_b, common.fake_kv_cache_config(shape, nblocks, bs))
         res["register_error"] = None
     except Exception as exc:  # an explicit rejection is reported, not hidden
         res["register_error"] = f"{type(exc).__name__}: {exc}"
-        emit(res)
+        common.emit(res)
         return
     time.sleep(args.settle_ms / 1000)
 
     # T1 (stored from A) retrieved into B.
-    set_blocks(kv_b, dst, 9.0)
+    common.set_blocks(kv_b, dst, 9.0)
     res["t1_hit_tokens"] = hit = h2.lookup("rr-load-t1", t1)
     if hit == n * c:
         ok, errs = h2.retrieve("rr-load-t1", t1, dst, 0, hit)
         res["t1_retrieve_ok"], res["t1_load_errors"] = ok, errs
-        res["t1_into_new_cache"] = bytes_equal(snapshot_blocks(kv_b, dst), want_t1)
+        res["t1_into_new_cache"] = common.bytes_equal(common.snapshot_blocks(kv_b, dst), want_t1)
     h2.end_session("rr-load-t1")
 
     # T2 stored from B, retrieved into other blocks of B.
-    fill_blocks(kv_b, src, seed=502)
-    want_t2 = snapshot_blocks(kv_b, src)
+    common.fill_blocks(kv_b, src, seed=502)
+    want_t2 = common.snapshot_blocks(kv_b, src)
     res["store_t2_ok"] = h2.store("rr-t2", t2, src, 0, n * c)
     h2.end_session("rr-t2")
     time.sleep(args.settle_ms / 1000)
-    set_blocks(kv_b, dst, 9.0)
+    common.set_blocks(kv_b, dst, 9.0)
     res["t2_hit_tokens"] = hit = h2.lookup("rr-load-t2", t2)
     if hit == n * c:
         ok, errs = h2.retrieve("rr-load-t2", t2, dst, 0, hit)
         res["t2_retrieve_ok"], res["t2_load_errors"] = ok, errs
-        res["t2_from_new_cache"] = bytes_equal(snapshot_blocks(kv_b, dst), want_t2)
+        res["t2_from_new_cache"] = common.bytes_equal(common.snapshot_blocks(kv_b, dst), want_t2)
     h2.end_session("rr-load-t2")
     h2.shutdown()
     h1.shutdown(unregister=False)
-    emit(res)
+    common.emit(res)
 
 
 if __name__ == "__main__":

@@ -19,35 +19,19 @@ hint), in the transfer mode given on the command line:
 
 from __future__ import annotations
 
-import argparse
 import time
 
-from _common import (
-    ModelShape,
-    VllmHarness,
-    blocks_for,
-    bytes_equal,
-    emit,
-    fake_kv_cache_config,
-    fill_blocks,
-    log,
-    make_vllm_cpu_kv_caches,
-    set_blocks,
-    snapshot_blocks,
-    tokens,
-)
+import _common as common
 
 SENTINEL = 7.0
 
 
 def main() -> None:
-    p = argparse.ArgumentParser()
-    p.add_argument("--url", required=True)
+    p = common.driver_parser("interop-roundtrip")
     p.add_argument("--mode", choices=["lmcache_driven", "engine_driven"], required=True)
     p.add_argument("--block-size", type=int, default=16)
     p.add_argument("--dtype", default="bfloat16")
     p.add_argument("--storage", choices=["per-layer", "shared"], default="per-layer")
-    p.add_argument("--model", default="interop-roundtrip")
     p.add_argument("--num-chunks", type=int, default=8)
     p.add_argument("--partial-chunks", type=int, default=3)
     p.add_argument("--seed", type=int, default=1234)
@@ -60,25 +44,24 @@ def main() -> None:
     p.add_argument("--keep-registered", action="store_true")
     args = p.parse_args()
 
-    shape = ModelShape(dtype=args.dtype)
+    shape = common.ModelShape(dtype=args.dtype)
     bs = args.block_size
-    h = VllmHarness(args.url, args.model, bs, args.mode)
+    h = common.VllmHarness(args.url, args.model, bs, args.mode)
     c, b, n = h.chunk_size, h.blocks_in_chunk, args.num_chunks
     res: dict = {"chunk_size": c, "blocks_in_chunk": b, "instance_id": h.instance_id}
 
     # Block regions (block 0 is vLLM's null block and is never used).
-    src = blocks_for(1, n, b)
-    dst_full = blocks_for(src[-1] + 1, n, b)
-    dst_partial = blocks_for(dst_full[-1] + 1, args.partial_chunks, b)
-    dst_apc = blocks_for(dst_partial[-1] + 1, n - 1, b)
+    src, dst_full = common.src_dst_blocks(n, b)
+    dst_partial = common.blocks_for(dst_full[-1] + 1, args.partial_chunks, b)
+    dst_apc = common.blocks_for(dst_partial[-1] + 1, n - 1, b)
     num_blocks = dst_apc[-1] + 1
-    kv = make_vllm_cpu_kv_caches(shape, num_blocks, bs, args.storage)
-    res["group_infos"] = h.register(kv, fake_kv_cache_config(shape, num_blocks, bs))
-    log(f"registered instance {h.instance_id} chunk={c} B={b} blocks={num_blocks}")
+    kv = common.make_vllm_cpu_kv_caches(shape, num_blocks, bs, args.storage)
+    res["group_infos"] = h.register(kv, common.fake_kv_cache_config(shape, num_blocks, bs))
+    common.log(f"registered instance {h.instance_id} chunk={c} B={b} blocks={num_blocks}")
 
-    tok_a = tokens(args.seed, n * c + 17)  # a non-aligned tail, as real prompts have
-    fill_blocks(kv, src, seed=args.seed)
-    src_snap = snapshot_blocks(kv, src)
+    tok_a = common.tokens(args.seed, n * c + 17)  # a non-aligned tail, as real prompts have
+    common.fill_blocks(kv, src, seed=args.seed)
+    src_snap = common.snapshot_blocks(kv, src)
 
     half = n // 2
     res["store_ok"] = [
@@ -91,33 +74,33 @@ def main() -> None:
     # Full hit, retrieve into other blocks.
     hit = h.lookup("req-full", tok_a)
     res["full_hit_tokens"] = hit
-    set_blocks(kv, dst_full, SENTINEL)
+    common.set_blocks(kv, dst_full, SENTINEL)
     if hit:
         nb = hit // c * b
         ok, errs = h.retrieve("req-full", tok_a, dst_full[:nb], 0, hit)
         res["full_retrieve_ok"], res["full_load_errors"] = ok, errs
-        res["full_bytes_equal"] = bytes_equal(
-            snapshot_blocks(kv, dst_full[:nb]), snapshot_blocks_from(src_snap, 0, nb)
+        res["full_bytes_equal"] = common.bytes_equal(
+            common.snapshot_blocks(kv, dst_full[:nb]), snapshot_blocks_from(src_snap, 0, nb)
         )
     h.end_session("req-full")
 
     # Partial hit: shared prefix, then divergence.
     k = args.partial_chunks
-    tok_p = tok_a[: k * c] + tokens(args.seed + 1, (n - k) * c + 5)
+    tok_p = tok_a[: k * c] + common.tokens(args.seed + 1, (n - k) * c + 5)
     hit = h.lookup("req-partial", tok_p)
     res["partial_hit_tokens"] = hit
-    set_blocks(kv, dst_partial, SENTINEL)
+    common.set_blocks(kv, dst_partial, SENTINEL)
     if hit:
         nb = min(hit // c, k) * b
         ok, errs = h.retrieve("req-partial", tok_p, dst_partial[:nb], 0, nb // b * c)
         res["partial_retrieve_ok"], res["partial_load_errors"] = ok, errs
-        res["partial_bytes_equal"] = bytes_equal(
-            snapshot_blocks(kv, dst_partial[:nb]), snapshot_blocks_from(src_snap, 0, nb)
+        res["partial_bytes_equal"] = common.bytes_equal(
+            common.snapshot_blocks(kv, dst_partial[:nb]), snapshot_blocks_from(src_snap, 0, nb)
         )
     h.end_session("req-partial")
 
     # Zero hit.
-    res["zero_hit_tokens"] = h.lookup("req-zero", tokens(args.seed + 2, n * c))
+    res["zero_hit_tokens"] = h.lookup("req-zero", common.tokens(args.seed + 2, n * c))
     h.end_session("req-zero")
 
     # vLLM computed the first chunk plus one block itself (prefix cache).
@@ -127,17 +110,17 @@ def main() -> None:
     if hit >= 2 * c:
         h.free_lookup_locks("req-apc", tok_a, 0, vllm_hit)
         start = vllm_hit // c * c
-        set_blocks(kv, dst_apc, SENTINEL)
+        common.set_blocks(kv, dst_apc, SENTINEL)
         nb = (hit - start) // c * b
         ok, errs = h.retrieve("req-apc", tok_a, dst_apc[:nb], start, hit, skip=vllm_hit - start)
         res["apc_retrieve_ok"], res["apc_load_errors"] = ok, errs
-        got = snapshot_blocks(kv, dst_apc[:nb])
+        got = common.snapshot_blocks(kv, dst_apc[:nb])
         skipped = (vllm_hit - start) // bs
         res["apc_skipped_untouched"] = all(
             bool((t[:, :skipped] == sentinel_bytes(kv, t)).all()) for t in got
         )
         want = snapshot_blocks_from(src_snap, start // c * b, nb)
-        res["apc_bytes_equal"] = bytes_equal(
+        res["apc_bytes_equal"] = common.bytes_equal(
             [t[:, skipped:] for t in got], [t[:, skipped:] for t in want]
         )
     h.end_session("req-apc")
@@ -148,7 +131,7 @@ def main() -> None:
 
     h.shutdown(unregister=not args.keep_registered)
     res["unregistered"] = not args.keep_registered
-    emit(res)
+    common.emit(res)
 
 
 def snapshot_blocks_from(snap, first_block: int, num_blocks: int):
