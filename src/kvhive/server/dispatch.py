@@ -41,6 +41,10 @@ class Dispatcher:
         self._handlers = dict(handlers)
         self._pools = {Pool.AFFINITY: affinity, Pool.CPU: cpu}
         self._lock = threading.Lock()
+        # CPU-pool jobs queued or running per connection.  A lookup small enough to run
+        # inline still goes to the pool behind them: a client's free_lookup_locks or
+        # end_session (sent without waiting) must not be overtaken by its next lookup.
+        self._cpu_pending: dict[bytes, int] = {}
         self.requests: Counter[str] = Counter()
         self.errors: Counter[str] = Counter()
         self.soft_failures: Counter[str] = Counter()
@@ -56,13 +60,53 @@ class Dispatcher:
             self._reject(uid, exc, reply)
             return
         if spec.pool is Pool.INLINE or (
-            spec.inline_max_bytes and sum(map(len, args)) <= spec.inline_max_bytes
+            spec.inline_max_bytes
+            and identity not in self._cpu_pending  # never overtake this client's earlier ops
+            and sum(map(len, args)) <= spec.inline_max_bytes
         ):
             self._run(spec, uid, op_frame, args, reply, True)
+        elif spec.pool is Pool.CPU:
+            with self._lock:
+                self._cpu_pending[identity] = self._cpu_pending.get(identity, 0) + 1
+            self._pools[Pool.CPU].submit(
+                identity, partial(self._run_cpu, identity, spec, uid, op_frame, args, reply)
+            )
         else:
             self._pools[spec.pool].submit(
                 identity, partial(self._run, spec, uid, op_frame, args, reply, False)
             )
+
+    def _run_cpu(
+        self,
+        identity: bytes,
+        spec: OpSpec,
+        uid: bytes,
+        op_frame: bytes,
+        args: list[bytes],
+        reply: Reply,
+    ) -> None:
+        done = False
+
+        def finish() -> None:
+            nonlocal done
+            if done:
+                return
+            done = True
+            with self._lock:
+                left = self._cpu_pending[identity] - 1
+                if left:
+                    self._cpu_pending[identity] = left
+                else:
+                    del self._cpu_pending[identity]
+
+        def reply_last(parts: list[bytes]) -> None:
+            finish()  # before the reply: the client's next request may follow it at once
+            reply(parts)
+
+        try:
+            self._run(spec, uid, op_frame, args, reply_last, False)
+        finally:
+            finish()
 
     def _run(
         self,

@@ -176,8 +176,11 @@ def test_affinity_keeps_per_connection_order(server):
 def test_small_lookup_runs_inline_and_large_one_on_the_pool(server):
     srv, handlers, _ = server
     big = {**key(0), "token_ids": list(range(40_000, 50_000))}
-    with KvhiveClient(srv.endpoints[0], timeout=5) as c:
-        c.send("clear", True)  # occupies the only CPU worker
+    with (
+        KvhiveClient(srv.endpoints[0], timeout=5) as c,
+        KvhiveClient(srv.endpoints[0], timeout=5) as other,
+    ):
+        other.send("clear", True)  # another client occupies the only CPU worker
         t0 = time.monotonic()
         assert c.call("lookup", key(0), 1) is None  # a few hundred bytes: answered inline
         assert c.call("query_prefetch_status", "r") is None  # always inline
@@ -186,8 +189,25 @@ def test_small_lookup_runs_inline_and_large_one_on_the_pool(server):
         time.sleep(0.2)
         assert not c._sock.poll(0)
         handlers.gate.set()
-        assert c.recv()[1] == 3
+        assert other.recv()[1] == 3
         assert c.recv() == (uid, None)
+
+
+def test_small_lookup_never_overtakes_the_same_clients_pooled_ops(server):
+    srv, handlers, disp = server
+    with (
+        KvhiveClient(srv.endpoints[0], timeout=5) as c,
+        KvhiveClient(srv.endpoints[0], timeout=5) as other,
+    ):
+        first = c.send("clear", True)  # this client's op, still on the CPU pool
+        second = c.send("lookup", key(0), 1)  # small, but must wait for the clear
+        time.sleep(0.2)
+        assert not c._sock.poll(0)
+        assert other.call("lookup", key(0), 1) is None  # other clients still go inline
+        handlers.gate.set()
+        assert [c.recv()[0], c.recv()[0]] == [first, second]
+        assert c.call("lookup", key(0), 1) is None
+    assert disp._cpu_pending == {}  # every pooled job was counted out
 
 
 def test_pooled_op_with_bad_arguments_gets_error_reply(server):
