@@ -65,6 +65,7 @@ class MetricsSubscriber:
     def __init__(self, registry: CollectorRegistry, *, sample_rate: float) -> None:
         r = registry
         self._threshold = int(sample_rate * _GATE_MOD)
+        self._children: dict[tuple[Any, tuple[Any, ...]], Any] = {}
 
         def c(name: str, doc: str, labels: Iterable[str] = ()) -> Counter:
             return Counter(name, doc, list(labels), registry=r)
@@ -189,6 +190,16 @@ class MetricsSubscriber:
         self._evicted_at: dict[ObjectKey, float] = {}
         self._tp_start: dict[tuple[str, str], float] = {}
 
+    def _child(self, metric: Any, *values: Any) -> Any:
+        """``metric.labels(*values)``, cached: prometheus-client validates and converts the
+        labels and takes a lock on every call, several times the cost of the ``inc`` after
+        it.  Children are never removed here, so a cached one stays the registered one."""
+        key = (metric, values)
+        child = self._children.get(key)
+        if child is None:
+            child = self._children[key] = metric.labels(*values)
+        return child
+
     def subscriptions(self) -> Mapping[EventType, Callable[[Any], None]]:
         T = EventType
         return {
@@ -199,8 +210,8 @@ class MetricsSubscriber:
             T.L1_ALLOCATION_FAILED: self._alloc_failed,
             T.L1_READ_FAILED: self._read_failed,
             T.MP_LOOKUP_PREFETCH_END: self._lookup_end,
-            T.MP_STORE_SUBMITTED: lambda e: self.sub_stores.labels(e.device).inc(),
-            T.MP_RETRIEVE_SUBMITTED: lambda e: self.sub_retrieves.labels(e.device).inc(),
+            T.MP_STORE_SUBMITTED: lambda e: self._child(self.sub_stores, e.device).inc(),
+            T.MP_RETRIEVE_SUBMITTED: lambda e: self._child(self.sub_retrieves, e.device).inc(),
             T.MP_STORE_END: self._store_end,
             T.MP_RETRIEVE_END: self._retrieve_end,
             T.L2_STORE_SUBMITTED: self._l2_store_submitted,
@@ -209,14 +220,14 @@ class MetricsSubscriber:
             T.L2_LOAD_TASK_COMPLETED: self._l2_load_completed,
             T.L2_KEYS_EVICTED: lambda e: self.l2_evicted.inc(e.key_count),
             T.L2_PREFETCH_FAILED: self._l2_prefetch_failed,
-            T.TIMEOUT_RAISED: lambda e: self.timeouts.labels(e.exception_type).inc(),
+            T.TIMEOUT_RAISED: lambda e: self._child(self.timeouts, e.exception_type).inc(),
         }
 
     # ---- L1 ----------------------------------------------------------------------------------
 
     def _per_salt(self, counter: Counter, keys: Iterable[ObjectKey], tag: str) -> None:
         for salt, n in ev.salt_counts(list(keys)).items():
-            counter.labels(salt, tag).inc(n)
+            self._child(counter, salt, tag).inc(n)
 
     def _l1_read(self, e: ev.L1ReadFinished) -> None:
         self._per_salt(self.l1_read, e.keys, e.l1_tag)
@@ -228,7 +239,7 @@ class MetricsSubscriber:
         for key in self._gated(e.keys):
             gone = self._evicted_at.pop(key, None)
             if gone is not None:
-                self.evict_reuse.labels(e.l1_tag).observe(
+                self._child(self.evict_reuse, e.l1_tag).observe(
                     min(e.timestamp - gone, _EVICT_REUSE_CAP_S)
                 )
             if len(self._alloc_at) < _TRACK_CAP:
@@ -241,19 +252,19 @@ class MetricsSubscriber:
             born = self._alloc_at.pop(key, None)
             last = self._touch_at.pop(key, None)
             if born is not None:
-                self.lifetime.labels(e.l1_tag).observe(max(0.0, e.timestamp - born))
+                self._child(self.lifetime, e.l1_tag).observe(max(0.0, e.timestamp - born))
             if last is not None:
-                self.idle.labels(e.l1_tag).observe(max(0.0, e.timestamp - last))
+                self._child(self.idle, e.l1_tag).observe(max(0.0, e.timestamp - last))
             if len(self._evicted_at) >= _TRACK_CAP:  # sweep: long waits count as the cap
                 for old in list(self._evicted_at)[: _TRACK_CAP // 10]:
                     self._evicted_at.pop(old)
-                    self.evict_reuse.labels(e.l1_tag).observe(_EVICT_REUSE_CAP_S)
+                    self._child(self.evict_reuse, e.l1_tag).observe(_EVICT_REUSE_CAP_S)
             self._evicted_at[key] = e.timestamp
 
     def _touch(self, key: ObjectKey, now: float, tag: str) -> None:
         last = self._touch_at.get(key)
         if last is not None:
-            self.reuse_gap.labels(tag).observe(max(0.0, now - last))
+            self._child(self.reuse_gap, tag).observe(max(0.0, now - last))
             self._touch_at[key] = now
 
     def _gated(self, keys: Iterable[ObjectKey]) -> Iterable[ObjectKey]:
@@ -266,24 +277,24 @@ class MetricsSubscriber:
             self.triggered.inc()
 
     def _alloc_failed(self, e: ev.L1AllocationFailed) -> None:
-        self.alloc_fail.labels(e.during, e.model_name).inc(len(e.keys))
+        self._child(self.alloc_fail, e.during, e.model_name).inc(len(e.keys))
 
     def _read_failed(self, e: ev.L1ReadFailed) -> None:
-        self.read_fail.labels(e.during, e.reason, e.model_name).inc(len(e.keys))
+        self._child(self.read_fail, e.during, e.reason, e.model_name).inc(len(e.keys))
 
     # ---- lookups and transfers -----------------------------------------------------------------
 
     def _lookup_end(self, e: ev.LookupEnd) -> None:
         lab = (e.model_name, e.cache_salt)
-        self.lookups.labels(*lab).inc()
-        self.requested.labels(*lab).inc(e.requested_tokens)
-        self.hit.labels(*lab).inc(e.hit_tokens)
-        self.hit_l1.labels(*lab).inc(e.l1_hit_tokens)
-        self.hit_l2.labels(*lab).inc(e.l2_hit_tokens)
-        self.hit_l1_keys.labels(*lab).inc(e.l1_hit_keys)
-        self.hit_l2_keys.labels(*lab).inc(e.l2_hit_keys)
+        self._child(self.lookups, *lab).inc()
+        self._child(self.requested, *lab).inc(e.requested_tokens)
+        self._child(self.hit, *lab).inc(e.hit_tokens)
+        self._child(self.hit_l1, *lab).inc(e.l1_hit_tokens)
+        self._child(self.hit_l2, *lab).inc(e.l2_hit_tokens)
+        self._child(self.hit_l1_keys, *lab).inc(e.l1_hit_keys)
+        self._child(self.hit_l2_keys, *lab).inc(e.l2_hit_keys)
         if e.early_exit_reason:
-            self.early_exit.labels(*lab, e.early_exit_reason).inc()
+            self._child(self.early_exit, *lab, e.early_exit_reason).inc()
         t = self.lookup_tokens
         t["requested"] += e.requested_tokens
         t["l1"] += e.l1_hit_tokens
@@ -298,15 +309,15 @@ class MetricsSubscriber:
         bucket[3] += e.l2_hit_tokens
 
     def _store_end(self, e: ev.StoreEnd) -> None:
-        self.fin_stores.labels(e.device).inc()
-        self.stored_bytes.labels(e.device).inc(e.total_bytes)
+        self._child(self.fin_stores, e.device).inc()
+        self._child(self.stored_bytes, e.device).inc(e.total_bytes)
         self._throughput(self.store_tp, "store", e)
 
     def _retrieve_end(self, e: ev.RetrieveEnd) -> None:
-        self.fin_retrieves.labels(e.device).inc()
-        self.retrieved_bytes.labels(e.device).inc(e.total_bytes)
+        self._child(self.fin_retrieves, e.device).inc()
+        self._child(self.retrieved_bytes, e.device).inc(e.total_bytes)
         if e.retrieved_count > 0:
-            self.chunks_loaded.labels(str(e.engine_id), e.model_name, e.cache_salt).inc(
+            self._child(self.chunks_loaded, str(e.engine_id), e.model_name, e.cache_salt).inc(
                 e.retrieved_count
             )
         self._throughput(self.load_tp, "retrieve", e)
@@ -315,25 +326,25 @@ class MetricsSubscriber:
         if e.total_bytes <= 0 or e.elapsed_seconds <= 0:
             return
         gbps = e.total_bytes / e.elapsed_seconds / 1e9
-        hist.labels(e.device, str(e.engine_id), e.model_name).observe(gbps)
+        self._child(hist, e.device, str(e.engine_id), e.model_name).observe(gbps)
         self.last_copy_gbps[direction] = gbps
 
     # ---- L2 ----------------------------------------------------------------------------------
 
     def _l2_store_submitted(self, e: ev.L2StoreSubmitted) -> None:
         self.l2_sub.inc()
-        self.l2_sub_obj.labels(e.l2_name).inc(e.key_count)
+        self._child(self.l2_sub_obj, e.l2_name).inc(e.key_count)
         self.inflight_stores[(e.adapter_index, e.task_id)] = (e.l2_name, e.timestamp)
 
     def _l2_store_completed(self, e: ev.L2StoreCompleted) -> None:
-        self.l2_done.labels(e.l2_name).inc()
-        self.l2_done_obj.labels(e.l2_name).inc(e.succeeded_count)
+        self._child(self.l2_done, e.l2_name).inc()
+        self._child(self.l2_done_obj, e.l2_name).inc(e.succeeded_count)
         if e.failed_count:
-            self.l2_failures.labels(e.l2_name, "store").inc(e.failed_count)
+            self._child(self.l2_failures, e.l2_name, "store").inc(e.failed_count)
         start = self.inflight_stores.pop((e.adapter_index, e.task_id), None)
         if start is not None and e.bytes_transferred > 0 and e.timestamp > start[1]:
             gbps = e.bytes_transferred / (e.timestamp - start[1]) / 1e9
-            self.l2_store_tp.labels(e.l2_name).observe(gbps)
+            self._child(self.l2_store_tp, e.l2_name).observe(gbps)
 
     def _l2_load_submitted(self, e: ev.L2LoadSubmitted) -> None:
         self.inflight_loads[(e.request_id, e.adapter_index)] = (
@@ -341,20 +352,22 @@ class MetricsSubscriber:
         )  # fmt: skip
 
     def _l2_load_completed(self, e: ev.L2LoadCompleted) -> None:
-        self.l2_load_done.labels(e.l2_name).inc()
-        self.l2_loaded.labels(e.l2_name).inc(e.loaded_count)
+        self._child(self.l2_load_done, e.l2_name).inc()
+        self._child(self.l2_loaded, e.l2_name).inc(e.loaded_count)
         if e.failed_count:
-            self.l2_failures.labels(e.l2_name, "load").inc(e.failed_count)
+            self._child(self.l2_failures, e.l2_name, "load").inc(e.failed_count)
         adapter = (str(e.adapter_index), e.l2_name)
         self.l2_loaded_by_adapter[adapter] = (
             self.l2_loaded_by_adapter.get(adapter, 0) + e.loaded_count
         )
         start = self.inflight_loads.pop((e.request_id, e.adapter_index), None)
         if start is not None and start[2] > 0 and e.timestamp > start[1]:
-            self.l2_load_tp.labels(e.l2_name).observe(start[2] / (e.timestamp - start[1]) / 1e9)
+            self._child(self.l2_load_tp, e.l2_name).observe(
+                start[2] / (e.timestamp - start[1]) / 1e9
+            )
 
     def _l2_prefetch_failed(self, e: ev.L2PrefetchFailed) -> None:
-        self.l2_pf_fail.labels(e.reason, e.model_name).inc(e.key_count)
+        self._child(self.l2_pf_fail, e.reason, e.model_name).inc(e.key_count)
         if e.reason == "timeout":
             self.pf_timeouts.inc()
 
