@@ -102,7 +102,10 @@ def add_bench_arguments(p: argparse.ArgumentParser) -> None:
         "--json", dest="json_path", default=None, metavar="PATH", help="write the report as JSON"
     )
     p.add_argument("--chart", default=None, metavar="PNG",
-                   help="draw bandwidth ratios to memcpy (needs matplotlib)")  # fmt: skip
+                   help="draw bandwidth ratios to memcpy (needs matplotlib: the bench extra)")  # fmt: skip
+    p.add_argument("--render", default=None, metavar="JSON",
+                   help="measure nothing: print the table of a report written by --json "
+                        "(and draw it with --chart)")  # fmt: skip
 
 
 def config_from_args(a: argparse.Namespace) -> BenchConfig:
@@ -139,11 +142,15 @@ def config_from_args(a: argparse.Namespace) -> BenchConfig:
 
 def run_bench_command(a: argparse.Namespace) -> int:
     """Run, print the table on stdout, write JSON / chart.  1 if any measurement failed."""
+    from kvhive.bench.report import BenchReport
     from kvhive.bench.runner import BenchSetupError, run_bench, stderr_progress
 
     try:
-        report = run_bench(config_from_args(a), stderr_progress())
-    except BenchSetupError as exc:
+        if a.render:
+            report = BenchReport.read_json(a.render)
+        else:
+            report = run_bench(config_from_args(a), stderr_progress())
+    except (BenchSetupError, OSError, ValueError) as exc:
         print(f"kvhive bench: error: {exc}", file=sys.stderr)
         return 2
     print(report.table())

@@ -123,6 +123,25 @@ class BenchReport:
             "errors": list(self.errors),
         }
 
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> BenchReport:
+        """The report :meth:`to_dict` wrote (to print or chart a recorded run again)."""
+        try:
+            return cls(
+                meta=dict(data.get("meta", {})),
+                memcpy_gbs=data.get("memcpy_gbs"),
+                echo_rtt_ms=data.get("echo_rtt_ms"),
+                rows=[Row(**r) for r in data["rows"]],
+                targets=[Target(**t) for t in data.get("targets", [])],
+                errors=list(data.get("errors", [])),
+            )
+        except (KeyError, TypeError) as exc:
+            raise ValueError(f"not a kvhive bench report: {exc}") from None
+
+    @classmethod
+    def read_json(cls, path: str | Path) -> BenchReport:
+        return cls.from_dict(json.loads(Path(path).read_text()))
+
     def write_json(self, path: str | Path) -> None:
         Path(path).write_text(json.dumps(self.to_dict(), indent=2) + "\n")
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import sys
 
 import pytest
 
@@ -10,6 +11,7 @@ from kvhive.bench.config import BenchConfig
 from kvhive.bench.kvload import latency_summary, percentile_ms, transfer_figures
 from kvhive.bench.report import BenchReport, Target
 from kvhive.bench.runner import default_targets
+from kvhive.cli.main import main
 
 KEY = "transfer/lmcache/lmcache_driven/32L-8H-128D/store/16"
 
@@ -78,15 +80,35 @@ def test_dict_json_and_table(tmp_path) -> None:
     assert "store >= 0.7x memcpy" in table and "yes" in table
 
 
-def test_chart_is_optional(tmp_path) -> None:
+def test_chart_draws_a_png(tmp_path) -> None:
     r = _report().finalize()
-    try:
-        import matplotlib  # noqa: F401
-    except ImportError:
-        assert r.chart(tmp_path / "c.png") is False
-    else:
-        assert r.chart(tmp_path / "c.png") is True
-        assert (tmp_path / "c.png").read_bytes()[:4] == b"\x89PNG"
+    assert r.chart(tmp_path / "c.png") is True
+    assert (tmp_path / "c.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_chart_without_matplotlib_is_skipped(tmp_path, monkeypatch) -> None:
+    # Stand-in for a venv without the bench extra: the import of matplotlib fails.
+    monkeypatch.setitem(sys.modules, "matplotlib", None)
+    assert _report().finalize().chart(tmp_path / "c.png") is False
+    assert not (tmp_path / "c.png").exists()
+
+
+def test_a_written_report_renders_again(tmp_path, capsys) -> None:
+    r = _report().finalize([Target("store >= 0.7x memcpy", KEY, "vs_memcpy", 0.7)])
+    r.echo_rtt_ms = 0.09
+    r.write_json(tmp_path / "r.json")
+    again = BenchReport.read_json(tmp_path / "r.json")
+    assert again.to_dict() == r.to_dict() and again.table() == r.table()
+    assert (
+        main(["bench", "--render", str(tmp_path / "r.json"), "--chart", str(tmp_path / "c.png")])
+        == 0
+    )
+    out = capsys.readouterr().out
+    assert "store >= 0.7x memcpy" in out and "kvhive/ref" in out
+    assert (tmp_path / "c.png").read_bytes()[:4] == b"\x89PNG"
+    (tmp_path / "bad.json").write_text('{"rows": [{"nope": 1}]}')
+    assert main(["bench", "--render", str(tmp_path / "bad.json")]) == 2
+    assert "not a kvhive bench report" in capsys.readouterr().err
 
 
 def test_transfer_figures_one_engine_uses_the_median_request() -> None:
