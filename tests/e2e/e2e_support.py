@@ -6,7 +6,6 @@ from __future__ import annotations
 import json
 import os
 import subprocess
-import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -174,17 +173,3 @@ def full_chunk_prefix(prompt_tokens: int, chunk_size: int) -> int:
     keeps its last token for vLLM to compute."""
     hit = prompt_tokens // chunk_size * chunk_size
     return hit - 1 if hit == prompt_tokens else hit
-
-
-def l2_flag_state() -> tuple[bool, str]:
-    """Whether ``kvhive server`` takes a live ``--l2-adapter`` (an fs adapter)."""
-    proc = subprocess.run(
-        [sys.executable, "-m", "kvhive", "server", "--help"],
-        capture_output=True,
-        text=True,
-        timeout=60,
-        check=False,
-    )
-    if "--l2-adapter" not in proc.stdout:
-        return False, "kvhive server --help does not list --l2-adapter yet (L2 issue not landed)"
-    return True, ""

@@ -18,7 +18,6 @@ from e2e_support import (
     Servers,
     VllmEnv,
     full_chunk_prefix,
-    l2_flag_state,
     run_vllm,
 )
 
@@ -92,16 +91,8 @@ def test_stores_and_hits_show_in_status(mode_run: ModeRun) -> None:
 def test_fs_l2_serves_the_prefix_after_a_restart(
     vllm_env: VllmEnv, servers: Servers, baseline: RunResult, tmp_path: Path
 ) -> None:
-    live, reason = l2_flag_state()
-    if not live:
-        pytest.skip(reason)
     extra = ["--l2-adapter", f'{{"type": "fs", "base_path": "{tmp_path / "l2"}"}}']
-    try:
-        first = servers.start(extra)
-    except RuntimeError as exc:
-        if first_rc(servers) == 2:  # the flag is recognised but not served yet
-            pytest.skip(f"--l2-adapter refused by this build: {str(exc).splitlines()[-1]}")
-        raise
+    first = servers.start(extra)
     stored = run_vllm(vllm_env, "lmcache_driven", port=first.rpc_port, repeats=1)
     assert stored.cold["num_cached_tokens"] == 0
     first.stop()  # an orderly stop drains the L2 write-behind
@@ -116,8 +107,3 @@ def test_fs_l2_serves_the_prefix_after_a_restart(
     assert status["counters"]["lookup_hit_chunks"] == chunks
     assert status["counters"]["retrieved_chunks"] == chunks
     assert status["counters"]["stored_chunks"] == 0  # nothing new: all came from L2
-
-
-def first_rc(servers: Servers) -> int | None:
-    proc = servers.started[-1].proc
-    return None if proc is None else proc.poll()
