@@ -213,17 +213,7 @@ class EngineDriven:
         if any(s is None for s in slots):
             self.l1.unlock([s.key for s in slots if s is not None], pin)
             self.l1.unlock(keys, lookup_owner)
-            self.engine._count(retrieve_failures=1)
-            tel = self.engine.telemetry
-            tel.retrieve_end(
-                tel.retrieve_begin(key, instance_id),
-                key,
-                instance_id,
-                keys=keys,
-                ok=False,
-                object_nbytes=inst.geometry.nbytes,
-                elapsed=0.0,
-            )
+            self._report_uncopied_retrieve(key, inst, keys, ok=False)
             return t.PrepareRetrieveResponse(success=False)
         if inst.shm_pool:
             with self._lock:
@@ -255,18 +245,28 @@ class EngineDriven:
         kv_rank = k.kv_rank_of(key)
         self.l1.unlock(keys, ("edcopy", instance_id))
         self.l1.unlock(keys, k.read_owner(key.request_id, key.model_name, kv_rank))
-        self.engine._count(retrieved_chunks=len(keys))
-        tel = self.engine.telemetry  # the worker copied; no server-side copy time
+        self._report_uncopied_retrieve(key, inst, keys, ok=True)
+        return True
+
+    def _report_uncopied_retrieve(
+        self, key: t.CacheKey, inst: Instance, keys: list[ObjectKey], *, ok: bool
+    ) -> None:
+        """Count and publish a retrieve the server did not copy (it failed before the copy,
+        or the worker copied from the shared pool): no server-side copy time."""
+        if ok:
+            self.engine._count(retrieved_chunks=len(keys))
+        else:
+            self.engine._count(retrieve_failures=1)
+        tel = self.engine.telemetry
         tel.retrieve_end(
-            tel.retrieve_begin(key, instance_id),
+            tel.retrieve_begin(key, inst.instance_id),
             key,
-            instance_id,
+            inst.instance_id,
             keys=keys,
-            ok=True,
+            ok=ok,
             object_nbytes=inst.geometry.nbytes,
             elapsed=0.0,
         )
-        return True
 
 
 def _sig(instance_id: int, key: t.CacheKey) -> tuple[Any, ...]:
