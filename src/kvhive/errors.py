@@ -43,6 +43,13 @@ class UnknownInstance(KvhiveError):
     code = "unknown_instance"
 
 
+class TransferFailed(KvhiveError):
+    """A store or retrieve decoded but could not be served (unknown instance, objects gone,
+    too few block ids).  The client gets the operation's soft-failure value, not an error."""
+
+    code = "transfer_failed"
+
+
 class RegistrationError(KvhiveError):
     """A KV-cache registration cannot be served (bad descriptor, unmappable segment)."""
 

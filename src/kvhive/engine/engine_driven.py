@@ -6,20 +6,35 @@ Two strategies, chosen at registration:
   commit_* publish (store) or unlock (retrieve).  Zero copies in the server.
 * pickle: chunk tensors travel as torch pickles inside commit_store/prepare_retrieve
   (needs torch in the server; a restricted unpickler guards the decode).
+
+Locks (see :mod:`kvhive.engine.lookups` for the whole contract): prepare_store reserves
+under the instance's ``WriterOwner`` until commit_store; prepare_retrieve pins the chunks
+under ``WorkerCopyPin(instance)`` and, like a lmcache-driven retrieve, gives back one lookup
+lock per chunk when the retrieve is over (commit_retrieve on the shared pool; at once for
+pickle, and on failure).  Unregistering or reaping the instance drops its pins and the
+pending tables below.
+
+Threads: every call runs on the caller connection's affinity thread; the pending tables
+are shared with the registry's drop listener (any thread) under ``_lock``.
 """
 
 from __future__ import annotations
 
 import logging
 import threading
+from dataclasses import dataclass
 from typing import Any
 
 from kvhive.engine import keys as k
-from kvhive.engine.engine import CacheEngine
-from kvhive.engine.registry import ChunkGeometry, Instance
-from kvhive.errors import BadRequest, UnsupportedError
-from kvhive.keys import ObjectKey
-from kvhive.storage.l1.manager import Slot
+from kvhive.engine.lookups import LookupService
+from kvhive.engine.registry import ChunkGeometry, Instance, Registry
+from kvhive.engine.stats import TransferBrackets
+from kvhive.engine.transfers import TransferService
+from kvhive.errors import BadRequest, RegistrationError, TransferFailed, UnsupportedError
+from kvhive.keys import InstanceId, ObjectKey
+from kvhive.storage.l1.manager import L1Manager
+from kvhive.storage.l1.records import Slot
+from kvhive.storage.owners import WorkerCopyPin, WriterOwner
 from kvhive.transfer import pickle_codec
 from kvhive.transfer.descriptors import itemsize
 from kvhive.wire import types as t
@@ -28,21 +43,61 @@ log = logging.getLogger(__name__)
 MODE = "engine_driven"
 
 
+@dataclass(frozen=True, slots=True)
+class PendingKey:
+    """Names one prepared transfer: the same request range from the same instance."""
+
+    instance_id: int
+    model_name: str
+    request_id: str
+    worker_id: int | None
+    start: int
+    end: int
+    cache_salt: str
+
+    @classmethod
+    def of(cls, instance_id: int, key: t.CacheKey) -> PendingKey:
+        return cls(
+            instance_id,
+            key.model_name,
+            key.request_id,
+            key.worker_id,
+            key.start,
+            key.end,
+            key.cache_salt,
+        )
+
+
 class EngineDriven:
-    def __init__(self, engine: CacheEngine, *, pool_name: str = "", pool_size: int = 0) -> None:
-        self.engine = engine
-        self.l1 = engine.l1
+    """The engine-driven operations (module docstring)."""
+
+    def __init__(
+        self,
+        *,
+        l1: L1Manager,
+        registry: Registry,
+        transfers: TransferService,
+        lookups: LookupService,
+        brackets: TransferBrackets,
+        pool_name: str = "",
+        pool_size: int = 0,
+    ) -> None:
+        self.l1 = l1
+        self.registry = registry
+        self.transfers = transfers
+        self.lookups = lookups
+        self.brackets = brackets
         self.pool_name = pool_name
         self.pool_size = pool_size
-        self._pending_stores: dict[tuple[Any, ...], list[Slot | None]] = {}
-        self._pending_reads: dict[tuple[Any, ...], list[ObjectKey]] = {}
+        self._pending_stores: dict[PendingKey, list[Slot | None]] = {}
+        self._pending_reads: dict[PendingKey, list[ObjectKey]] = {}
         self._lock = threading.Lock()
-        engine.registry.on_drop(self._forget)
+        registry.on_drop(self._forget)
 
     def register_kv_cache_engine_driven_context(
         self, p: t.EngineDrivenPayload
     ) -> t.EngineDrivenResponse:
-        if MODE not in self.engine.transfer_modes:
+        if MODE not in self.transfers.transfer_modes:
             raise UnsupportedError("this server runs with --supported-transfer-mode lmcache_driven")
         if not self.pool_name and not pickle_codec.torch_available():
             raise UnsupportedError(
@@ -56,7 +111,7 @@ class EngineDriven:
         ):
             if v < 1:
                 raise BadRequest(f"{name} must be >= 1, got {v}")
-        slots = p.num_physical_slots or self.engine.chunk_size
+        slots = p.num_physical_slots or self.transfers.chunk_size
         shape = (
             (p.num_layers, slots, p.hidden_dim_size)
             if p.use_mla
@@ -64,14 +119,14 @@ class EngineDriven:
         )
         try:
             size = itemsize(p.dtype_str)
-        except Exception as exc:
+        except (RegistrationError, KeyError, ValueError, TypeError) as exc:
             raise BadRequest(f"unknown dtype {p.dtype_str!r}") from exc
         nbytes = size
         for d in shape:
             nbytes *= d
-        self.engine.registry.add(
+        self.registry.add(
             Instance(
-                instance_id=p.instance_id,
+                instance_id=InstanceId(p.instance_id),
                 mode=MODE,
                 model_name=p.model_name,
                 world_size=p.world_size,
@@ -91,23 +146,24 @@ class EngineDriven:
         return t.EngineDrivenResponse(shm_name=self.pool_name, pool_size=self.pool_size)
 
     def unregister_kv_cache_engine_driven_context(self, instance_id: int) -> None:
-        self.engine.registry.remove(instance_id)
+        self.registry.remove(instance_id)
 
     def _forget(self, inst: Instance, reason: str) -> None:
         with self._lock:
             for table in (self._pending_stores, self._pending_reads):
-                for sig in [s for s in table if s[0] == inst.instance_id]:
-                    del table[sig]
+                for pk in [pk for pk in table if pk.instance_id == inst.instance_id]:
+                    del table[pk]
 
     def _inst(self, instance_id: int) -> Instance:
-        inst = self.engine._instance(instance_id, MODE)
+        inst = self.transfers.instance(instance_id, MODE)
         if inst is None:
             raise BadRequest(
                 f"instance {instance_id} is not registered for engine-driven transfers"
             )
         return inst
 
-    def _slot_desc(self, slot: Slot, inst: Instance) -> dict[str, Any]:
+    @staticmethod
+    def _slot_desc(slot: Slot, inst: Instance) -> dict[str, Any]:
         g = inst.geometry
         return {
             "offset": slot.offset,
@@ -119,17 +175,18 @@ class EngineDriven:
     # ---- store ---------------------------------------------------------------------
 
     def prepare_store(self, key: t.CacheKey, instance_id: int) -> t.PrepareStoreResponse:
+        """Shared pool: reserve L1 slots for the range and hand out where they are."""
         inst = self._inst(instance_id)
         kv_rank = k.kv_rank_of(key)
         inst.kv_ranks.add(kv_rank)
         if not inst.shm_pool:
             return t.PrepareStoreResponse(context={})
-        keys, _ = self.engine._chunk_keys(key, kv_rank)
-        slots = self.l1.reserve(keys, inst.geometry.nbytes, k.write_owner(instance_id))
-        sig = _sig(instance_id, key)
+        keys = self.transfers.chunk_keys(key, kv_rank)
+        slots = self.l1.reserve(keys, inst.geometry.nbytes, WriterOwner(inst.instance_id))
+        pk = PendingKey.of(instance_id, key)
         with self._lock:
-            old = self._pending_stores.pop(sig, None)
-            self._pending_stores[sig] = slots
+            old = self._pending_stores.pop(pk, None)
+            self._pending_stores[pk] = slots
         if old:
             self.l1.abort([s for s in old if s is not None])
         got = [(i, s) for i, s in enumerate(slots) if s is not None]
@@ -141,141 +198,102 @@ class EngineDriven:
         )
 
     def commit_store(self, key: t.CacheKey, instance_id: int, data: bytes) -> bool:
+        """Publish what the worker wrote (shared pool), or decode and store its pickled
+        chunk tensors.  True when every reserved chunk was committed."""
         inst = self._inst(instance_id)
         if data:
             return self._commit_pickle(inst, key, data)
         with self._lock:
-            slots = self._pending_stores.pop(_sig(instance_id, key), None)
+            slots = self._pending_stores.pop(PendingKey.of(instance_id, key), None)
         if slots is None:
-            return False
+            raise TransferFailed(f"commit_store without prepare_store ({key.request_id})")
         taken = [s for s in slots if s is not None]
-        done = sum(self.l1.commit(taken))
-        self.engine._count(stored_chunks=done)
-        tel = self.engine.telemetry  # the worker copied; no server-side copy time
-        tel.store_end(
-            tel.store_begin(key, instance_id),
-            key,
-            instance_id,
-            stored=done,
-            skipped=len(slots) - len(taken),
-            object_nbytes=inst.geometry.nbytes,
-            elapsed=0.0,
-        )
-        return done == len(taken)
+        with self.brackets.storing(
+            key, instance_id, object_nbytes=inst.geometry.nbytes, server_copies=False
+        ) as tally:
+            tally.stored = sum(self.l1.commit(taken))
+            tally.skipped = len(slots) - len(taken)
+        if tally.stored != len(taken):
+            raise TransferFailed(f"{len(taken) - tally.stored} reservations expired before commit")
+        return True
 
     def _commit_pickle(self, inst: Instance, key: t.CacheKey, data: bytes) -> bool:
         tensors = pickle_codec.decode_tensors(data)
-        kv_rank = k.kv_rank_of(key)
-        keys, _ = self.engine._chunk_keys(key, kv_rank)
+        keys = self.transfers.chunk_keys(key, k.kv_rank_of(key))
         if len(tensors) != len(keys):
-            log.warning("commit_store: %d tensors for %d chunks", len(tensors), len(keys))
-            return False
+            raise TransferFailed(f"commit_store: {len(tensors)} tensors for {len(keys)} chunks")
         nbytes = inst.geometry.nbytes
         if any(a.nbytes != nbytes for a in tensors):
-            log.warning(
-                "commit_store: chunk tensor size differs from the object layout (%d)", nbytes
+            raise TransferFailed(
+                f"commit_store: chunk tensor size differs from the object layout ({nbytes})"
             )
-            return False
-        slots = self.l1.reserve(keys, nbytes, k.write_owner(inst.instance_id))
-        taken = [s for s in slots if s is not None]
-        tel = self.engine.telemetry
-        tr = tel.store_begin(key, inst.instance_id)
-        try:
-            with self.engine.inflight.track("store", key.request_id):
+        with self.brackets.storing(key, inst.instance_id, object_nbytes=nbytes) as tally:
+            slots = self.l1.reserve(keys, nbytes, WriterOwner(inst.instance_id))
+            taken = [s for s in slots if s is not None]
+            try:
                 for slot, arr in zip(slots, tensors, strict=True):
                     if slot is not None:
                         self.l1.view(slot)[:] = arr.reshape(-1)
-        except BaseException:
-            self.l1.abort(taken)
-            raise
-        done = sum(self.l1.commit(taken))
-        self.engine._count(stored_chunks=done)
-        tel.store_end(
-            tr,
-            key,
-            inst.instance_id,
-            stored=done,
-            skipped=len(slots) - len(taken),
-            object_nbytes=nbytes,
-        )
-        return done == len(taken)
+            except BaseException:
+                self.l1.abort(taken)
+                raise
+            tally.stored = sum(self.l1.commit(taken))
+            tally.skipped = len(slots) - len(taken)
+        if tally.stored != len(taken):
+            raise TransferFailed(f"{len(taken) - tally.stored} reservations expired before commit")
+        return True
 
     # ---- retrieve ------------------------------------------------------------------
 
     def prepare_retrieve(self, key: t.CacheKey, instance_id: int) -> t.PrepareRetrieveResponse:
+        """Pin the range's chunks; hand out their slots (shared pool) or their bytes
+        (pickle).  The lookup locks go back here unless the worker still has to copy."""
         inst = self._inst(instance_id)
         kv_rank = k.kv_rank_of(key)
         inst.kv_ranks.add(kv_rank)
-        keys, _ = self.engine._chunk_keys(key, kv_rank)
-        lookup_owner = k.read_owner(key.request_id, key.model_name, kv_rank)
-        pin = ("edcopy", instance_id)
+        keys = self.transfers.chunk_keys(key, kv_rank)
+        pin = WorkerCopyPin(inst.instance_id)
         slots = self.l1.read_lock(keys, pin)
-        if any(s is None for s in slots):
-            self.l1.unlock([s.key for s in slots if s is not None], pin)
-            self.l1.unlock(keys, lookup_owner)
-            self._report_uncopied_retrieve(key, inst, keys, ok=False)
-            return t.PrepareRetrieveResponse(success=False)
+        held = [s for s in slots if s is not None]
+        if len(held) < len(slots):
+            self.l1.unlock([s.key for s in held], pin)
+            self.lookups.release_retrieved(key, kv_rank, keys)
+            with self.brackets.retrieving(
+                key, instance_id, keys, object_nbytes=inst.geometry.nbytes, server_copies=False
+            ):
+                raise TransferFailed(
+                    f"{len(slots) - len(held)} of {len(keys)} chunks are no longer in L1"
+                )
         if inst.shm_pool:
             with self._lock:
-                self._pending_reads[_sig(instance_id, key)] = keys
+                self._pending_reads[PendingKey.of(instance_id, key)] = keys
             return t.PrepareRetrieveResponse(
-                success=True, context={"slots": [self._slot_desc(s, inst) for s in slots if s]}
+                success=True, context={"slots": [self._slot_desc(s, inst) for s in held]}
             )
-        tel = self.engine.telemetry
-        tr = tel.retrieve_begin(key, instance_id)
+        g = inst.geometry
         try:
-            g = inst.geometry
-            with self.engine.inflight.track("retrieve", key.request_id):
-                data = pickle_codec.encode_tensors(
-                    [self.l1.view(s) for s in slots if s], g.shape, g.dtype
-                )
+            with self.brackets.retrieving(
+                key, instance_id, keys, object_nbytes=g.nbytes
+            ) as tally:
+                views = [self.l1.view(s) for s in held]
+                data = pickle_codec.encode_tensors(views, g.shape, g.dtype)
+                tally.ok = True
         finally:
             self.l1.unlock(keys, pin)
-            self.l1.unlock(keys, lookup_owner)
-        self.engine._count(retrieved_chunks=len(keys))
-        tel.retrieve_end(tr, key, instance_id, keys=keys, ok=True, object_nbytes=g.nbytes)
+            self.lookups.release_retrieved(key, kv_rank, keys)
         return t.PrepareRetrieveResponse(success=True, data=data)
 
     def commit_retrieve(self, key: t.CacheKey, instance_id: int) -> bool:
+        """The worker finished copying out of the shared pool: unpin, give locks back."""
         inst = self._inst(instance_id)
         with self._lock:
-            keys = self._pending_reads.pop(_sig(instance_id, key), None)
+            keys = self._pending_reads.pop(PendingKey.of(instance_id, key), None)
         if keys is None:
             return True  # pickle path: prepare_retrieve already released everything
-        kv_rank = k.kv_rank_of(key)
-        self.l1.unlock(keys, ("edcopy", instance_id))
-        self.l1.unlock(keys, k.read_owner(key.request_id, key.model_name, kv_rank))
-        self._report_uncopied_retrieve(key, inst, keys, ok=True)
+        self.l1.unlock(keys, WorkerCopyPin(inst.instance_id))
+        self.lookups.release_retrieved(key, k.kv_rank_of(key), keys)
+        with self.brackets.retrieving(
+            key, instance_id, keys, object_nbytes=inst.geometry.nbytes, server_copies=False
+        ) as tally:
+            tally.ok = True
         return True
-
-    def _report_uncopied_retrieve(
-        self, key: t.CacheKey, inst: Instance, keys: list[ObjectKey], *, ok: bool
-    ) -> None:
-        """Count and publish a retrieve the server did not copy (it failed before the copy,
-        or the worker copied from the shared pool): no server-side copy time."""
-        if ok:
-            self.engine._count(retrieved_chunks=len(keys))
-        else:
-            self.engine._count(retrieve_failures=1)
-        tel = self.engine.telemetry
-        tel.retrieve_end(
-            tel.retrieve_begin(key, inst.instance_id),
-            key,
-            inst.instance_id,
-            keys=keys,
-            ok=ok,
-            object_nbytes=inst.geometry.nbytes,
-            elapsed=0.0,
-        )
-
-
-def _sig(instance_id: int, key: t.CacheKey) -> tuple[Any, ...]:
-    return (
-        instance_id,
-        key.model_name,
-        key.request_id,
-        key.worker_id,
-        key.start,
-        key.end,
-        key.cache_salt,
-    )

@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 from kvhive.errors import BadRequest
-from kvhive.keys import ObjectKey, pack_kv_rank, validate_salt
+from kvhive.keys import ChunkHash, ObjectKey, RequestId, pack_kv_rank, validate_salt
+from kvhive.storage.owners import LookupOwner
 from kvhive.wire.types import CacheKey
 
 
@@ -23,7 +24,8 @@ def all_ranks(key: CacheKey) -> list[int]:
         raise BadRequest(str(exc)) from None
 
 
-def object_keys(key: CacheKey, hashes: list[bytes], kv_rank: int) -> list[ObjectKey]:
+def object_keys(key: CacheKey, hashes: list[ChunkHash], kv_rank: int) -> list[ObjectKey]:
+    """One object key per chunk hash, for ``kv_rank``; BadRequest on a bad salt or model."""
     try:
         salt = validate_salt(key.cache_salt)
     except ValueError as exc:
@@ -33,14 +35,9 @@ def object_keys(key: CacheKey, hashes: list[bytes], kv_rank: int) -> list[Object
     return [ObjectKey(h, key.model_name, kv_rank, 0, salt) for h in hashes]
 
 
-def read_owner(request_id: str, model_name: str, kv_rank: int) -> tuple[str, str, str, int]:
-    """Owner of a lookup's read locks on one rank's objects.  The rank is part of the
-    owner so that a dead worker's share can be released without touching others."""
-    return ("req", request_id, model_name, kv_rank)
-
-
-def write_owner(instance_id: int) -> tuple[str, int]:
-    return ("inst", instance_id)
+def lookup_owner(key: CacheKey, kv_rank: int) -> LookupOwner:
+    """Owner of the read locks ``key``'s request took (by lookup) on ``kv_rank``'s objects."""
+    return LookupOwner(RequestId(key.request_id), key.model_name, kv_rank)
 
 
 def chunk_range(key: CacheKey, chunk_size: int, *, aligned: bool) -> tuple[int, int]:

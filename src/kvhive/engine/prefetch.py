@@ -2,17 +2,18 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable, Hashable
+from collections.abc import Callable
 from typing import Protocol
 
 from kvhive.keys import ObjectKey
+from kvhive.storage.owners import Owner
 
 
 class Prefetcher(Protocol):
     def prefetch(
         self,
         rows: list[list[ObjectKey]],
-        owner_of: Callable[[ObjectKey], Hashable],
+        owner_of: Callable[[ObjectKey], Owner],
         num_readers: int,
         done: Callable[[int], None],
     ) -> None:

@@ -1,8 +1,9 @@
 """Registered engine workers ("instances"), their KV mappings and liveness.
 
 An instance is one engine worker process, named by the random 63-bit
-``instance_id`` it sends.  lmcache-driven instances own a ``PagedKV`` (mapped
-shared memory); engine-driven instances own only a chunk geometry.  Replacing or
+``instance_id`` it sends.  lmcache-driven instances own a copy backend
+(:class:`~kvhive.transfer.backend.CopyBackend`: ``PagedKV`` over mapped shared memory
+on CPU); engine-driven instances own only a chunk geometry.  Replacing or
 dropping a registration closes its mappings at once (the reference keeps stale
 mappings and leaks them, protocol.md §23 items 6-7).
 """
@@ -14,22 +15,16 @@ import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, Literal, Protocol
+from typing import Any, Literal
 
+from kvhive.keys import InstanceId
 from kvhive.observability import events as ev
 from kvhive.observability.bus import DISABLED, EventBus
+from kvhive.transfer.backend import CopyBackend
 
 log = logging.getLogger(__name__)
 
 Mode = Literal["lmcache_driven", "engine_driven"]
-
-
-class Mapping(Protocol):
-    """What the engine needs from a registration's copy engine."""
-
-    object_nbytes: int
-
-    def close(self) -> None: ...
 
 
 @dataclass(slots=True)
@@ -43,15 +38,18 @@ class ChunkGeometry:
 
 @dataclass(slots=True)
 class Instance:
-    instance_id: int
+    """One registered worker.  ``mapping`` is its copy backend (lmcache-driven only; closed
+    by the registry when the instance is dropped).  ``kv_ranks`` grows as the worker
+    stores and retrieves, so a drop knows whose lookup locks may be orphaned."""
+
+    instance_id: InstanceId
     mode: Mode
     model_name: str
     world_size: int
     geometry: ChunkGeometry
-    mapping: Any = None  # PagedKV for lmcache_driven
+    mapping: CopyBackend | None = None
     layout: str = ""
     shm_pool: bool = False
-    signature: Any = None
     kv_ranks: set[int] = field(default_factory=set)
     registered_at: float = 0.0
     last_seen: float = 0.0

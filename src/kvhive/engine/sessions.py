@@ -13,10 +13,11 @@ import threading
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from typing import cast
 
 from kvhive.errors import BadRequest
 from kvhive.hashing import TokenHasher
-from kvhive.keys import ObjectKey
+from kvhive.keys import ChunkHash, ObjectKey
 
 
 @dataclass(slots=True)
@@ -29,7 +30,7 @@ class LookupState:
     world_size: int
     cache_salt: str
     num_readers: int
-    hashes: list[bytes]
+    hashes: list[ChunkHash]
     hit_chunks: int
     keys: dict[int, list[ObjectKey]] = field(default_factory=dict)
 
@@ -76,7 +77,7 @@ class LookupJob:
 class Session:
     request_id: str
     tokens: list[int] = field(default_factory=list)
-    hashes: list[bytes] = field(default_factory=list)
+    hashes: list[ChunkHash] = field(default_factory=list)
     last_used: float = 0.0
     lookup: LookupState | None = None  # consumed result (hit length known)
     job: LookupJob | None = None  # running, or finished but not yet reported
@@ -117,7 +118,7 @@ class Sessions:
         with self._lock:
             return list(self._sessions.values())
 
-    def hashes(self, session: Session, tokens: Sequence[int], n_chunks: int) -> list[bytes]:
+    def hashes(self, session: Session, tokens: Sequence[int], n_chunks: int) -> list[ChunkHash]:
         """Chunk hashes 0..n_chunks-1 of ``tokens``, reusing the session's chain when its
         tokens are still a prefix of the new list.  Hashing runs outside the table lock."""
         c = self._hasher.chunk_size
@@ -133,7 +134,8 @@ class Sessions:
         if usable == n_chunks:
             return cached[:n_chunks]
         known = cached[:usable]
-        fresh = known + self._hasher.extend(known, tokens, n_chunks)
+        # The hasher's digests are this server's chunk hashes.
+        fresh = known + cast(list[ChunkHash], self._hasher.extend(known, tokens, n_chunks))
         kept = tokens[: n_chunks * c]
         with self._lock:
             if session.hashes is cached or len(fresh) > len(session.hashes):

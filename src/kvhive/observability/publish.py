@@ -9,7 +9,8 @@ from __future__ import annotations
 
 import itertools
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
 
@@ -34,12 +35,81 @@ class Transfer:
     started: float  # perf_counter seconds
 
 
+@dataclass(slots=True)
+class StoreTally:
+    """What a store bracket reports at its end; the body fills it in as it goes."""
+
+    stored: int = 0
+    skipped: int = 0
+
+
+@dataclass(slots=True)
+class RetrieveTally:
+    """What a retrieve bracket reports at its end.  ``ok`` stays False unless the body
+    completes and sets it, so a body that raises reports a failed read."""
+
+    ok: bool = False
+
+
 class EngineTelemetry:
-    """Builds and publishes the MP-server events of one :class:`CacheEngine`."""
+    """Builds and publishes the MP-server events of one :class:`CacheEngine`.
+
+    Use the :meth:`storing` and :meth:`retrieving` brackets rather than the ``*_begin`` /
+    ``*_end`` pairs: they publish the end event on every way out of the body, an exception
+    included, so no tracing span stays open and no failed read goes uncounted.
+    """
 
     def __init__(self, bus: EventBus, chunk_size: int) -> None:
         self.bus = bus
         self.chunk_size = chunk_size
+
+    @contextmanager
+    def storing(
+        self, key: Any, engine_id: int, *, object_nbytes: int, worker_copied: bool = False
+    ) -> Iterator[StoreTally]:
+        """Bracket one store: start events now, ``StoreEnd`` with the tally on exit (raised
+        or not).  ``worker_copied``: the worker did the copy (no throughput sample)."""
+        tally = StoreTally()
+        tr = self.store_begin(key, engine_id)
+        try:
+            yield tally
+        finally:
+            self.store_end(
+                tr,
+                key,
+                engine_id,
+                stored=tally.stored,
+                skipped=tally.skipped,
+                object_nbytes=object_nbytes,
+                elapsed=0.0 if worker_copied else None,
+            )
+
+    @contextmanager
+    def retrieving(
+        self,
+        key: Any,
+        engine_id: int,
+        *,
+        keys: Sequence[ObjectKey],
+        object_nbytes: int,
+        worker_copied: bool = False,
+    ) -> Iterator[RetrieveTally]:
+        """Bracket one retrieve of ``keys``: ``RetrieveEnd`` (and ``L1ReadFinished`` or
+        ``L1ReadFailed``) on exit; a failure unless the body set ``tally.ok``."""
+        tally = RetrieveTally()
+        tr = self.retrieve_begin(key, engine_id)
+        try:
+            yield tally
+        finally:
+            self.retrieve_end(
+                tr,
+                key,
+                engine_id,
+                keys=keys,
+                ok=tally.ok,
+                object_nbytes=object_nbytes,
+                elapsed=0.0 if worker_copied else None,
+            )
 
     # ---- store / retrieve ----------------------------------------------------------------------
 

@@ -15,7 +15,6 @@ from typing import Any
 from kvhive import __version__
 from kvhive.config import ServerConfig
 from kvhive.engine.engine import CacheEngine
-from kvhive.engine.engine_driven import EngineDriven
 from kvhive.engine.registry import Registry
 from kvhive.engine.sessions import Sessions
 from kvhive.hashing import build_token_hasher
@@ -24,16 +23,18 @@ from kvhive.observability.health import InFlight
 from kvhive.observability.setup import Observability, Sources
 from kvhive.plugins import PluginLauncher
 from kvhive.server.dispatch import Dispatcher
+from kvhive.server.handlers import build_routes
 from kvhive.server.pools import AffinityPool, CpuPool
 from kvhive.server.transport import ZmqServer
 from kvhive.storage.controllers import L2Layer
 from kvhive.storage.eviction import make_policy
-from kvhive.storage.l1.manager import L1Manager
+from kvhive.storage.l1 import L1Manager, L1Params
 from kvhive.storage.quota import QuotaRegistry
 from kvhive.transfer.shm import cleanup_stale_segments
-from kvhive.wire.ops import OPS
 
 log = logging.getLogger(__name__)
+
+SHUTDOWN_POOL_TIMEOUT_S = 10.0
 
 _MODES = {
     "auto": frozenset({"lmcache_driven", "engine_driven"}),
@@ -54,18 +55,20 @@ class KvhiveServer:
         self.hasher = build_token_hasher(mp.hash_algorithm, mp.chunk_size, mp.none_hash_seed)
         self.quotas = QuotaRegistry()
         self.l1 = L1Manager(
-            size_bytes=l1c.size_bytes,
-            align_bytes=l1c.align_bytes,
-            # A shared pool is mapped whole by engine-driven workers, so it is eager.
-            lazy=l1c.use_lazy and not mp.shm_name,
-            init_bytes=l1c.init_bytes,
-            write_ttl=float(l1c.write_ttl_seconds),
-            read_ttl=float(l1c.read_ttl_seconds),
+            L1Params(
+                size_bytes=l1c.size_bytes,
+                align_bytes=l1c.align_bytes,
+                # A shared pool is mapped whole by engine-driven workers, so it is eager.
+                lazy=l1c.use_lazy and not mp.shm_name,
+                init_bytes=l1c.init_bytes,
+                write_ttl=float(l1c.write_ttl_seconds),
+                read_ttl=float(l1c.read_ttl_seconds),
+                watermark=ev.trigger_watermark,
+                eviction_ratio=ev.ratio,
+                shm_name=mp.shm_name,
+            ),
             policy=make_policy(ev.policy),
-            watermark=ev.trigger_watermark,
-            eviction_ratio=ev.ratio,
             quotas=self.quotas,
-            shm_name=mp.shm_name,
             bus=bus,
         )
         try:  # L2 adapters open files and connections; give L1 back if one fails
@@ -85,6 +88,7 @@ class KvhiveServer:
             registration_grace=mp.worker_registration_grace_seconds,
             bus=bus,
         )
+        pool_name = (self.l1.arena.shm_segment_name or "") if mp.shm_name else ""
         self.engine = CacheEngine(
             l1=self.l1,
             sessions=Sessions(self.hasher, ttl=mp.session_ttl_seconds),
@@ -94,21 +98,15 @@ class KvhiveServer:
             prefetcher=self.l2.prefetch if self.l2.enabled else None,
             bus=bus,
             inflight=self.inflight,
+            pool_name=pool_name,
+            pool_size=l1c.size_bytes if pool_name else 0,
         )
-        pool_name = self.l1.arena.shm_segment_name if mp.shm_name else ""
-        self.engine_driven = EngineDriven(
-            self.engine, pool_name=pool_name or "", pool_size=l1c.size_bytes if pool_name else 0
-        )
-        handlers = {
-            name: getattr(self.engine_driven, name, None) or getattr(self.engine, name)
-            for name in OPS
-        }
-        # On the wire a lookup is acknowledged once its job is published; the lookup
-        # itself runs after the acknowledgement is sent (see AfterReply).
-        handlers["lookup"] = self.engine.start_lookup
+        self.engine_driven = self.engine.engine_driven
         self.affinity = AffinityPool(mp.max_gpu_workers)
         self.cpu = CpuPool(mp.max_cpu_workers)
-        self.dispatcher = Dispatcher(handlers, affinity=self.affinity, cpu=self.cpu)
+        self.dispatcher = Dispatcher(
+            build_routes(self.engine), affinity=self.affinity, cpu=self.cpu
+        )
         urls = [f"tcp://{mp.host}:{mp.port}"]
         if mp.ipc_path:
             urls.append(f"ipc://{mp.ipc_path}")
@@ -117,7 +115,7 @@ class KvhiveServer:
         self.obs.attach(
             Sources(
                 l1_stats=lambda: self.l1.stats().to_dict(),
-                engine_counters=lambda: dict(self.engine.counters),
+                engine_counters=lambda: self.engine.counters,
                 active_prefetch_jobs=self._active_lookups,
                 active_sessions=lambda: len(self.engine.sessions),
                 registered_instances=lambda: len(self.registry.snapshot()),
@@ -153,10 +151,10 @@ class KvhiveServer:
         interval = max(0.5, min(60.0, self.config.mp.session_ttl_seconds / 4))
         while not self._stop.wait(interval):
             try:
-                n = self.engine.reap_sessions()
+                n = self.engine.lookups.reap_sessions()
                 if n:
                     log.info("expired %d idle session(s)", n)
-            except Exception:
+            except Exception:  # noqa: BLE001 - task boundary: the next round tries again
                 log.exception("session maintenance failed")
 
     def close(self) -> None:
@@ -167,8 +165,9 @@ class KvhiveServer:
         self.plugins.stop()
         self._stop.set()
         self.zmq.close()
-        self.affinity.shutdown(wait=True)
-        self.cpu.shutdown(wait=False)
+        # In-flight copies finish (bounded: a copy stuck in a worker's memory is abandoned).
+        self.affinity.shutdown(timeout=SHUTDOWN_POOL_TIMEOUT_S)
+        self.cpu.shutdown(timeout=SHUTDOWN_POOL_TIMEOUT_S)
         self.obs.stop()  # flush the bus and its subscribers before the engine goes
         self.l2.close()  # prefetches end, write-behind drains, adapters close
         self.registry.close()
@@ -226,6 +225,7 @@ class KvhiveServer:
                 "endpoints": self.zmq.endpoints,
                 "malformed_frames": self.zmq.malformed_frames,
                 "dropped_replies": self.zmq.dropped_replies,
+                "bound_connections": len(self.affinity),
             },
             "uptime_seconds": round(time.time() - self.started_at, 3),
             "service_instance_id": self.obs.instance_id,

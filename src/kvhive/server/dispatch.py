@@ -3,6 +3,11 @@
 Every frame that carries a uid gets an answer (protocol.md §5, §23): the result,
 the operation's soft-failure value when the request decoded but cannot be served,
 or an error reply (see ``kvhive.wire.codec``) when it cannot even be decoded.
+
+One failure path: a handler that cannot serve a request raises (``TransferFailed``,
+``BadRequest``, ...); ``_failure`` turns that into the op's soft value, counted once in
+``soft_failures[op]``, or into an error reply for ops without one, counted in ``errors``.
+Handlers return domain results; their route's ``reply`` makes the wire value of them.
 """
 
 from __future__ import annotations
@@ -12,9 +17,9 @@ import threading
 from collections import Counter
 from collections.abc import Callable, Mapping
 from functools import partial
-from typing import Any
 
 from kvhive.errors import KvhiveError, ProtocolError
+from kvhive.server.handlers import Route
 from kvhive.server.pools import AffinityPool, CpuPool
 from kvhive.wire import codec
 from kvhive.wire.ops import OPS, AfterReply, OpSpec, Pool
@@ -22,23 +27,24 @@ from kvhive.wire.ops import OPS, AfterReply, OpSpec, Pool
 log = logging.getLogger(__name__)
 
 Reply = Callable[[list[bytes]], None]
-Handler = Callable[..., Any]
 
 
 class Dispatcher:
-    """Maps op names to handlers and pools.  ``handle`` is called on the loop thread."""
+    """Maps op names to routes and pools.  ``handle`` is called on the loop thread."""
 
     def __init__(
         self,
-        handlers: Mapping[str, Handler],
+        routes: Mapping[str, Route],
         *,
         affinity: AffinityPool,
         cpu: CpuPool,
     ) -> None:
-        missing = sorted(set(OPS) - set(handlers))
-        if missing:
-            raise ValueError(f"no handler for operations: {missing}")
-        self._handlers = dict(handlers)
+        missing = sorted(set(OPS) - set(routes))
+        extra = sorted(set(routes) - set(OPS))
+        if missing or extra:
+            raise ValueError(f"routes do not match the op table: missing {missing}, extra {extra}")
+        self._routes = dict(routes)
+        self._affinity = affinity
         self._pools = {Pool.AFFINITY: affinity, Pool.CPU: cpu}
         self._lock = threading.Lock()
         # CPU-pool jobs queued or running per connection.  A lookup small enough to run
@@ -71,10 +77,27 @@ class Dispatcher:
             self._pools[Pool.CPU].submit(
                 identity, partial(self._run_cpu, identity, spec, uid, op_frame, args, reply)
             )
+        elif spec.farewell:
+            self._affinity.submit(identity, partial(self._run_farewell, identity, spec, uid,
+                                                    op_frame, args, reply))  # fmt: skip
         else:
             self._pools[spec.pool].submit(
                 identity, partial(self._run, spec, uid, op_frame, args, reply, False)
             )
+
+    def _run_farewell(
+        self,
+        identity: bytes,
+        spec: OpSpec,
+        uid: bytes,
+        op_frame: bytes,
+        args: list[bytes],
+        reply: Reply,
+    ) -> None:
+        try:
+            self._run(spec, uid, op_frame, args, reply, False)
+        finally:
+            self._affinity.forget(identity)  # takes effect once this job has ended
 
     def _run_cpu(
         self,
@@ -124,16 +147,17 @@ class Dispatcher:
             return
         self._count(self.requests, spec.name)
         rest = None
+        route = self._routes[spec.name]
         try:
-            result = self._handlers[spec.name](*values)
+            result = route.call(*values)
             if isinstance(result, AfterReply):
                 if inline:
                     rest = result.then
                 else:
                     result.then()
                 result = result.value
-            frames = codec.encode_result(result)
-        except Exception as exc:  # request boundary: becomes a reply, never silence
+            frames = codec.encode_result(route.reply(result))
+        except Exception as exc:  # noqa: BLE001 - request boundary: becomes a reply, never silence
             frames = self._failure(spec, exc)
             if frames is None:
                 code = exc.code if isinstance(exc, KvhiveError) else "internal"
@@ -143,7 +167,7 @@ class Dispatcher:
         if rest is not None:
             try:
                 rest()
-            except Exception:  # the reply is out; the handler finishes its own state
+            except Exception:  # noqa: BLE001 - the reply is out; the handler finishes its own state
                 log.exception("%s: work after the reply failed", spec.name)
 
     def _reject(self, uid: bytes, exc: ProtocolError, reply: Reply) -> None:

@@ -13,8 +13,10 @@ key carry their own deadline::
 * ``release_owners`` drops everything of matching owners at once (client unregistered or
   reaped) through the owner index, without scanning all keys.
 
-An ``Owner`` is any hashable; the engine uses tuples like ``("req", request_id, kv_rank)``
-and ``("inst", instance_id)``.  Times are seconds on the injectable ``clock``.
+An ``Owner`` is one of the records of :mod:`kvhive.storage.owners` (e.g.
+``LookupOwner(request_id, model_name, kv_rank)``, ``WriterOwner(instance_id)``); that module
+also tabulates who takes which locks and who gives them back.  Times are seconds on the
+injectable ``clock``.
 
 Not thread-safe: the owner of the table (``L1Manager``) serialises calls under its mutex.
 """
@@ -26,7 +28,8 @@ from collections.abc import Callable, Hashable, Iterable
 from dataclasses import dataclass
 from typing import Generic, TypeVar
 
-Owner = Hashable
+from kvhive.storage.owners import Owner
+
 Clock = Callable[[], float]
 K = TypeVar("K", bound=Hashable)
 

@@ -79,6 +79,7 @@ class AfterReply:
 
 # Sentinel for handlers whose reply is the empty acknowledgement.
 NONE: Any = None
+TRANSFER_OK = (b"", True)
 SOFT_TRANSFER_FAILURE = (b"", False)
 
 
@@ -95,6 +96,9 @@ class OpSpec:
     # A pooled op whose argument frames total at most this many bytes runs inline: its
     # work is as small as the decode, and two thread hand-offs would cost more than both.
     inline_max_bytes: int = 0
+    # The connection is done with the server after this op (it unregistered): the
+    # server may forget what it keeps per connection once its queued work has run.
+    farewell: bool = False
 
 
 _SPECS = [
@@ -104,7 +108,7 @@ _SPECS = [
         Pool.AFFINITY,
         has_soft=False,
     ),
-    OpSpec("unregister_kv_cache", (int,), Pool.AFFINITY),
+    OpSpec("unregister_kv_cache", (int,), Pool.AFFINITY, farewell=True),
     OpSpec(
         "store", (t.CacheKey, int, list[list[int]], bytes), Pool.AFFINITY, SOFT_TRANSFER_FAILURE
     ),
@@ -126,7 +130,7 @@ _SPECS = [
         Pool.AFFINITY,
         has_soft=False,
     ),
-    OpSpec("unregister_kv_cache_engine_driven_context", (int,), Pool.AFFINITY),
+    OpSpec("unregister_kv_cache_engine_driven_context", (int,), Pool.AFFINITY, farewell=True),
     OpSpec("prepare_store", (t.CacheKey, int), Pool.AFFINITY, t.PrepareStoreResponse()),
     OpSpec("commit_store", (t.CacheKey, int, bytes), Pool.AFFINITY, False),
     OpSpec(

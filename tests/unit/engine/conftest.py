@@ -19,6 +19,7 @@ from kvhive.engine.sessions import Sessions
 from kvhive.hashing import TokenHasher
 from kvhive.storage.eviction import make_policy
 from kvhive.storage.l1.manager import L1Manager
+from kvhive.storage.l1.records import L1Params
 from kvhive.wire import types as t
 
 C = 32  # chunk size (tokens)
@@ -102,15 +103,18 @@ def clock() -> FakeClock:
 @pytest.fixture
 def engine(clock: FakeClock) -> Iterator[CacheEngine]:
     l1 = L1Manager(
-        size_bytes=64 << 20,
-        align_bytes=4096,
-        lazy=False,
-        init_bytes=0,
-        write_ttl=600.0,
-        read_ttl=300.0,
+        L1Params(
+            size_bytes=64 << 20,
+            align_bytes=4096,
+            lazy=False,
+            init_bytes=0,
+            write_ttl=600.0,
+            read_ttl=300.0,
+            watermark=0.8,
+            eviction_ratio=0.2,
+            shm_name="",
+        ),
         policy=make_policy("LRU"),
-        watermark=0.8,
-        eviction_ratio=0.2,
         clock=clock,
     )
     eng = CacheEngine(
@@ -118,6 +122,7 @@ def engine(clock: FakeClock) -> Iterator[CacheEngine]:
         sessions=Sessions(TokenHasher("blake3", C), ttl=600.0, clock=clock),
         registry=Registry(reap_timeout=120.0, registration_grace=3600.0, clock=clock),
         transfer_modes=frozenset({"lmcache_driven", "engine_driven"}),
+        null_block_id=0,
     )
     yield eng
     eng.registry.close()
@@ -138,4 +143,4 @@ def key(
 
 
 def register(eng: CacheEngine, kv: KVCache, iid: int = 11) -> None:
-    eng.register_kv_cache(iid, kv.descriptors(), "m", 1, "vllm", {"kv_layout": "HND"}, [])
+    eng.transfers.register_kv_cache(iid, kv.descriptors(), "m", 1, "vllm", {"kv_layout": "HND"}, [])

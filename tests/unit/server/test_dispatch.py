@@ -11,6 +11,7 @@ from kvhive.client import KvhiveClient, RemoteError
 from kvhive.client.sync import RawFrame
 from kvhive.errors import BadRequest
 from kvhive.server.dispatch import Dispatcher
+from kvhive.server.handlers import Route
 from kvhive.server.pools import AffinityPool, CpuPool
 from kvhive.server.transport import ZmqServer
 from kvhive.wire.ops import OPS, AfterReply
@@ -39,7 +40,7 @@ class Handlers:
             commit_store=self.boom,
             register_kv_cache=self.boom,
         )
-        return h
+        return {name: Route(fn) for name, fn in h.items()}
 
     def lookup(self, key, tp):
         """Acknowledge, then finish: inline only once the client has the ack."""
@@ -232,3 +233,17 @@ def test_after_reply_work_runs_after_the_ack_inline_and_before_it_on_a_pool(serv
         big = {**key(0), "request_id": "pooled", "token_ids": list(range(40_000, 50_000))}
         assert c.call("lookup", big, 1) is None
         assert handlers.order[-1] == ("rest", "pooled")  # done before the ack was sent
+
+
+def test_unregister_forgets_the_connection_binding(server):
+    """After a farewell op (unregister) the affinity pool drops the connection's binding,
+    so the table does not grow with every connection ever seen."""
+    srv, _, disp = server
+    with KvhiveClient(srv.endpoints[0]) as c:
+        assert c.call("store", key(0), 1, [[1]], b"") == [b"", True]
+        assert len(disp._affinity) == 1
+        assert c.call("unregister_kv_cache", 1) is None
+        deadline = time.monotonic() + 2
+        while len(disp._affinity) and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert len(disp._affinity) == 0

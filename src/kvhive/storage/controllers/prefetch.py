@@ -8,7 +8,7 @@ wait in arrival order) through these steps::
     lookup    every adapter is asked about the other keys, in parallel, with a deadline
     plan      longest prefix of rows whose keys are all in L1 or some adapter; each key
               is loaded from the lowest-index adapter that has it
-    stage     L1 reservations (owner ("l2prefetch", id)); a key another request is already
+    stage     L1 reservations (owner ``PrefetchOwner(id)``); a key another request is already
               loading is awaited instead; no memory ends the prefix there
     load      one task per adapter, each with its deadline (the adapter's ``timeout_s``)
     admit     loaded objects are committed without write-back events — temporary under
@@ -30,7 +30,7 @@ import logging
 import threading
 import time
 from collections import defaultdict
-from collections.abc import Callable, Hashable, Sequence
+from collections.abc import Callable, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from concurrent.futures import TimeoutError as FutureTimeout
 from dataclasses import dataclass, field
@@ -42,6 +42,7 @@ from kvhive.storage.l1.manager import L1Manager
 from kvhive.storage.l1.records import Slot
 from kvhive.storage.l2.futures import outcome
 from kvhive.storage.l2.managed import ManagedAdapter
+from kvhive.storage.owners import Owner, PrefetchOwner
 
 log = logging.getLogger(__name__)
 
@@ -51,7 +52,7 @@ SizeOf = Callable[[ObjectKey], "int | None"]
 @dataclass(eq=False)
 class _Request:
     rows: list[list[ObjectKey]]
-    owner_of: Callable[[ObjectKey], Hashable]
+    owner_of: Callable[[ObjectKey], Owner]
     readers: int
     done: Callable[[int], None]
     pid: int
@@ -87,7 +88,7 @@ class PrefetchController:
     def prefetch(
         self,
         rows: list[list[ObjectKey]],
-        owner_of: Callable[[ObjectKey], Hashable],
+        owner_of: Callable[[ObjectKey], Owner],
         num_readers: int,
         done: Callable[[int], None],
     ) -> None:
@@ -134,7 +135,7 @@ class PrefetchController:
         return self._finish(req, limit)
 
     def _lock_resident(self, req: _Request, keys: Sequence[ObjectKey]) -> None:
-        by_owner: dict[Hashable, list[ObjectKey]] = defaultdict(list)
+        by_owner: dict[Owner, list[ObjectKey]] = defaultdict(list)
         for key in keys:
             by_owner[req.owner_of(key)].append(key)
         for owner, group in by_owner.items():
@@ -167,7 +168,7 @@ class PrefetchController:
     ) -> tuple[dict[ObjectKey, Slot], int]:
         """Reserve L1 for ``keys``; returns the staged slots and the prefix that survives."""
         staged: dict[ObjectKey, Slot] = {}
-        owner = ("l2prefetch", req.pid)
+        owner = PrefetchOwner(req.pid)
         by_size: dict[int, list[ObjectKey]] = defaultdict(list)
         lost: set[ObjectKey] = set()
         for key in keys:
@@ -255,7 +256,7 @@ class PrefetchController:
         if hit < len(req.rows):
             self._count(truncated=1)
         extra = [k for row in req.rows[hit:] for k in row if k in req.locked]
-        by_owner: dict[Hashable, list[ObjectKey]] = defaultdict(list)
+        by_owner: dict[Owner, list[ObjectKey]] = defaultdict(list)
         for key in extra:
             by_owner[req.owner_of(key)].append(key)
         for owner, keys in by_owner.items():

@@ -12,7 +12,7 @@
   (``queue_keys``): when full, new keys are dropped for that lane and counted — except
   under ``skip_l1``, where every key must reach L2 before it may leave L1 (L1's own
   capacity bounds the queue there).
-* While a task runs, its objects hold read locks of the owner ``("l2store", lane, task)``,
+* While a task runs, its objects hold read locks of the owner ``L2StoreOwner(lane, task)``,
   refreshed every ``pin_refresh_s`` so a slow write cannot outlive its lock and read
   memory that eviction reused.  A task past its deadline (``store_timeout_s``) is counted
   as timed out but keeps its locks until the adapter really finishes.
@@ -42,6 +42,7 @@ from kvhive.keys import ObjectKey
 from kvhive.storage.l1.manager import L1Manager
 from kvhive.storage.l2.futures import outcome
 from kvhive.storage.l2.managed import ManagedAdapter
+from kvhive.storage.owners import L2StoreOwner
 
 log = logging.getLogger(__name__)
 
@@ -53,7 +54,7 @@ RETRY_CAP_S = 30.0
 class _Task:
     keys: list[ObjectKey]
     attempts: list[int]
-    owner: tuple[str, int, int]
+    owner: L2StoreOwner
     deadline: float
     locks: int = 1
     timed_out: bool = False
@@ -175,7 +176,7 @@ class StoreController:
         return out
 
     def _submit(self, lane: _Lane, batch: list[tuple[ObjectKey, int]]) -> None:
-        owner = ("l2store", lane.adapter.index, next(self._ids))
+        owner = L2StoreOwner(lane.adapter.index, next(self._ids))
         slots = self.l1.read_lock([k for k, _ in batch], owner)
         live = [(k, a, s) for (k, a), s in zip(batch, slots, strict=True) if s is not None]
         task = _Task([k for k, _, _ in live], [a for _, a, _ in live], owner,
@@ -266,7 +267,7 @@ class StoreController:
             self._cv.notify_all()
         if self._thread.is_alive():
             self._thread.join()
-        self.l1.release_owners(lambda o: isinstance(o, tuple) and len(o) == 3 and o[0] == "l2store")
+        self.l1.release_owners(lambda o: isinstance(o, L2StoreOwner))
 
     def status(self) -> dict[str, Any]:
         with self._cv:

@@ -1,0 +1,52 @@
+"""The copy backend interface: what the engine needs from one registration's KV cache.
+
+A backend moves one chunk object at a time between an engine's paged KV cache and an L1
+buffer, following a copy plan made once at registration:
+
+    gather(block_ids, out)            engine pages --> object bytes   (store)
+    scatter(src, block_ids, skip)     object bytes --> engine pages   (retrieve)
+
+:class:`~kvhive.transfer.paged.PagedKV` (numpy over ``cpu_shm`` segments) is the CPU
+backend; a CUDA backend (IPC-opened device tensors) implements the same calls.
+
+Contracts the engine relies on:
+
+* ``block_ids`` are the engine block ids of ONE chunk, ``blocks_per_chunk`` of them; a
+  bad id raises (``BadRequest``) before any byte moves.
+* ``out``/``src`` is a flat ``uint8`` view of exactly ``object_nbytes`` bytes of L1; the
+  caller owns the L1 lock that keeps it valid for the whole call.  The backend never
+  keeps a reference to it after returning.
+* ``scatter`` leaves the first ``skip_tokens`` tokens of the chunk untouched.
+* Calls may run on several threads at once (one per connection); ``close`` waits for
+  calls in flight, unmaps everything and makes later calls raise ``RegistrationError``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Protocol, runtime_checkable
+
+import numpy as np
+
+
+@runtime_checkable
+class CopyBackend(Protocol):
+    """One registration's copy engine (see the module docstring for the contracts)."""
+
+    @property
+    def object_shape(self) -> tuple[int, ...]: ...
+
+    @property
+    def object_nbytes(self) -> int: ...
+
+    @property
+    def dtype(self) -> str: ...
+
+    @property
+    def blocks_per_chunk(self) -> int: ...
+
+    def gather(self, block_ids: Sequence[int], out: np.ndarray) -> None: ...
+
+    def scatter(self, src: np.ndarray, block_ids: Sequence[int], skip_tokens: int = 0) -> None: ...
+
+    def close(self) -> None: ...
