@@ -133,4 +133,3 @@ class CacheEngine:
             },
             "counters": self.stats.snapshot(),
         }
-

@@ -27,7 +27,7 @@ from typing import Any
 
 from kvhive.engine import keys as k
 from kvhive.engine.lookups import LookupService
-from kvhive.engine.registry import ChunkGeometry, Instance, Registry
+from kvhive.engine.registry import ChunkGeometry, Instance, Mode, Registry
 from kvhive.engine.stats import TransferBrackets
 from kvhive.engine.transfers import TransferService
 from kvhive.errors import BadRequest, RegistrationError, TransferFailed, UnsupportedError
@@ -40,7 +40,7 @@ from kvhive.transfer.descriptors import itemsize
 from kvhive.wire import types as t
 
 log = logging.getLogger(__name__)
-MODE = "engine_driven"
+MODE: Mode = "engine_driven"
 
 
 @dataclass(frozen=True, slots=True)
@@ -272,9 +272,7 @@ class EngineDriven:
             )
         g = inst.geometry
         try:
-            with self.brackets.retrieving(
-                key, instance_id, keys, object_nbytes=g.nbytes
-            ) as tally:
+            with self.brackets.retrieving(key, instance_id, keys, object_nbytes=g.nbytes) as tally:
                 views = [self.l1.view(s) for s in held]
                 data = pickle_codec.encode_tensors(views, g.shape, g.dtype)
                 tally.ok = True

@@ -251,9 +251,7 @@ class LookupService:
         return len(dead)
 
     def _release_request(self, request_id: str) -> None:
-        self.l1.release_owners(
-            lambda o: isinstance(o, LookupOwner) and o.request_id == request_id
-        )
+        self.l1.release_owners(lambda o: isinstance(o, LookupOwner) and o.request_id == request_id)
 
     def release_instance(self, inst: Instance, reason: str) -> None:
         """Release at once what a gone worker held (the reference waits for the TTLs)."""
@@ -266,9 +264,11 @@ class LookupService:
         if orphan_ranks and reason != "replaced":
             model = inst.model_name
             locks = self.l1.release_owners(
-                lambda o: isinstance(o, LookupOwner)
-                and o.model_name == model
-                and o.kv_rank in orphan_ranks
+                lambda o: (
+                    isinstance(o, LookupOwner)
+                    and o.model_name == model
+                    and o.kv_rank in orphan_ranks
+                )
             )
             released = (released[0] + locks[0], released[1] + locks[1])
         log.info("instance %d %s; released %d locks, %d reservations", iid, reason, *released)

@@ -104,4 +104,3 @@ class TransferBrackets:
                     self.stats.add(retrieved_chunks=len(keys))
                 else:
                     self.stats.add(retrieve_failures=1)
-

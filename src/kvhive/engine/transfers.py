@@ -224,9 +224,7 @@ class TransferService:
             self.l1.unlock([s.key for s in slots if s is not None], pin)
 
 
-def _split_blocks(
-    block_ids: list[list[int]], n_chunks: int, per_chunk: int
-) -> list[Sequence[int]]:
+def _split_blocks(block_ids: list[list[int]], n_chunks: int, per_chunk: int) -> list[Sequence[int]]:
     """Block ids of group 0 cut into ``n_chunks`` runs of ``per_chunk``; fails closed
     (TransferFailed) when there are too few."""
     if not block_ids:

@@ -102,8 +102,8 @@ class KvhiveServer:
             pool_size=l1c.size_bytes if pool_name else 0,
         )
         self.engine_driven = self.engine.engine_driven
-        self.affinity = AffinityPool(mp.max_gpu_workers)
-        self.cpu = CpuPool(mp.max_cpu_workers)
+        self.affinity = AffinityPool(mp.max_gpu_workers or mp.max_workers)
+        self.cpu = CpuPool(mp.max_cpu_workers or mp.max_workers)
         self.dispatcher = Dispatcher(
             build_routes(self.engine), affinity=self.affinity, cpu=self.cpu
         )
@@ -154,7 +154,7 @@ class KvhiveServer:
                 n = self.engine.lookups.reap_sessions()
                 if n:
                     log.info("expired %d idle session(s)", n)
-            except Exception:  # noqa: BLE001 - task boundary: the next round tries again
+            except Exception:
                 log.exception("session maintenance failed")
 
     def close(self) -> None:

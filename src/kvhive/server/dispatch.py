@@ -45,7 +45,7 @@ class Dispatcher:
             raise ValueError(f"routes do not match the op table: missing {missing}, extra {extra}")
         self._routes = dict(routes)
         self._affinity = affinity
-        self._pools = {Pool.AFFINITY: affinity, Pool.CPU: cpu}
+        self._pools: dict[Pool, AffinityPool | CpuPool] = {Pool.AFFINITY: affinity, Pool.CPU: cpu}
         self._lock = threading.Lock()
         # CPU-pool jobs queued or running per connection.  A lookup small enough to run
         # inline still goes to the pool behind them: a client's free_lookup_locks or
@@ -158,16 +158,17 @@ class Dispatcher:
                 result = result.value
             frames = codec.encode_result(route.reply(result))
         except Exception as exc:  # noqa: BLE001 - request boundary: becomes a reply, never silence
-            frames = self._failure(spec, exc)
-            if frames is None:
+            soft = self._failure(spec, exc)
+            if soft is None:
                 code = exc.code if isinstance(exc, KvhiveError) else "internal"
                 reply([uid, *codec.error_frames(code, f"{spec.name}: {exc}")])
                 return
+            frames = soft
         reply([uid, op_frame, *frames])
         if rest is not None:
             try:
                 rest()
-            except Exception:  # noqa: BLE001 - the reply is out; the handler finishes its own state
+            except Exception:
                 log.exception("%s: work after the reply failed", spec.name)
 
     def _reject(self, uid: bytes, exc: ProtocolError, reply: Reply) -> None:
@@ -180,7 +181,7 @@ class Dispatcher:
         if isinstance(exc, KvhiveError):
             log.warning("%s failed: %s", spec.name, exc)
         else:
-            log.exception("%s raised", spec.name)
+            log.error("%s raised", spec.name)
         if not spec.has_soft:
             self._count(self.errors, spec.name)
             return None

@@ -46,7 +46,7 @@ class _Threads:
         while (job := self.jobs.get()) is not _STOP:
             try:
                 job()
-            except BaseException:  # noqa: BLE001 - job boundary: a job never kills its thread
+            except BaseException:
                 log.exception("pool job failed")
 
     def stop(self, deadline: float) -> bool:

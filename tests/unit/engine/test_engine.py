@@ -151,7 +151,7 @@ def test_bad_lookup_reports_zero(engine, make_kv):
     register(engine, make_kv())
     engine.transfers.store(key(TOKENS, 0, 4 * C), 11, [BLOCKS_A], b"")
     assert lookup_hits(engine, TOKENS, readers=0) == 0
-    assert lookup_hits(engine, [2**40] + TOKENS[1:], rid="big") == 0
+    assert lookup_hits(engine, [2**40, *TOKENS[1:]], rid="big") == 0
     assert engine.lookups.wait_prefetch_status("unknown", 0.01) == 0
 
 
@@ -201,7 +201,9 @@ def test_started_lookup_is_visible_before_it_runs_and_waiters_wake(engine, make_
     assert ack.value is None  # the acknowledgement carries nothing
     assert engine.lookups.query_prefetch_status("w") is None  # published, not run yet
     got = []
-    waiter = threading.Thread(target=lambda: got.append(engine.lookups.wait_prefetch_status("w", 5)))
+    waiter = threading.Thread(
+        target=lambda: got.append(engine.lookups.wait_prefetch_status("w", 5))
+    )
     waiter.start()
     ack.then()
     waiter.join(5)

@@ -7,6 +7,8 @@ import subprocess
 import sys
 import textwrap
 
+from support.net import free_port
+
 SCRIPT = textwrap.dedent(
     """
     import sys
@@ -38,13 +40,8 @@ SCRIPT = textwrap.dedent(
 
 
 def test_server_without_torch_refuses_pickle_registration_clearly() -> None:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
     out = subprocess.run(
-        [sys.executable, "-c", SCRIPT, str(port)], capture_output=True, text=True, timeout=60
+        [sys.executable, "-c", SCRIPT, str(free_port())], capture_output=True, text=True, timeout=60
     )
     assert out.returncode == 0, out.stderr
     assert "REFUSED:" in out.stdout and "needs torch" in out.stdout
