@@ -45,10 +45,10 @@ def _cmd_server(args: argparse.Namespace, parser: argparse.ArgumentParser) -> in
         print(_error_line(parser.prog, exc), file=sys.stderr)
         return EXIT_USAGE
     # Imported here so `kvhive version` and `--help` need none of the server's dependencies.
-    from kvhive.server import run as server_run
+    from kvhive.cli import serve
 
     try:
-        return server_run.serve(config)
+        return serve.serve(config)
     except ConfigError as exc:  # found while opening resources (plugin import, L2 adapter)
         print(_error_line(parser.prog, exc), file=sys.stderr)
         return EXIT_USAGE

@@ -10,7 +10,7 @@ from collections.abc import Callable
 import pytest
 
 import kvhive
-import kvhive.server
+import kvhive.cli
 from kvhive.cli.main import main
 from kvhive.config import ServerConfig
 
@@ -19,7 +19,7 @@ REQUIRED = ["--l1-size-gb", "1", "--eviction-policy", "LRU"]
 
 @pytest.fixture
 def fake_serve(monkeypatch: pytest.MonkeyPatch) -> Callable[..., list[ServerConfig]]:
-    """Replace kvhive.server.run with a stub whose serve() records its config."""
+    """Replace kvhive.cli.serve with a stub whose serve() records its config."""
 
     def install(result: int = 0, raises: BaseException | None = None) -> list[ServerConfig]:
         calls: list[ServerConfig] = []
@@ -30,10 +30,10 @@ def fake_serve(monkeypatch: pytest.MonkeyPatch) -> Callable[..., list[ServerConf
                 raise raises
             return result
 
-        stub = types.ModuleType("kvhive.server.run")
+        stub = types.ModuleType("kvhive.cli.serve")
         stub.serve = serve  # type: ignore[attr-defined]
-        monkeypatch.setitem(sys.modules, "kvhive.server.run", stub)
-        monkeypatch.setattr(kvhive.server, "run", stub, raising=False)
+        monkeypatch.setitem(sys.modules, "kvhive.cli.serve", stub)
+        monkeypatch.setattr(kvhive.cli, "serve", stub, raising=False)
         return calls
 
     return install
