@@ -20,13 +20,13 @@ DEFAULT_LEVEL = logging.INFO
 FORMAT = "[%(asctime)s] kvhive %(levelname)s: %(message)s (%(filename)s:%(lineno)d:%(name)s)"
 
 
-class _StderrHandler(logging.StreamHandler):  # type: ignore[type-arg]
+class _StderrHandler(logging.StreamHandler):
     """Writes to the *current* sys.stderr, so a replaced stderr (tests, daemons) is honoured."""
 
     def __init__(self) -> None:
         super().__init__(sys.stderr)
 
-    @property  # type: ignore[override]
+    @property
     def stream(self) -> object:
         return sys.stderr
 

@@ -4,12 +4,16 @@ from __future__ import annotations
 
 import argparse
 import sys
+from collections.abc import Callable
+from typing import Any
 
 from kvhive.bench.config import CLIENTS, MODES, SECTIONS, SHAPES, BenchConfig
 
 
-def _csv(choices: tuple[str, ...] | None = None, conv: type = str):  # noqa: ANN202
-    def parse(text: str) -> tuple:
+def _csv(
+    choices: tuple[str, ...] | None = None, conv: type = str
+) -> Callable[[str], tuple[Any, ...]]:
+    def parse(text: str) -> tuple[Any, ...]:
         items = tuple(conv(x.strip()) for x in text.split(",") if x.strip())
         if not items:
             raise argparse.ArgumentTypeError("expected a comma-separated list")

@@ -13,6 +13,7 @@ so the runner treats both alike::
 
 from __future__ import annotations
 
+import functools
 import math
 import random
 import statistics
@@ -175,7 +176,7 @@ def run_transfer(
                     samples[op][p].extend(mine[op])
 
     try:
-        _run_threads([lambda w=w: body(w) for w in workers], errors)
+        _run_threads([functools.partial(body, w) for w in workers], errors)
     finally:
         for w in workers:
             w.eng.close()
@@ -195,7 +196,7 @@ def _run_threads(bodies: list[Callable[[], None]], errors: list[str]) -> None:
     def guard(fn: Callable[[], None]) -> None:
         try:
             fn()
-        except Exception as exc:  # reported in the result, never hangs the others
+        except Exception as exc:  # noqa: BLE001 - thread boundary: reported in the result, never hangs the others
             errors.append(f"{type(exc).__name__}: {exc}")
 
     threads = [threading.Thread(target=guard, args=(b,), daemon=True) for b in bodies]
@@ -335,7 +336,7 @@ def run_noop(
     finally:
         for client in clients.values():
             client.close()
-    res = latency_summary(lat["server"])
+    res: dict[str, Any] = latency_summary(lat["server"])
     if floor_url:
         res["floor"] = latency_summary(lat["floor"])
     if progress:

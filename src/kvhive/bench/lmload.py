@@ -107,11 +107,11 @@ def run_transfer(
         ops[op] = {}
         for p in per_request:
             spans = [tuple(s) for r in results for s in r["spans"][op][str(p)]]
-            ops[op][str(p)] = transfer_figures(spans, chunk_bytes, p, engines)  # type: ignore[arg-type]
+            ops[op][str(p)] = transfer_figures(spans, chunk_bytes, p, engines)
             ops[op][str(p)]["failures"] = sum(
                 r.get("failures", {}).get(op, {}).get(str(p), 0) for r in results
             )
-    out = {
+    summary = {
         "chunk_bytes": chunk_bytes,
         "engines": engines,
         "chunks": chunks,
@@ -121,7 +121,7 @@ def run_transfer(
     if progress:
         parts = [f"{op} {p}/req {f['gbs']:.2f} GB/s" for op, d in ops.items() for p, f in d.items()]
         progress(f"{engines} engine(s): " + ", ".join(parts))
-    return out
+    return summary
 
 
 def run_lookups(

@@ -249,7 +249,7 @@ def _fmt(v: float | None, digits: int | None = None) -> str:
 
 def _grid(head: list[str], rows: list[list[str]]) -> str:
     widths = [max(len(str(c)) for c in col) for col in zip(head, *rows, strict=False)]
-    align: list[Callable[[str, int], str]] = [str.ljust] + [str.rjust] * (len(head) - 1)
+    align: list[Callable[[str, int], str]] = [str.ljust, *[str.rjust] * (len(head) - 1)]
     fmt = [
         "  ".join(a(str(c), w) for a, c, w in zip(align, cells, widths, strict=False))
         for cells in [head, *rows]

@@ -28,7 +28,7 @@ class RemoteError(RuntimeError):
 
 class KvhiveClient:
     def __init__(self, url: str, *, timeout: float = 10.0, use_names: bool = False) -> None:
-        self._ctx = zmq.Context.instance()
+        self._ctx: zmq.Context[zmq.Socket[bytes]] = zmq.Context.instance()
         self._sock = self._ctx.socket(zmq.DEALER)
         self._sock.setsockopt(zmq.LINGER, 0)
         # A receive timeout instead of a poll before each receive: one call less per reply.

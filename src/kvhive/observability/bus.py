@@ -148,8 +148,8 @@ class EventBus:
                 for name, callback in subs.get(event.TYPE, ()):
                     try:
                         callback(event)
-                    except Exception:  # subscriber boundary: isolate, count, log
-                        self._failed(name, event)
+                    except Exception as exc:  # noqa: BLE001 - subscriber boundary: isolate, count, log
+                        self._failed(name, event, exc)
                 if subs is not self._subs:
                     subs = self._subs
         finally:
@@ -161,20 +161,21 @@ class EventBus:
             for listener in self._drop_listeners:
                 try:
                     listener(self.dropped)
-                except Exception:
-                    self._failed(_name_of(listener), None)
+                except Exception as exc:  # noqa: BLE001 - listener boundary, as for subscribers
+                    self._failed(_name_of(listener), None, exc)
         return handled
 
-    def _failed(self, name: str, event: Event | None) -> None:
+    def _failed(self, name: str, event: Event | None, exc: Exception) -> None:
         self.exceptions[name] = self.exceptions.get(name, 0) + 1
         now = time.monotonic()
         if now - self._exc_logged_at.get(name, -float("inf")) >= 10.0:
             self._exc_logged_at[name] = now
-            log.exception(
+            log.error(
                 "event subscriber %s failed on %s (%d failures so far)",
                 name,
                 event.TYPE.value if event is not None else "drops",
                 self.exceptions[name],
+                exc_info=exc,
             )
 
     def flush(self, timeout: float = 5.0) -> bool:

@@ -13,14 +13,20 @@ wall-clock ``time.time()`` taken when the event is built (just before publishing
 from __future__ import annotations
 
 import dataclasses
-import functools
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from enum import Enum
-from typing import Any, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar, TypeVar
 
 from kvhive.keys import ObjectKey
+
+if TYPE_CHECKING:
+    from typing_extensions import dataclass_transform
+else:  # only type checkers read it (typing has it from 3.11; no runtime dependency for 3.10)
+
+    def dataclass_transform(**_: object):
+        return lambda decorator: decorator
 
 
 class EventType(str, Enum):
@@ -74,16 +80,26 @@ class Event:
         return {name: getattr(self, name) for name in _payload_fields(type(self))}
 
 
-@functools.cache
+_PAYLOAD_FIELDS: dict[type, tuple[str, ...]] = {}
+
+
 def _payload_fields(cls: type) -> tuple[str, ...]:
-    return tuple(f.name for f in dataclasses.fields(cls) if f.name not in _BASE_FIELDS)
+    names = _PAYLOAD_FIELDS.get(cls)
+    if names is None:  # once per event class (a race only computes the same tuple twice)
+        names = tuple(f.name for f in dataclasses.fields(cls) if f.name not in _BASE_FIELDS)
+        _PAYLOAD_FIELDS[cls] = names
+    return names
 
 
-def _event(kind: EventType) -> Any:
+_E = TypeVar("_E", bound=Event)
+
+
+@dataclass_transform(kw_only_default=True, frozen_default=True)
+def _event(kind: EventType) -> Callable[[type[_E]], type[_E]]:
     """Class decorator: a frozen slotted kw-only event of type ``kind``."""
 
-    def wrap(cls: type) -> type:
-        cls.TYPE = kind  # type: ignore[attr-defined]
+    def wrap(cls: type[_E]) -> type[_E]:
+        cls.TYPE = kind
         return dataclass(frozen=True, slots=True, kw_only=True)(cls)
 
     return wrap

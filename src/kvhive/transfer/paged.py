@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import itertools
 import math
 import os
 import threading
@@ -381,7 +382,7 @@ class PagedKV:
                     rows_out = dst.reshape(-1, rb)
                     k = COPY_THREADS if self.object_nbytes >= PARALLEL_MIN_BYTES else 1
                     cuts = [idx.size * i // k for i in range(k + 1)]
-                    for a, b in zip(cuts, cuts[1:], strict=False):
+                    for a, b in itertools.pairwise(cuts):
                         tasks.append(_take(run.rows, idx[a:b], rows_out[a:b]))
                     continue
                 for kv in range(kv_size):
@@ -489,7 +490,10 @@ def _indices(
 
 
 def _take(rows: np.ndarray, idx: np.ndarray, out: np.ndarray) -> Callable[[], None]:
-    return lambda: np.take(rows, idx, axis=0, out=out, mode="clip")
+    def take() -> None:
+        np.take(rows, idx, axis=0, out=out, mode="clip")
+
+    return take
 
 
 def _put(rows: np.ndarray, idx: np.ndarray, src: np.ndarray) -> Callable[[], None]:

@@ -33,7 +33,7 @@ import pickle
 import struct
 from dataclasses import dataclass
 from functools import cache
-from typing import Any
+from typing import Any, ClassVar
 
 import numpy as np
 
@@ -147,7 +147,7 @@ def _load_storage(blob: Any) -> _Storage:
         keys = _StorageUnpickler(f).load()
     except BadRequest:
         raise
-    except Exception as exc:
+    except Exception as exc:  # noqa: BLE001 - untrusted input: any parser failure is a BadRequest
         raise _bad(f"unreadable storage stream ({type(exc).__name__})") from None
     if not isinstance(record, _StorageRecord):
         raise _bad("storage stream does not hold one storage")
@@ -236,7 +236,7 @@ def _size(*args: Any) -> tuple[int, ...]:
 class _PayloadUnpickler(pickle.Unpickler):
     """Resolves only what a pickled ``list[torch.Tensor]`` needs."""
 
-    _ALLOWED = {
+    _ALLOWED: ClassVar[dict[tuple[str, str], Any]] = {
         ("torch._utils", "_rebuild_tensor_v2"): _rebuild_v2,
         ("torch._utils", "_rebuild_tensor_v3"): _rebuild_v3,
         ("torch.storage", "_load_from_bytes"): _load_storage,
@@ -261,7 +261,7 @@ def _decode(data: bytes) -> list[DecodedTensor]:
         obj = _PayloadUnpickler(io.BytesIO(data)).load()
     except BadRequest:
         raise
-    except Exception as exc:
+    except Exception as exc:  # noqa: BLE001 - untrusted input: any parser failure is a BadRequest
         raise _bad(f"{type(exc).__name__}: {exc}") from None
     if not isinstance(obj, list) or not all(isinstance(t, DecodedTensor) for t in obj):
         raise _bad("payload is not a list of tensors")
@@ -293,7 +293,7 @@ def _torch_roundtrips(dtype: str) -> bool:
     torch = _torch()
     try:
         pickle.loads(pickle.dumps(torch.zeros(1, dtype=getattr(torch, dtype))))
-    except Exception:
+    except (AttributeError, TypeError, RuntimeError, pickle.PickleError):
         return False
     return True
 

@@ -35,8 +35,8 @@ os.environ.setdefault("LMCACHE_TRACK_USAGE", "false")
 os.environ.setdefault("DO_NOT_TRACK", "1")
 os.environ.setdefault("LMCACHE_LOG_LEVEL", "WARNING")
 
-import torch  # noqa: E402
-import zmq  # noqa: E402
+import torch
+import zmq
 
 DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
 SETTLE_S = 0.1  # the reference commits a store after its reply
@@ -308,7 +308,7 @@ def cmd_lookup(a: argparse.Namespace) -> dict[str, Any]:
         for label, toks in (("hit", hit_toks), ("miss", miss_toks)):
             for n in a.prefixes:
                 # one token past the chunk boundary, as vLLM sends whole prompts
-                prompt = toks[: n * c] + [7]
+                prompt = [*toks[: n * c], 7]
                 expect = n * c if label == "hit" else 0
                 lat = []
                 for _ in range(a.samples):

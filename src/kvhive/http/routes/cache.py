@@ -14,6 +14,7 @@ from typing import Any, Literal
 from fastapi import APIRouter, HTTPException, Query
 from pydantic import BaseModel, Field
 
+from kvhive.errors import KvhiveError
 from kvhive.http.deps import ServerDep
 from kvhive.keys import ObjectKey, validate_salt
 from kvhive.server.core import KvhiveServer
@@ -53,7 +54,7 @@ def checksums(req: ChecksumRequest, server: ServerDep) -> dict[str, Any]:
         raise HTTPException(400, "chunk_size must be positive")
     try:
         sums = inst.mapping.checksums(req.block_ids, req.chunk_size, req.layerwise)
-    except Exception as exc:  # request boundary: a bad range is the caller's error
+    except KvhiveError as exc:  # a bad block range or a closed registration: the caller's error
         raise HTTPException(400, str(exc)) from None
     return {
         "status": "success",
@@ -213,7 +214,7 @@ def delete_objects(req: DeleteRequest, server: ServerDep) -> dict[str, Any]:
             raise HTTPException(503, "no L2 adapters are configured")
         try:
             deleted, skipped = server.l2.delete_objects(keys, req.adapter)
-        except Exception as exc:  # request boundary: an L2 failure is reported in the body
+        except Exception as exc:  # noqa: BLE001 - request boundary: any adapter failure is reported in the body
             out["ok"] = False
             out["error"] = f"L2 delete failed: {exc}"
         else:

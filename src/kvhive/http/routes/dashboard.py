@@ -29,7 +29,7 @@ _ASSETS = {
 
 
 def _static(name: str) -> bytes:
-    return resources.files("kvhive.http").joinpath("static", name).read_bytes()
+    return (resources.files("kvhive.http") / "static" / name).read_bytes()
 
 
 @router.get("/dashboard", response_class=HTMLResponse, include_in_schema=False)
