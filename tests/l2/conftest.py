@@ -24,7 +24,7 @@ from l2_testlib import WAIT_S, free_port
 
 from kvhive.config.l2_adapters import parse_adapter
 from kvhive.storage.eviction import make_policy
-from kvhive.storage.l1.manager import L1Manager
+from kvhive.storage.l1 import L1Manager, L1Params
 from kvhive.storage.l2.managed import ManagedAdapter
 from kvhive.storage.l2.registry import build_adapter
 
@@ -169,8 +169,9 @@ def open_adapter() -> Iterator[Callable[[dict[str, Any]], ManagedAdapter]]:
 
 @pytest.fixture
 def l1() -> Iterator[L1Manager]:
-    manager = L1Manager(size_bytes=32 << 20, align_bytes=4096, lazy=False, init_bytes=0,
-                        write_ttl=600.0, read_ttl=300.0, policy=make_policy("LRU"),
-                        watermark=0.95, eviction_ratio=0.2)  # fmt: skip
+    manager = L1Manager(L1Params(size_bytes=32 << 20, align_bytes=4096, lazy=False, init_bytes=0,
+                                 write_ttl=600.0, read_ttl=300.0, watermark=0.95,
+                                 eviction_ratio=0.2, shm_name=""),
+                        policy=make_policy("LRU"))  # fmt: skip
     yield manager
     manager.close()

@@ -95,6 +95,12 @@ class StateCollector(Collector):
         dropped = CounterMetricFamily("kvhive_l1_dropped_store_chunks", "Stores refused: L1 full.")
         dropped.add_metric([], st.get("dropped_oom", 0))
         yield dropped
+        failed = CounterMetricFamily(
+            "kvhive_l1_listener_failures",
+            "L1 event listener calls (the write-behind feed) that raised.",
+        )
+        failed.add_metric([], st.get("listener_failures", 0))
+        yield failed
 
     def _tiers(self, sub: MetricsSubscriber) -> Iterable[Metric]:
         t = dict(sub.lookup_tokens)
@@ -130,7 +136,7 @@ class StateCollector(Collector):
             counts: dict[tuple[str, str], int] = {}
             for (a, b), value in list(table.items()):
                 adapter = a if table is sub.inflight_stores else b
-                key = (value[0], str(adapter))
+                key = (str(value[0]), str(adapter))
                 counts[key] = counts.get(key, 0) + 1
             g = GaugeMetricFamily(name, doc, labels=labels)
             for key, n in sorted(counts.items()):

@@ -41,7 +41,7 @@ class Receiver(trace_grpc.TraceServiceServicer):
         self.spans: list[tuple[dict, object]] = []
         self.got = threading.Condition()
 
-    def Export(self, request, context):  # noqa: N802 (gRPC method name)
+    def Export(self, request, context):  # the gRPC method name
         with self.got:
             for rs in request.resource_spans:
                 resource = {a.key: a.value.string_value for a in rs.resource.attributes}

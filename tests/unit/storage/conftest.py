@@ -9,7 +9,7 @@ import pytest
 
 from kvhive.keys import ObjectKey, pack_kv_rank
 from kvhive.storage.eviction import make_policy
-from kvhive.storage.l1.manager import L1Manager
+from kvhive.storage.l1 import L1Manager, L1Params
 
 UNIT = 4096  # one object of the test layout occupies one aligned unit
 UNITS = 64
@@ -48,6 +48,7 @@ def make_l1(clock: FakeClock) -> Iterator[Callable[..., L1Manager]]:
     made: list[L1Manager] = []
 
     def factory(**overrides: Any) -> L1Manager:
+        """``overrides``: L1Params fields, the L1Manager keywords, or ``policy_name``."""
         params: dict[str, Any] = {
             "size_bytes": UNITS * UNIT,
             "align_bytes": UNIT,
@@ -55,13 +56,17 @@ def make_l1(clock: FakeClock) -> Iterator[Callable[..., L1Manager]]:
             "init_bytes": 0,
             "write_ttl": 600.0,
             "read_ttl": 300.0,
-            "policy": make_policy(overrides.pop("policy_name", "LRU")),
             "watermark": 0.8,
             "eviction_ratio": 0.2,
+            "shm_name": "",
+        }
+        kwargs: dict[str, Any] = {
+            "policy": make_policy(overrides.pop("policy_name", "LRU")),
             "clock": clock,
         }
-        params.update(overrides)
-        l1 = L1Manager(**params)
+        for name, value in overrides.items():
+            (params if name in params else kwargs)[name] = value
+        l1 = L1Manager(L1Params(**params), **kwargs)
         made.append(l1)
         return l1
 

@@ -143,7 +143,7 @@ class L2Layer:
         return {
             "store_policy": self.config.store_policy,
             "prefetch_policy": self.config.prefetch_policy,
-            "adapters": [a.status() for a in self.adapters],
+            "adapters": [{**a.status(), "usage_scan": a.tracker.status()} for a in self.adapters],
             "store": self.store.status(),
             "prefetch": self.prefetch.status(),
             "eviction": self.eviction.status(),

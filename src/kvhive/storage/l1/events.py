@@ -4,7 +4,8 @@ The object table records events while holding its mutex (so their order is the o
 the state changes) and calls ``drain`` after releasing it.  Exactly one thread drains at a
 time; a thread that finds another draining leaves its events to that one, so listeners see
 one global order and never run under the table's mutex.  Listeners must not block: they run
-on whichever caller thread drains.
+on whichever caller thread drains.  A listener that raises is logged and counted
+(``failures``, shown as ``listener_failures`` in L1 stats); delivery goes on.
 """
 
 from __future__ import annotations
@@ -22,9 +23,10 @@ log = logging.getLogger(__name__)
 class EventQueue:
     """Listener list plus a FIFO of (event, keys); see the module docstring."""
 
-    __slots__ = ("_listeners", "_queue", "_draining")
+    __slots__ = ("_listeners", "_queue", "_draining", "failures")
 
     def __init__(self) -> None:
+        self.failures = 0  # listener calls that raised; written by the one active drainer
         self._listeners: tuple[Listener, ...] = ()
         self._queue: deque[tuple[L1Event, list[ObjectKey]]] = deque()
         self._draining = threading.Lock()
@@ -50,6 +52,7 @@ class EventQueue:
                         try:
                             fn(event, keys)
                         except Exception:  # a listener bug must not break storage
+                            self.failures += 1
                             log.exception("L1 listener %r failed on %s", fn, event)
             finally:
                 self._draining.release()

@@ -1,12 +1,13 @@
-"""Records shared by the L1 object table and its users: slots, stats, events."""
+"""Records shared by the L1 object table and its users: params, slots, stats, events."""
 
 from __future__ import annotations
 
-from collections.abc import Callable, Hashable
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from typing import Literal
 
 from kvhive.keys import ObjectKey
+from kvhive.storage.locks import Owner
 
 L1Event = Literal["committed", "removed"]
 Listener = Callable[[L1Event, list[ObjectKey]], None]
@@ -31,8 +32,38 @@ class Reservation:
     """A write reservation: invisible to readers, owned by ``owner`` until ``deadline``."""
 
     slot: Slot
-    owner: Hashable
+    owner: Owner
     deadline: float
+
+
+@dataclass(frozen=True, slots=True)
+class L1Params:
+    """L1 sizing and timing, resolved from the ``--l1-*`` and ``--eviction-*`` flags.
+
+    Every field is required: the defaults belong to the flags (``config/``), not here.  Sizes
+    in bytes, TTLs in seconds of the L1 clock.  Raises ValueError on inconsistent values, at
+    construction and before any memory is mapped.
+    """
+
+    size_bytes: int  # configured arena size; usage is judged against it
+    align_bytes: int  # allocation unit (a power of two)
+    lazy: bool  # grow the arena on demand, starting at ``init_bytes``
+    init_bytes: int
+    write_ttl: float  # lifetime of a write reservation
+    read_ttl: float  # lifetime of a read lock
+    watermark: float  # usage in (0, 1] that starts background eviction
+    eviction_ratio: float  # share of used bytes one background pass frees, in [0, 1]
+    shm_name: str  # POSIX shared-memory name of the arena; "" for private memory
+
+    def __post_init__(self) -> None:
+        if self.size_bytes <= 0:
+            raise ValueError(f"L1 size must be positive, got {self.size_bytes}")
+        if not 0.0 < self.watermark <= 1.0 or not 0.0 <= self.eviction_ratio <= 1.0:
+            raise ValueError(
+                f"bad watermark {self.watermark} / eviction_ratio {self.eviction_ratio}"
+            )
+        if min(self.write_ttl, self.read_ttl) <= 0:
+            raise ValueError("L1 TTLs must be positive")
 
 
 @dataclass(slots=True)
@@ -53,6 +84,7 @@ class L1Stats:
     dropped_oom: int  # keys refused by reserve for lack of memory
     expired_reservations: int  # write reservations reclaimed after their TTL
     evictor_errors: int
+    listener_failures: int  # L1 event listeners (write-behind feed) that raised
     healthy: bool  # allocator memcheck passed and byte accounting agrees
 
     def to_dict(self) -> dict[str, int | float | bool]:

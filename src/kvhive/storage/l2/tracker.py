@@ -6,9 +6,13 @@
   overshoot ``capacity_bytes`` (0 = unbounded); a store that does not fit is refused;
 * eviction order: an optional policy (``kvhive.storage.eviction``) fed with stored,
   accessed and removed keys;
-* pins: keys a prefetch is loading, which eviction must not pick.
+* pins: keys a prefetch is loading, which eviction must not pick;
+* usage scans: a durable backend is scanned at start-up (``add_existing``) so usage counts
+  what a previous run left.  A scan that fails part-way leaves usage undercounted; it is
+  counted with its error text in ``status()`` (``/status``, L2 adapters), not only logged.
 
-Thread-safe: one lock; callers are the controllers' threads and adapter completion threads.
+Thread-safe: one lock; callers are the controllers' threads, adapter completion threads and
+the L2 scan thread.  The lock is not held while a scan does its I/O.
 """
 
 from __future__ import annotations
@@ -49,6 +53,8 @@ class Tracker:
         self._reserved = 0
         self._pins: dict[ObjectKey, int] = {}
         self.refused = 0
+        self._scan_failures = 0
+        self._last_scan_error: str | None = None
 
     # -- stores ------------------------------------------------------------------------
 
@@ -80,15 +86,29 @@ class Tracker:
                 self.policy.on_created(created)
 
     def add_existing(self, items: Iterable[tuple[ObjectKey, int]]) -> int:
-        """Count objects found in the backend at start-up (``scan``); returns how many."""
+        """Count objects found in the backend at start-up; returns how many were new.
+
+        ``items`` is the adapter's ``scan()`` generator: its I/O runs here, on the caller's
+        thread, outside the lock.  When the scan raises, the objects listed before the error
+        stay counted, the failure and its error text are recorded for ``status()`` (usage is
+        then undercounted) and the exception propagates to the caller's task boundary
+        (``ManagedAdapter.rebuild_usage`` logs it with the adapter's name).
+        """
         n = 0
-        with self._lock:
+        try:
             for key, size in items:
-                if key not in self._sizes:
+                with self._lock:
+                    if key in self._sizes:
+                        continue
                     self._set(key, size)
-                    n += 1
                     if self.policy is not None:
                         self.policy.on_created([key])
+                n += 1
+        except Exception as exc:  # recorded, then re-raised
+            with self._lock:
+                self._scan_failures += 1
+                self._last_scan_error = f"{type(exc).__name__}: {exc}"
+            raise
         return n
 
     # -- reads and removal ------------------------------------------------------------
@@ -146,6 +166,11 @@ class Tracker:
     def usage(self) -> Usage:
         with self._lock:
             return Usage(self._used, self.capacity, dict(self._salts), len(self._sizes))
+
+    def status(self) -> dict[str, int | str | None]:
+        """JSON-safe counters for /status: failed usage scans and the last one's error."""
+        with self._lock:
+            return {"scan_failures": self._scan_failures, "last_scan_error": self._last_scan_error}
 
     def snapshot(self) -> list[tuple[ObjectKey, int]]:
         """(key, size) of every known object, in insertion order (for listings)."""

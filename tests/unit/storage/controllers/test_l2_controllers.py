@@ -16,7 +16,7 @@ from kvhive.config.l2_adapters import parse_adapter
 from kvhive.keys import ObjectKey, pack_kv_rank
 from kvhive.storage.controllers import L2Layer
 from kvhive.storage.eviction import make_policy
-from kvhive.storage.l1.manager import L1Manager
+from kvhive.storage.l1 import L1Manager, L1Params
 from kvhive.storage.quota import QuotaRegistry
 
 N = 8192 + 100
@@ -32,8 +32,10 @@ def keys(n: int, salt: str = "", start: int = 0) -> list[ObjectKey]:
 
 @pytest.fixture
 def l1() -> Iterator[L1Manager]:
-    m = L1Manager(size_bytes=4 << 20, align_bytes=4096, lazy=False, init_bytes=0, write_ttl=600.0,
-                  read_ttl=300.0, policy=make_policy("LRU"), watermark=0.9, eviction_ratio=0.2)  # fmt: skip
+    m = L1Manager(L1Params(size_bytes=4 << 20, align_bytes=4096, lazy=False, init_bytes=0,
+                           write_ttl=600.0, read_ttl=300.0, watermark=0.9, eviction_ratio=0.2,
+                           shm_name=""),
+                  policy=make_policy("LRU"))  # fmt: skip
     yield m
     m.close()
 

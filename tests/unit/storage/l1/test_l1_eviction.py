@@ -245,7 +245,7 @@ def test_threads_smoke(make_l1: MakeL1, keys: MakeKeys) -> None:
                 l1.unlock(batch[:hits], owner)
                 if rng.random() < 0.2:
                     l1.delete(batch[:2])
-        except BaseException as exc:  # surfaced in the main thread below
+        except BaseException as exc:  # noqa: BLE001 - surfaced in the main thread below
             errors.append(exc)
 
     l1.start()

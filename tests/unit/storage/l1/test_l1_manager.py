@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import os
 from collections.abc import Callable
 from typing import Any
@@ -10,8 +11,8 @@ import numpy as np
 import pytest
 
 from kvhive.keys import ObjectKey
+from kvhive.storage.l1 import L1Manager, L1Params
 from kvhive.storage.l1.arena import Arena
-from kvhive.storage.l1.manager import L1Manager
 
 UNIT = 4096
 MakeL1 = Callable[..., L1Manager]
@@ -246,6 +247,9 @@ def test_listeners_run_outside_the_mutex_in_order(make_l1: MakeL1, keys: MakeKey
     store(l1, ks)
     l1.delete(ks[:1])
     assert seen == [("committed", ks, False), ("removed", ks[:1], False)]
+    # the broken listener failed on both events: counted, and the later listener still ran
+    assert l1.stats().listener_failures == 2
+    assert l1.stats().to_dict()["listener_failures"] == 2
 
 
 def test_stats_dict_and_close(make_l1: MakeL1, keys: MakeKeys) -> None:
@@ -255,7 +259,7 @@ def test_stats_dict_and_close(make_l1: MakeL1, keys: MakeKeys) -> None:
     (slot,) = l1.resident(ks)
     d = l1.stats().to_dict()
     assert d["objects"] == 1 and d["configured_bytes"] == 64 * UNIT and d["usage"] == 1 / 64
-    assert d["healthy"] is True
+    assert d["healthy"] is True and d["listener_failures"] == 0
     l1.close()
     l1.close()
     assert slot is not None
@@ -267,7 +271,14 @@ def test_stats_dict_and_close(make_l1: MakeL1, keys: MakeKeys) -> None:
 
 
 def test_bad_arguments(make_l1: MakeL1, keys: MakeKeys) -> None:
-    for bad in ({"watermark": 0.0}, {"eviction_ratio": 1.5}, {"read_ttl": 0.0}):
+    for bad in (
+        {"watermark": 0.0},
+        {"eviction_ratio": 1.5},
+        {"read_ttl": 0.0},
+        {"write_ttl": -1.0},
+        {"size_bytes": 0},
+        {"evict_interval": 0.0},
+    ):
         with pytest.raises(ValueError):
             make_l1(**bad)
     with Arena(32 * UNIT, align=UNIT) as small, pytest.raises(ValueError):
@@ -284,3 +295,18 @@ def test_shared_memory_l1(make_l1: MakeL1, keys: MakeKeys) -> None:
     store(l1, keys(2))
     l1.close()
     assert not os.path.exists(f"/dev/shm/{name}")
+
+
+def test_params_are_a_frozen_record_with_every_field_required() -> None:
+    fields = {
+        "size_bytes": 64 * UNIT, "align_bytes": UNIT, "lazy": False, "init_bytes": 0,
+        "write_ttl": 600.0, "read_ttl": 300.0, "watermark": 0.8, "eviction_ratio": 0.2,
+        "shm_name": "",
+    }  # fmt: skip
+    params = L1Params(**fields)
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        params.watermark = 0.5  # type: ignore[misc]
+    assert not hasattr(params, "__dict__")  # slotted
+    for name in fields:  # no restated flag defaults
+        with pytest.raises(TypeError):
+            L1Params(**{k: v for k, v in fields.items() if k != name})

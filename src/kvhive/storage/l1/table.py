@@ -1,0 +1,321 @@
+"""ObjectTable: the L1 object state machine and its byte accounting.
+
+Keys, their states and the arena bytes they hold (see ``manager.py`` for the state diagram):
+``_staging`` maps a key to its write reservation, ``_objects`` to its resident slot; read
+locks live in a ``TTLLockTable``.  Every transition keeps the accounting exact:
+``allocated = resident_bytes + staging_bytes`` (physical, i.e. aligned, bytes) and
+``salt_bytes`` sums resident bytes per ``cache_salt``.  Transitions tell the eviction policy
+(created / touched / removed), queue listener events ("committed", "removed") and publish
+bus events.
+
+Not thread-safe: the owning :class:`~kvhive.storage.l1.manager.L1Manager` calls every method
+with its mutex ``_mu`` held and drains the listener queue after releasing it.  The table
+never allocates fresh memory itself: ``reserve`` asks the ``allocate`` callback it is given
+(the :class:`~kvhive.storage.l1.reclaim.Reclaimer`, which may call back into ``remove`` and
+``reclaim_expired``).
+"""
+
+from __future__ import annotations
+
+import itertools
+from collections.abc import Callable, Iterable, Sequence
+
+from kvhive.keys import ObjectKey
+from kvhive.observability import events as ev
+from kvhive.observability.bus import EventBus
+from kvhive.storage.eviction.base import EvictionPolicy
+from kvhive.storage.l1.allocator import FreeListAllocator
+from kvhive.storage.l1.events import DropCounter, EventQueue
+from kvhive.storage.l1.records import L1Params, L1Stats, Reservation, Slot
+from kvhive.storage.locks import Clock, Owner, TTLLockTable
+
+Allocate = Callable[[int, int, float], list[int]]
+"""``allocate(phys, count, now)``: up to ``count`` offsets of ``phys`` bytes (may be short)."""
+
+
+class ObjectTable:
+    """Reservations, resident objects, read locks and their bytes (module docstring)."""
+
+    def __init__(
+        self,
+        alloc: FreeListAllocator,
+        params: L1Params,
+        *,
+        policy: EvictionPolicy,
+        clock: Clock,
+        events: EventQueue,
+        bus: EventBus,
+    ) -> None:
+        self.alloc = alloc
+        self._size = params.size_bytes
+        self._write_ttl = params.write_ttl
+        self._reads: TTLLockTable[ObjectKey] = TTLLockTable(params.read_ttl, clock)
+        self._policy = policy
+        self._events = events
+        self._bus = bus  # publish() is a non-blocking enqueue; fine under the mutex
+        self._objects: dict[ObjectKey, Slot] = {}
+        self._staging: dict[ObjectKey, Reservation] = {}
+        self._salt_bytes: dict[str, int] = {}
+        self._temporary: set[ObjectKey] = set()  # removed when their last read lock goes
+        self._resident_bytes = self._staging_bytes = 0
+        self.evicted_objects = self.evicted_bytes = self.expired = 0
+        self._drops = DropCounter()
+
+    # -- write path (see L1Manager for the contracts) ----------------------------------------
+
+    def reserve(
+        self, keys: Sequence[ObjectKey], nbytes: int, owner: Owner, now: float, allocate: Allocate
+    ) -> list[Slot | None]:
+        """Reservations for the keys that are neither resident nor live-reserved; a dead
+        writer's buffer of the same physical size is handed over, the rest is allocated."""
+        phys = self.alloc.physical(nbytes)
+        out: list[Slot | None] = [None] * len(keys)
+        deadline = now + self._write_ttl
+        need: list[int] = []
+        seen: set[ObjectKey] = set()
+        for i, key in enumerate(keys):
+            if key in self._objects or key in seen:
+                continue
+            seen.add(key)
+            res = self._staging.get(key)
+            if res is not None:
+                if res.deadline > now:
+                    continue
+                self.expired += 1
+                if self.alloc.physical(res.slot.nbytes) == phys:  # hand the buffer over
+                    slot = Slot(key, res.slot.offset, nbytes)
+                    self._staging[key] = Reservation(slot, owner, deadline)
+                    out[i] = slot
+                    continue
+                self.free_reservation(key, res)
+            need.append(i)
+        offsets = allocate(phys, len(need), now) if need else []
+        for i, offset in zip(need, offsets, strict=False):  # offsets may be short
+            slot = Slot(keys[i], offset, nbytes)
+            self._staging[slot.key] = Reservation(slot, owner, deadline)
+            out[i] = slot
+        self._staging_bytes += len(offsets) * phys
+        if len(offsets) < len(need):
+            self._drops.add(len(need) - len(offsets), now, self.alloc.allocated_bytes, self._size)
+            if self._bus.enabled:
+                lost = [keys[i] for i in need[len(offsets) :]]
+                self._bus.publish(ev.L1AllocationFailed(keys=lost, model_name=lost[0].model_name))
+        return out
+
+    def commit(
+        self, slots: Sequence[Slot], now: float, *, temporary: bool, announce: bool
+    ) -> list[bool]:
+        out: list[bool] = []
+        committed: list[ObjectKey] = []
+        for slot in slots:
+            res = self._staging.get(slot.key)
+            if res is None or res.slot is not slot:
+                out.append(False)
+                continue
+            if res.deadline <= now:
+                self.expired += 1
+                self.free_reservation(slot.key, res)
+                out.append(False)
+                continue
+            phys = self.alloc.physical(slot.nbytes)
+            del self._staging[slot.key]
+            self._staging_bytes -= phys
+            self._objects[slot.key] = slot
+            self._resident_bytes += phys
+            salt = slot.key.cache_salt
+            self._salt_bytes[salt] = self._salt_bytes.get(salt, 0) + phys
+            committed.append(slot.key)
+            out.append(True)
+        if temporary:
+            self._temporary.update(committed)
+        if committed:
+            self._policy.on_created(committed)
+            if announce:
+                self._events.record("committed", committed)
+            if self._bus.enabled:
+                total = sum(self.alloc.physical(self._objects[k].nbytes) for k in committed)
+                self._bus.publish(ev.L1WriteFinished(keys=committed, total_bytes=total))
+        return out
+
+    def abort(self, slots: Sequence[Slot]) -> int:
+        freed = 0
+        for slot in slots:
+            res = self._staging.get(slot.key)
+            if res is not None and res.slot is slot:
+                self.free_reservation(slot.key, res)
+                freed += 1
+        return freed
+
+    # -- read path -------------------------------------------------------------------------
+
+    def lock_prefix(self, rows: Iterable[Sequence[ObjectKey]], count: int, owner: Owner) -> int:
+        objects = self._objects
+        flat: list[ObjectKey] = []
+        hits = 0
+        for row in rows:
+            for key in row:  # no all(<generator>): a generator per row costs more
+                if key not in objects:
+                    break
+            else:
+                flat.extend(row)
+                hits += 1
+                continue
+            break
+        if hits:
+            self._reads.acquire(flat, owner, count)
+            self._policy.on_touched(flat)
+        return hits
+
+    def read_lock(self, keys: Sequence[ObjectKey], owner: Owner, count: int) -> list[Slot | None]:
+        slots = [self._objects.get(key) for key in keys]
+        self._reads.acquire([s.key for s in slots if s is not None], owner, count)
+        return slots
+
+    def resident(self, keys: Iterable[ObjectKey]) -> list[Slot | None]:
+        return [self._objects.get(key) for key in keys]
+
+    def touch(self, keys: Iterable[ObjectKey]) -> None:
+        self._policy.on_touched([key for key in keys if key in self._objects])
+
+    def unlock(self, keys: list[ObjectKey], owner: Owner, count: int) -> int:
+        released = sum(self._reads.release(key, owner, count) for key in keys)
+        if self._temporary:
+            self._drop_unlocked_temporary(keys)
+        return released
+
+    def release_owners(self, match: Callable[[Owner], bool]) -> tuple[int, int]:
+        locks = self._reads.release_owners(match)
+        dead = [(k, r) for k, r in self._staging.items() if match(r.owner)]
+        for key, res in dead:
+            self.free_reservation(key, res)
+        if locks and self._temporary:
+            self._drop_unlocked_temporary(list(self._temporary))
+        return locks, len(dead)
+
+    # -- removal ---------------------------------------------------------------------------
+
+    def delete(self, keys: Iterable[ObjectKey], force: bool, now: float) -> int:
+        gone: list[ObjectKey] = []
+        freed = 0
+        for key in dict.fromkeys(keys):
+            if key in self._objects:
+                if force or not self._reads.is_locked(key):
+                    gone.append(key)
+                continue
+            res = self._staging.get(key)
+            if res is not None and (force or res.deadline <= now):
+                self.free_reservation(key, res)
+                freed += 1
+        self.remove(gone, evicted=False)
+        return len(gone) + freed
+
+    def clear(self, force: bool, now: float) -> int:
+        if force:
+            gone = list(self._objects)
+            self._reads.clear()
+            freed = len(self._staging)
+            for key, res in list(self._staging.items()):
+                self.free_reservation(key, res)
+        else:
+            gone = [k for k in self._objects if not self._reads.is_locked(k)]
+            freed = self.reclaim_expired(now)
+        self.remove(gone, evicted=False)
+        return len(gone) + freed
+
+    def forget_all(self) -> None:
+        """Drop every object, reservation and lock without accounting (L1 is closing)."""
+        self._objects.clear()
+        self._staging.clear()
+        self._reads.clear()
+
+    # -- primitives for the reclaimer ------------------------------------------------------
+
+    def evictable(self, key: ObjectKey) -> bool:
+        """Resident and without a live read lock."""
+        return key in self._objects and not self._reads.is_locked(key)
+
+    def physical_bytes(self, key: ObjectKey) -> int:
+        """Arena bytes of resident ``key``."""
+        return self.alloc.physical(self._objects[key].nbytes)
+
+    def salt_bytes(self, salt: str) -> int:
+        """Resident bytes of ``salt``."""
+        return self._salt_bytes.get(salt, 0)
+
+    def remove(self, keys: list[ObjectKey], *, evicted: bool) -> None:
+        """Forget resident ``keys``, free their memory and drop their read locks."""
+        if not keys:
+            return
+        ranges: list[tuple[int, int]] = []
+        total = 0
+        for key in keys:
+            slot = self._objects.pop(key)
+            phys = self.alloc.physical(slot.nbytes)
+            ranges.append((slot.offset, phys))
+            total += phys
+            left = self._salt_bytes[key.cache_salt] - phys
+            if left:
+                self._salt_bytes[key.cache_salt] = left
+            else:
+                del self._salt_bytes[key.cache_salt]
+            self._reads.drop(key)
+            self._temporary.discard(key)
+        self.alloc.free_many(ranges)
+        self._resident_bytes -= total
+        self._policy.on_removed(keys)
+        if evicted:
+            self.evicted_objects += len(keys)
+            self.evicted_bytes += total
+        self._events.record("removed", keys)
+        if self._bus.enabled:
+            self._bus.publish(
+                ev.L1KeysEvicted(keys=keys, reason="evicted" if evicted else "deleted")
+            )
+
+    def free_reservation(self, key: ObjectKey, res: Reservation) -> None:
+        del self._staging[key]
+        phys = self.alloc.physical(res.slot.nbytes)
+        self.alloc.free(res.slot.offset, phys)
+        self._staging_bytes -= phys
+
+    def reclaim_expired(self, now: float) -> int:
+        """Free reservations past their write TTL (writer died or hung); returns how many."""
+        expired = [(k, r) for k, r in self._staging.items() if r.deadline <= now]
+        for key, res in expired:
+            self.free_reservation(key, res)
+        self.expired += len(expired)
+        return len(expired)
+
+    def _drop_unlocked_temporary(self, keys: Iterable[ObjectKey]) -> None:
+        gone = [k for k in keys if k in self._temporary and not self._reads.is_locked(k)]
+        self.remove(gone, evicted=False)
+
+    # -- observation -----------------------------------------------------------------------
+
+    def page(self, start: int, limit: int) -> tuple[list[Slot], int]:
+        """Resident slots ``[start, start + limit)`` in insertion order, and the table size."""
+        return list(itertools.islice(self._objects.values(), start, start + limit)), len(
+            self._objects
+        )
+
+    def stats(self, *, evictor_errors: int, listener_failures: int, is_open: bool) -> L1Stats:
+        used = self.alloc.allocated_bytes
+        healthy = self.alloc.memcheck() and used == self._resident_bytes + self._staging_bytes
+        return L1Stats(
+            objects=len(self._objects),
+            temporary_objects=len(self._temporary),
+            staging_objects=len(self._staging),
+            read_locked_objects=self._reads.locked_keys(),
+            used_bytes=used,
+            staging_bytes=self._staging_bytes,
+            heap_bytes=self.alloc.heap_bytes,
+            configured_bytes=self._size,
+            usage=used / self._size,
+            evicted_objects=self.evicted_objects,
+            evicted_bytes=self.evicted_bytes,
+            dropped_oom=self._drops.total,
+            expired_reservations=self.expired,
+            evictor_errors=evictor_errors,
+            listener_failures=listener_failures,
+            healthy=healthy and is_open,
+        )
