@@ -5,6 +5,9 @@ from __future__ import annotations
 import pytest
 
 from kvhive.storage.locks import TTLLockTable
+from kvhive.storage.owners import LookupOwner, WriterOwner
+
+A, OLD, NEW = WriterOwner(1), WriterOwner(2), WriterOwner(3)
 
 
 class Clock:
@@ -22,25 +25,25 @@ def clk() -> Clock:
 
 def test_counts_add_up_and_release_is_bounded(clk: Clock) -> None:
     t: TTLLockTable[str] = TTLLockTable(5.0, clk)
-    t.acquire(["k"], "a", count=2)
-    t.acquire(["k"], "a")
+    t.acquire(["k"], A, count=2)
+    t.acquire(["k"], A)
     assert t.live_count("k") == 3
-    assert t.release("k", "a", 2) == 2
-    assert t.release("k", "a", 5) == 1
+    assert t.release("k", A, 2) == 2
+    assert t.release("k", A, 5) == 1
     assert not t.is_locked("k")
-    assert t.release("k", "a") == 0
+    assert t.release("k", A) == 0
     assert t.release("k", "nobody") == 0
 
 
 def test_each_owner_has_its_own_deadline(clk: Clock) -> None:
     t: TTLLockTable[str] = TTLLockTable(5.0, clk)
-    t.acquire(["k"], "old")
+    t.acquire(["k"], OLD)
     clk.now = 4.0
-    t.acquire(["k"], "new")  # does not extend "old"
+    t.acquire(["k"], NEW)  # does not extend "old"
     clk.now = 6.0
     assert t.is_locked("k")
     assert t.live_count("k") == 1
-    assert t.release("k", "old") == 0  # expired: nothing to give back
+    assert t.release("k", OLD) == 0  # expired: nothing to give back
     clk.now = 9.0
     assert not t.is_locked("k")
     assert t.locked_keys() == 0
@@ -48,18 +51,18 @@ def test_each_owner_has_its_own_deadline(clk: Clock) -> None:
 
 def test_reacquire_after_expiry_restarts_the_count(clk: Clock) -> None:
     t: TTLLockTable[str] = TTLLockTable(5.0, clk)
-    t.acquire(["k"], "a", count=3)
+    t.acquire(["k"], A, count=3)
     clk.now = 5.0  # deadline reached: expired
-    t.acquire(["k"], "a")
+    t.acquire(["k"], A)
     assert t.live_count("k") == 1
 
 
 def test_release_owners_drops_everything_of_matching_owners(clk: Clock) -> None:
     t: TTLLockTable[str] = TTLLockTable(5.0, clk)
-    t.acquire(["x", "y"], ("req", "r1", 0), count=2)
-    t.acquire(["x"], ("req", "r2", 0))
-    t.acquire(["z"], ("inst", 7))
-    released = t.release_owners(lambda o: o[0] == "req")
+    t.acquire(["x", "y"], LookupOwner("r1", "m", 0), count=2)
+    t.acquire(["x"], LookupOwner("r2", "m", 0))
+    t.acquire(["z"], WriterOwner(7))
+    released = t.release_owners(lambda o: isinstance(o, LookupOwner))
     assert released == 5
     assert (t.is_locked("x"), t.is_locked("y"), t.is_locked("z")) == (False, False, True)
     clk.now = 10.0
@@ -69,11 +72,11 @@ def test_release_owners_drops_everything_of_matching_owners(clk: Clock) -> None:
 
 def test_drop_and_bad_count(clk: Clock) -> None:
     t: TTLLockTable[str] = TTLLockTable(5.0, clk)
-    t.acquire(["k"], "a")
+    t.acquire(["k"], WriterOwner(1))
     t.drop("k")
     assert not t.is_locked("k")
     assert t.release_owners(lambda o: True) == 0
     with pytest.raises(ValueError):
-        t.acquire(["k"], "a", count=0)
+        t.acquire(["k"], WriterOwner(1), count=0)
     with pytest.raises(ValueError):
         TTLLockTable(0.0, clk)

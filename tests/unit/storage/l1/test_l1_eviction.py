@@ -15,13 +15,14 @@ from kvhive.keys import ObjectKey
 from kvhive.storage.eviction.lru import LRUPolicy
 from kvhive.storage.l1.arena import Arena
 from kvhive.storage.l1.manager import L1Manager
+from kvhive.storage.owners import LookupOwner, WriterOwner
 from kvhive.storage.quota import QuotaRegistry
 
 UNIT = 4096
 MakeL1 = Callable[..., L1Manager]
 MakeKeys = Callable[..., list[ObjectKey]]
-W = ("inst", 1)
-R = ("req", "r1", 0)
+W = WriterOwner(1)
+R = LookupOwner("r1", "m", 0)
 
 
 def store(l1: L1Manager, ks: list[ObjectKey], batch: int = 8) -> None:
@@ -93,7 +94,7 @@ def test_expired_reservations_are_reclaimed_before_evicting(
 ) -> None:
     l1 = make_l1(write_ttl=10.0)
     store(l1, keys(60))
-    l1.reserve(keys(4, start=100), UNIT, ("inst", 2))  # a writer that dies
+    l1.reserve(keys(4, start=100), UNIT, WriterOwner(2))  # a writer that dies
     clock.advance(10.0)
     assert all(l1.reserve(keys(4, start=200), UNIT, W))
     st = l1.stats()
@@ -229,12 +230,12 @@ def test_threads_smoke(make_l1: MakeL1, keys: MakeKeys) -> None:
 
     def worker(n: int) -> None:
         rng = random.Random(n)
-        owner = ("req", f"t{n}", 0)
+        owner = LookupOwner(f"t{n}", "m", 0)
         try:
             for _ in range(300):
                 start = rng.randrange(0, 88)
                 batch = universe[start : start + 8]
-                slots = [s for s in l1.reserve(batch, UNIT - 100, ("inst", n)) if s]
+                slots = [s for s in l1.reserve(batch, UNIT - 100, WriterOwner(n)) if s]
                 for s in slots:
                     l1.view(s)[:4] = n
                 if rng.random() < 0.1:

@@ -13,12 +13,13 @@ import pytest
 from kvhive.keys import ObjectKey
 from kvhive.storage.l1 import L1Manager, L1Params
 from kvhive.storage.l1.arena import Arena
+from kvhive.storage.owners import LookupOwner, WriterOwner
 
 UNIT = 4096
 MakeL1 = Callable[..., L1Manager]
 MakeKeys = Callable[..., list[ObjectKey]]
-W = ("inst", 1)  # a writer
-R = ("req", "r1", 0)  # a reader
+W = WriterOwner(1)  # a writer
+R = LookupOwner("r1", "m", 0)  # a reader
 
 
 def store(l1: L1Manager, ks: list[ObjectKey], nbytes: int = UNIT) -> None:
@@ -55,7 +56,7 @@ def test_reserve_refuses_resident_staged_and_duplicate_keys(
     l1 = make_l1()
     ks = keys(3)
     store(l1, ks[:1])
-    assert l1.reserve([ks[1]], UNIT, ("inst", 2))[0] is not None
+    assert l1.reserve([ks[1]], UNIT, WriterOwner(2))[0] is not None
     got = l1.reserve([ks[0], ks[1], ks[2], ks[2]], UNIT, W)
     assert [s is not None for s in got] == [False, False, True, False]
     with pytest.raises(ValueError):
@@ -77,9 +78,9 @@ def test_expired_reservation_is_handed_over(make_l1: MakeL1, keys: MakeKeys, clo
     l1 = make_l1(write_ttl=10.0)
     k = keys(1)
     (old,) = l1.reserve(k, UNIT, W)
-    assert l1.reserve(k, UNIT, ("inst", 2)) == [None]  # live: refused
+    assert l1.reserve(k, UNIT, WriterOwner(2)) == [None]  # live: refused
     clock.advance(11.0)
-    (new,) = l1.reserve(k, UNIT, ("inst", 2))
+    (new,) = l1.reserve(k, UNIT, WriterOwner(2))
     assert old is not None and new is not None
     assert new.offset == old.offset  # same size: the buffer changes hands
     assert l1.commit([old]) == [False]  # the dead writer cannot commit it any more
@@ -120,7 +121,7 @@ def test_lock_prefix_full_partial_zero(make_l1: MakeL1, keys: MakeKeys) -> None:
     assert l1.lock_prefix(rows, 2, R) == 2  # chunk 2 lacks its rank-1 object
     assert l1.stats().read_locked_objects == 4
     store(l1, rank0[3:] + rank1[2:])
-    assert l1.lock_prefix(rows, 1, ("req", "r2", 0)) == 4
+    assert l1.lock_prefix(rows, 1, LookupOwner("r2", "m", 0)) == 4
     assert l1.stats().read_locked_objects == 8
 
 
@@ -150,7 +151,7 @@ def test_unlock_counts(make_l1: MakeL1, keys: MakeKeys, clock: Any) -> None:
     store(l1, ks)
     assert l1.lock_prefix(rows_of(ks, 1), 2, R) == 3
     assert l1.unlock(ks, R) == 3
-    assert l1.unlock(ks[:1], ("req", "other", 0)) == 0
+    assert l1.unlock(ks[:1], LookupOwner("other", "m", 0)) == 0
     assert l1.unlock(ks, R, count=5) == 3
     assert l1.unlock(ks, R) == 0
     l1.read_lock(ks, R, count=2)
@@ -174,14 +175,14 @@ def test_release_owners_frees_a_dead_client_at_once(make_l1: MakeL1, keys: MakeK
     l1 = make_l1()
     ks = keys(4)
     store(l1, ks[:2])
-    l1.lock_prefix(rows_of(ks[:2], 1), 3, ("req", "r9", 0))
-    l1.read_lock(ks[:1], ("req", "r9", 1))
-    l1.read_lock(ks[:1], ("req", "alive", 0))
-    l1.reserve(ks[2:], UNIT, ("inst", 9))
+    l1.lock_prefix(rows_of(ks[:2], 1), 3, LookupOwner("r9", "m", 0))
+    l1.read_lock(ks[:1], LookupOwner("r9", "m", 1))
+    l1.read_lock(ks[:1], LookupOwner("alive", "m", 0))
+    l1.reserve(ks[2:], UNIT, WriterOwner(9))
     dead = {"r9"}
 
     def owned_by_dead(o: object) -> bool:
-        return isinstance(o, tuple) and (o[1] in dead or o == ("inst", 9))
+        return (isinstance(o, LookupOwner) and o.request_id in dead) or o == WriterOwner(9)
 
     assert l1.release_owners(owned_by_dead) == (7, 2)
     st = l1.stats()
