@@ -236,7 +236,9 @@ def test_slow_or_failing_backend_costs_a_miss_not_a_hang(
     adapter = open_adapter({"type": "fault_inject", "inner": inner, "timeout_s": 0.3, **faults})
     keys = keys_for(3)
     store_all(adapter, keys, payloads(3, N))
-    ctl = PrefetchController(l1, [adapter], object_nbytes=lambda k: N)
+    ctl = PrefetchController(
+        l1, [adapter], object_nbytes=lambda k: N, retain=False, max_in_flight=8
+    )
     got: list[int] = []
     finished = threading.Event()
     start = time.monotonic()

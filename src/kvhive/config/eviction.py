@@ -8,6 +8,8 @@ from typing import ClassVar, Literal
 from kvhive.config.fields import flag_field, fraction, validate_fields
 
 EvictionPolicy = Literal["LRU", "IsolatedLRU", "noop"]
+"""The one declaration of the eviction policy names: the L1 flag, the L2 adapters' ``eviction``
+objects and the policy registry (``kvhive.storage.eviction``) all use these."""
 
 
 @dataclass(frozen=True)

@@ -8,6 +8,11 @@ type-checks and range-checks an instance at construction.
 
 Error messages read as a predicate of the flag, so the CLI can print ``f"{flag} {message}"``:
 ``ConfigError("--port", "must be in 1..65535 (got 0)")``.
+
+The type conversion (:func:`convert`, :func:`checked`) and the range checks
+(:mod:`kvhive.config.checks`, re-exported here) are shared with the ``--l2-adapter`` JSON
+records (:mod:`kvhive.config.l2_adapters`), so flags and adapter keys accept the same values
+and complain in the same words.
 """
 
 from __future__ import annotations
@@ -16,14 +21,23 @@ import dataclasses
 import functools
 import math
 import types
-from collections.abc import Callable
+from collections.abc import Mapping
+from types import MappingProxyType
 from typing import Any, Literal, Union, get_args, get_origin, get_type_hints
 
+from kvhive.config.checks import (
+    PORT,
+    Check,
+    at_least,
+    fraction,
+    in_range,
+    no_nul,
+    non_empty,
+    positive,
+    power_of_two,
+)
 from kvhive.config.deferred import check_deferred_value
 from kvhive.errors import ConfigError
-
-Check = Callable[[Any], "str | None"]
-"""A range check: returns the complaint ("must be > 0") or None when the value is fine."""
 
 _META_KEY = "kvhive"
 
@@ -109,10 +123,20 @@ def choices_of(hint: Any) -> tuple[str, ...] | None:
     return tuple(get_args(base)) if get_origin(base) is Literal else None
 
 
-def _type_name(base: Any) -> str:
-    return {int: "an integer", float: "a number", str: "a string", bool: "true or false"}.get(
-        base, str(base)
-    )
+_NAMES = {int: ("an integer", "integers"), float: ("a number", "numbers"),
+          str: ("a string", "strings"), bool: ("true or false", "booleans")}  # fmt: skip
+
+
+def type_name(hint: Any, *, plural: bool = False) -> str:
+    """How an error message names the type of ``hint`` ("an integer", "a list of strings")."""
+    base, _ = unwrap_optional(hint)
+    if base in _NAMES:
+        return _NAMES[base][plural]
+    if get_origin(base) is tuple:
+        return f"a list of {type_name(get_args(base)[0], plural=True)}"
+    if base in (dict, Mapping) or get_origin(base) in (dict, Mapping) or isinstance(base, type):
+        return "JSON objects" if plural else "a JSON object"  # mappings and nested records
+    return str(base)
 
 
 # -- conversion and validation -----------------------------------------------------------------
@@ -126,77 +150,107 @@ def from_text(flag: str, hint: Any, raw: Any) -> Any:
     try:
         return base(raw.strip())
     except ValueError:
-        raise ConfigError(flag, f"must be {_type_name(base)} (got {raw!r})") from None
+        raise ConfigError(flag, f"must be {type_name(base)} (got {raw!r})") from None
 
 
-def coerce(flag: str, hint: Any, value: Any) -> Any:
-    """Type-check one value against its annotation; ints are widened to float where declared."""
-    base, optional = unwrap_optional(hint)
-    if value is None:
-        if optional:
-            return None
-        raise ConfigError(flag, "is required")
-    if get_origin(base) is tuple:  # tuple[str, ...]: a repeatable/nargs flag
-        if not isinstance(value, (list, tuple)) or not all(isinstance(v, str) for v in value):
-            raise ConfigError(flag, f"must be a list of strings (got {value!r})")
-        return tuple(value)
+def convert(hint: Any, value: Any) -> tuple[Any, str | None]:
+    """Type-check one non-None ``value`` against its annotation, without naming the field.
+
+    Returns ``(stored value, None)`` or ``(value, complaint)``; the complaint is a predicate
+    ("must be an integer") the caller prefixes with the field's name and suffixes with the
+    value.  Understood annotations: ``int``, ``float`` (ints widened; must be finite), ``str``,
+    ``bool`` (never an int, and no int is a bool), ``Literal[...]``, ``tuple[X, ...]`` (a list
+    or tuple, stored as a tuple), ``Mapping``/``dict`` (a JSON object, stored read-only),
+    and any other class (an instance of it, e.g. a nested record), each optionally ``| None``.
+    """
+    base, _ = unwrap_optional(hint)
+    if get_origin(base) is tuple:  # tuple[X, ...]: a repeatable flag or a JSON array
+        item = get_args(base)[0]
+        if not isinstance(value, (list, tuple)):
+            return value, f"must be {type_name(base)}"
+        items = []
+        for v in value:
+            v, complaint = (v, f"must be {type_name(item)}") if v is None else convert(item, v)
+            if complaint == f"must be {type_name(item)}":
+                return value, f"must be {type_name(base)}"  # "must be a list of integers"
+            if complaint:
+                return value, f"items {complaint}"  # "items must be one of a, b"
+            items.append(v)
+        return tuple(items), None
     choices = choices_of(base)
     if choices is not None:
-        if value not in choices:
-            raise ConfigError(flag, f"must be one of {', '.join(choices)} (got {value!r})")
-        return value
+        ok = any(value == c and type(value) is type(c) for c in choices)
+        return value, None if ok else f"must be one of {', '.join(map(str, choices))}"
+    if base in (dict, Mapping) or get_origin(base) in (dict, Mapping):
+        if not isinstance(value, Mapping):
+            return value, f"must be {type_name(base)}"
+        return MappingProxyType(dict(value)), None
     if base is float and isinstance(value, int) and not isinstance(value, bool):
         value = float(value)
     ok = isinstance(value, base) and (base is bool or not isinstance(value, bool))
     if not ok:
-        raise ConfigError(flag, f"must be {_type_name(base)} (got {value!r})")
+        return value, f"must be {type_name(base)}"
     if base is float and not math.isfinite(value):
-        raise ConfigError(flag, f"must be a finite number (got {value!r})")
-    return value
+        return value, "must be a finite number"
+    return value, None
+
+
+def checked(hint: Any, check: Check | None, value: Any) -> tuple[Any, str | None]:
+    """:func:`convert`, then the range ``check`` on the converted value (None passes)."""
+    if value is None:
+        return None, None
+    value, complaint = convert(hint, value)
+    if complaint is None and check is not None:
+        complaint = check(value)
+    return value, complaint
+
+
+def coerce(flag: str, hint: Any, value: Any) -> Any:
+    """Type-check one value against its annotation; ints are widened to float where declared."""
+    _, optional = unwrap_optional(hint)
+    if value is None:
+        if optional:
+            return None
+        raise ConfigError(flag, "is required")
+    converted, complaint = convert(hint, value)
+    if complaint:
+        raise ConfigError(flag, f"{complaint} (got {value!r})")
+    return converted
 
 
 def validate_fields(obj: Any) -> None:
     """Type- and range-check every flag-bound field of a (frozen) section instance in place."""
-    for info in section_fields(type(obj)):
+    cls: type = type(obj)
+    for info in section_fields(cls):
         value = coerce(info.spec.flag, info.hint, getattr(obj, info.name))
         object.__setattr__(obj, info.name, value)  # frozen: store the widened value
-        if value is not None and info.spec.check is not None:
-            complaint = info.spec.check(value)
-            if complaint:
-                raise ConfigError(info.spec.flag, f"{complaint} (got {value!r})")
+        complaint = info.spec.check(value) if value is not None and info.spec.check else None
+        if complaint:
+            raise ConfigError(info.spec.flag, f"{complaint} (got {value!r})")
         check_deferred_value(info.spec.flag, value)
 
 
-# -- reusable range checks ---------------------------------------------------------------------
-
-
-def in_range(lo: float, hi: float) -> Check:
-    return lambda v: None if lo <= v <= hi else f"must be in {lo}..{hi}"
-
-
-def at_least(lo: float) -> Check:
-    return lambda v: None if v >= lo else f"must be >= {lo}"
-
-
-def positive(v: float) -> str | None:
-    return None if v > 0 else "must be > 0"
-
-
-def fraction(v: float) -> str | None:
-    """A share in (0, 1]: 0 would never act, above 1 is meaningless."""
-    return None if 0 < v <= 1 else "must be in (0, 1]"
-
-
-def power_of_two(v: int) -> str | None:
-    return None if v > 0 and v & (v - 1) == 0 else "must be a power of two"
-
-
-def non_empty(v: str) -> str | None:
-    return None if v.strip() else "must not be empty"
-
-
-def no_nul(v: str) -> str | None:
-    return "must not contain NUL" if "\x00" in v else None
-
-
-PORT: Check = in_range(1, 65535)
+__all__ = [
+    "PORT",
+    "Check",
+    "FieldInfo",
+    "FlagSpec",
+    "at_least",
+    "checked",
+    "choices_of",
+    "coerce",
+    "convert",
+    "flag_field",
+    "flag_of",
+    "fraction",
+    "from_text",
+    "in_range",
+    "no_nul",
+    "non_empty",
+    "positive",
+    "power_of_two",
+    "section_fields",
+    "type_name",
+    "unwrap_optional",
+    "validate_fields",
+]

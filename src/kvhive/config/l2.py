@@ -8,7 +8,7 @@ from dataclasses import dataclass, field
 from typing import Any, ClassVar, Literal
 
 from kvhive.config.fields import at_least, flag_field, validate_fields
-from kvhive.config.l2_adapters import FLAG, AdapterSpec, parse_adapter
+from kvhive.config.l2_adapters import ADAPTER_TYPES, FLAG, AdapterConfig, parse_adapter
 from kvhive.errors import ConfigError
 
 StorePolicy = Literal["default", "skip_l1"]
@@ -45,11 +45,12 @@ class L2Config:
         default=(),
         repeat=True,
         metavar="JSON",
-        help='An L2 adapter as a JSON object with a "type" (fs, fs_native, mock, s3, resp, '
-        "plugin, native_plugin, raw_block, dax, fault_inject); repeatable, flag order is the "
-        "cascade order (reads prefer the lowest index, writes go to all).",
+        help=f'An L2 adapter as a JSON object with a "type" ({", ".join(ADAPTER_TYPES)}); '
+        "repeatable, flag order is the cascade order (reads prefer the lowest index, writes go "
+        "to all).",
     )
-    specs: tuple[AdapterSpec, ...] = field(init=False, repr=False, compare=False)
+    specs: tuple[AdapterConfig, ...] = field(init=False, repr=False, compare=False)
+    """The validated adapter records, one per ``--l2-adapter``, in flag order."""
 
     def __post_init__(self) -> None:
         validate_fields(self)

@@ -1,369 +1,539 @@
-"""Field schemas of every ``--l2-adapter`` JSON type, validated at parse time (no I/O).
+"""Typed records of every ``--l2-adapter`` JSON type, validated at construction (no I/O).
 
-Each JSON object names its ``type``; its other keys are the common keys (any type) plus the
-type's own fields.  Unknown keys, missing required fields and bad values raise one
-:class:`ConfigError` for ``--l2-adapter`` naming the adapter index, the field and what is
-allowed, e.g. ``--l2-adapter #1 (fs): field 'base_path' is required``.  Defaults follow
-LMCache 0.5.6 (``v1/distributed/l2_adapters``); fields marked "kvhive" are extensions.
+Each JSON object names its ``type``; :data:`ADAPTER_TYPES` maps that name to one frozen,
+slotted record class.  Its keys are the common keys of :class:`AdapterConfig` (any type) plus
+the type's own fields, declared once with :func:`json_field`: the annotation gives the type
+and choices (``Literal[...]``, ``X | None``, ``tuple[X, ...]`` for JSON arrays), the metadata
+an optional range check from :mod:`kvhive.config.checks` — the same checks, conversion and
+wording as the command-line flags (:mod:`kvhive.config.fields`).
+
+Unknown keys, missing required keys and bad values raise one :class:`ConfigError` for
+``--l2-adapter`` naming the adapter index and type, the field and what is allowed, e.g.
+``--l2-adapter #1 (fs): field 'base_path' is required`` or, inside a nested object,
+``#0 (mock) eviction: field 'eviction_policy' must be one of LRU, IsolatedLRU, noop (got 'ARC')``.
+Defaults follow LMCache 0.5.6 (``v1/distributed/l2_adapters``); fields marked "kvhive" are
+extensions.  Builders (``kvhive.storage.l2.registry``) receive these records as they are.
 """
 
 from __future__ import annotations
 
-import math
+import dataclasses
+import functools
 import os
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Any
+from types import MappingProxyType
+from typing import Any, ClassVar, Literal, get_args, get_origin, get_type_hints
 
+from kvhive.config.checks import (
+    Check,
+    ascii_chars,
+    at_least,
+    each,
+    fraction,
+    in_range,
+    non_empty,
+    positive,
+    power_of_two,
+    relative_path,
+    unsupported,
+)
+from kvhive.config.eviction import EvictionPolicy
+from kvhive.config.fields import checked, type_name, unwrap_optional
 from kvhive.errors import ConfigError
 
 FLAG = "--l2-adapter"
-REQUIRED: Any = object()
-Check = Callable[[Any], "str | None"]
+Integrity = Literal["checksum", "raw"]
+"""Object format of an adapter: ``checksum`` frames objects with a CRC trailer, ``raw`` not."""
+FaultOp = Literal["store", "lookup", "load", "delete"]
+LATER = ("nixl_store", "nixl_store_dynamic", "mooncake_store")
+SECRETS = frozenset({"aws_secret_access_key", "password"})
+_CHECK, _JSON = "kvhive_check", "kvhive_json"
 
-_TYPES = {bool: "true or false", int: "an integer", float: "a number", str: "a string",
-          dict: "a JSON object", list: "a JSON array"}  # fmt: skip
+
+def json_field(default: Any = dataclasses.MISSING, check: Check | None = None, *,
+               factory: Any = dataclasses.MISSING) -> Any:  # fmt: skip
+    """Declare one JSON key of a record; omit ``default`` (and ``factory``) for a required key."""
+    return field(default=default, default_factory=factory, metadata={_CHECK: check})
 
 
-@dataclass(frozen=True)
-class Field:
-    """One JSON field: its type, default (``REQUIRED`` if none) and an optional check."""
+@dataclass(frozen=True, slots=True)
+class JsonKey:
+    """One JSON key of a record class, with its resolved annotation."""
 
     name: str
-    kind: type
-    default: Any = REQUIRED
-    check: Check | None = None
-    optional: bool = False  # None allowed (absent means None)
+    hint: Any
+    check: Check | None
+    required: bool
 
 
-def _pos(v: float) -> str | None:
-    return None if v > 0 else "must be > 0"
+_KEYS: dict[type, tuple[JsonKey, ...]] = {}
 
 
-def _nonneg(v: float) -> str | None:
-    return None if v >= 0 else "must be >= 0"
-
-
-def _frac(v: float) -> str | None:
-    return None if 0 < v <= 1 else "must be in (0, 1]"
-
-
-def _unit(v: float) -> str | None:
-    return None if 0 <= v <= 1 else "must be in [0, 1]"
-
-
-def _port(v: int) -> str | None:
-    return None if 0 <= v <= 65535 else "must be in 0..65535 (0: $LMCACHE_RESP_PORT)"
-
-
-def _pow2(v: int) -> str | None:
-    return None if v > 0 and v & (v - 1) == 0 else "must be a power of two"
-
-
-def _nonempty(v: str) -> str | None:
-    return None if v.strip() else "must not be empty"
-
-
-def _one_of(*allowed: str) -> Check:
-    return lambda v: None if v in allowed else f"must be one of {', '.join(allowed)}"
-
-
-def _relative(v: str) -> str | None:
-    if os.path.isabs(v) or ".." in v.split("/"):
-        return "must be a relative path without '..'"
-    return None
-
-
-def _magic(v: str) -> str | None:
-    return None if len(v) == 8 and v.isascii() else "must be 8 ASCII characters"
-
-
-COMMON: tuple[Field, ...] = (
-    Field("affinity_tag", str, "_default", _nonempty),
-    Field("shared", bool, False),
-    Field("eviction", dict, None, optional=True),
-    Field("persist_enabled", bool, True),
-    Field("integrity", str, None, _one_of("checksum", "raw"), optional=True),  # kvhive
-    Field("timeout_s", float, 30.0, _pos),  # kvhive: deadline of one lookup or load task
-    Field("store_timeout_s", float, 300.0, _pos),  # kvhive: deadline of one store task
-)
-
-EVICTION: tuple[Field, ...] = (
-    Field("eviction_policy", str, REQUIRED, _one_of("LRU", "IsolatedLRU", "noop")),
-    Field("trigger_watermark", float, 0.8, _frac),
-    Field("eviction_ratio", float, 0.2, _frac),
-    Field("default_quota_gb", float, None, _nonneg, optional=True),  # kvhive
-)
-
-_CAP = Field("max_capacity_gb", float, 0.0, _nonneg)
-
-SCHEMAS: dict[str, tuple[Field, ...]] = {
-    "fs": (
-        Field("base_path", str, REQUIRED, _nonempty),
-        Field("relative_tmp_dir", str, None, _relative, optional=True),
-        Field("read_ahead_size", int, None, _pos, optional=True),
-        Field("use_odirect", bool, False),
-        Field("num_workers", int, 4, _pos),  # kvhive
-    ),
-    "fs_native": (
-        Field("base_path", str, REQUIRED, _nonempty),
-        Field("num_workers", int, 4, _pos),
-        Field("relative_tmp_dir", str, "", lambda v: _relative(v) if v else None),
-        Field("use_odirect", bool, False),
-        Field("read_ahead_size", int, None, _pos, optional=True),
-        _CAP,
-        Field("stripe_bytes", int, 8 << 20, _pos),  # kvhive: unit of parallel pread/pwrite
-    ),
-    "mock": (
-        Field("max_size_gb", float, REQUIRED, _pos),
-        Field("mock_bandwidth_gb", float, REQUIRED, _pos),
-        Field("num_workers", int, 4, _pos),  # kvhive
-    ),
-    "s3": (
-        Field("s3_endpoint", str, REQUIRED, _nonempty),
-        Field("s3_region", str, REQUIRED, _nonempty),
-        Field("s3_num_io_threads", int, 64, _pos),
-        Field("s3_prefer_http2", bool, True),
-        Field("s3_enable_s3express", bool, False),
-        Field("disable_tls", bool, False),
-        Field("aws_access_key_id", str, None, optional=True),
-        Field("aws_secret_access_key", str, None, optional=True),
-        _CAP,
-        Field("s3_addressing_style", str, "auto", _one_of("auto", "virtual", "path")),  # kvhive
-        Field("num_workers", int, 16, _pos),  # kvhive: concurrent requests
-    ),
-    "resp": (
-        Field("host", str, REQUIRED),
-        Field("port", int, REQUIRED, _port),
-        Field("num_workers", int, 8, _pos),
-        Field("username", str, ""),
-        Field("password", str, ""),
-        _CAP,
-        Field("socket_timeout_s", float, 10.0, _pos),  # kvhive
-    ),
-    "plugin": (
-        Field("module_path", str, REQUIRED, _nonempty),
-        Field("class_name", str, REQUIRED, _nonempty),
-        Field("adapter_params", dict, {}),
-        Field("config_class_name", str, None, optional=True),
-        Field("num_workers", int, 4, _pos),  # kvhive: pool of an ObjectStore plugin
-        _CAP,
-    ),
-    "native_plugin": (
-        Field("library_path", str, None, _nonempty, optional=True),  # kvhive C ABI
-        Field("module_path", str, None, optional=True),
-        Field("class_name", str, None, optional=True),
-        Field("adapter_params", dict, {}),
-        _CAP,
-        Field("num_workers", int, 4, _pos),
-    ),
-    "raw_block": (
-        Field("device_path", str, REQUIRED, _nonempty),
-        Field("slot_bytes", int, REQUIRED, _pos),
-        Field("capacity_bytes", int, 0, _nonneg),
-        Field("use_odirect", bool, True),
-        Field("block_align", int, 4096, _pow2),
-        Field("header_bytes", int, 4096, _pos),
-        Field("meta_total_bytes", int, 256 << 20, _pos),
-        Field("meta_magic", str, "LMCIDX01", _magic),
-        Field("meta_version", int, 1, _nonneg),
-        Field("meta_checkpoint_interval_sec", float, 60.0, _pos),
-        Field("meta_idle_quiet_ms", int, 100, _nonneg),
-        Field("meta_enable_periodic", bool, True),
-        Field("load_checkpoint_on_init", bool, True),
-        Field("meta_verify_on_load", bool, True),
-        Field("enable_zero_copy", bool, True),
-        Field("io_engine", str, "posix", _one_of("posix")),
-        Field("iouring_queue_depth", int, 256, _pos),
-        Field("use_uring_cmd", bool, False, lambda v: "is not supported" if v else None),
-        Field("max_data_transfer_size", int, 0, _nonneg),
-        Field("fdp_enabled", bool, False, lambda v: "is not supported" if v else None),
-        Field("fdp_placement_ids", list, []),
-        Field("fdp_data_placement_policy", str, ""),
-        Field("fdp_slot_reuse_policy", str, ""),
-        Field("meta_checkpoint_placement_id", int, None, optional=True),
-        Field("num_store_workers", int, 2, _pos),
-        Field("num_lookup_workers", int, 1, _pos),
-        Field("num_load_workers", int, 4, _pos),
-    ),
-    "dax": (
-        Field("slot_bytes", int, REQUIRED, _pos),
-        Field("device_path", str, None, _nonempty, optional=True),
-        Field("max_dax_size_gb", float, None, _pos, optional=True),
-        Field("devices", list, None, optional=True),
-        Field("hotplug_enabled", bool, False),
-        Field("num_store_workers", int, 1, _pos),
-        Field("num_lookup_workers", int, 1, _pos),
-        Field("num_load_workers", int, min(4, os.cpu_count() or 1), _pos),
-    ),
-    "fault_inject": (
-        Field("inner", dict, REQUIRED),
-        Field("rate", float, 0.0, _unit),
-        Field("seed", int, 0),
-        Field("gap_indices", list, []),
-        Field("gap_tail_ratios", list, []),
-        Field("store_delay_ms", int, 0, _nonneg),  # kvhive: slow backend
-        Field("lookup_delay_ms", int, 0, _nonneg),
-        Field("load_delay_ms", int, 0, _nonneg),
-        Field("fail_ops", list, []),  # kvhive: ops whose tasks fail
-    ),
-}
-
-LATER = ("nixl_store", "nixl_store_dynamic", "mooncake_store")
-DURABLE = frozenset({"fs", "fs_native", "s3", "resp", "raw_block", "dax", "plugin",
-                     "native_plugin"})  # fmt: skip
-SECRETS = frozenset({"aws_secret_access_key", "password"})
-
-
-@dataclass(frozen=True)
-class AdapterSpec:
-    """One validated ``--l2-adapter`` JSON: ``params`` holds the type's fields, defaults filled."""
-
-    index: int
-    type: str
-    params: Mapping[str, Any]
-    affinity_tag: str = "_default"
-    shared: bool = False
-    eviction: Mapping[str, Any] | None = None
-    persist_enabled: bool = True
-    integrity: str = "checksum"
-    timeout_s: float = 30.0
-    store_timeout_s: float = 300.0
-    inner: AdapterSpec | None = field(default=None, repr=False)
-
-    @property
-    def label(self) -> str:
-        return f"#{self.index} ({self.type})"
-
-    def to_dict(self) -> dict[str, Any]:
-        """JSON-safe view with secrets masked (for ``/config``)."""
-        out: dict[str, Any] = {"type": self.type}
-        out.update({k: "***" if k in SECRETS and v else v for k, v in self.params.items()})
-        if self.inner is not None:
-            out["inner"] = self.inner.to_dict()
-        for name in ("affinity_tag", "shared", "eviction", "persist_enabled", "integrity",
-                     "timeout_s", "store_timeout_s"):  # fmt: skip
-            out[name] = getattr(self, name)
-        return out
+def record_keys(cls: type) -> tuple[JsonKey, ...]:
+    """The JSON keys of a record class, in declaration order (base-class keys first)."""
+    keys = _KEYS.get(cls)
+    if keys is None:
+        hints = get_type_hints(cls)
+        keys = _KEYS[cls] = tuple(
+            JsonKey(f.name, hints[f.name], f.metadata.get(_CHECK),
+                    f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING)
+            for f in dataclasses.fields(cls)
+            if f.metadata.get(_JSON, True)
+        )  # fmt: skip
+    return keys
 
 
 def _fail(where: str, message: str) -> ConfigError:
     return ConfigError(FLAG, f"{where}: {message}")
 
 
-def _value(where: str, f: Field, value: Any) -> Any:
-    if value is None and f.optional:
-        return None
-    if f.kind is float and isinstance(value, int) and not isinstance(value, bool):
-        value = float(value)
-    if not isinstance(value, f.kind) or (f.kind is not bool and isinstance(value, bool)):
-        raise _fail(where, f"field '{f.name}' must be {_TYPES[f.kind]} (got {value!r})")
-    if f.kind is float and not math.isfinite(value):
-        raise _fail(where, f"field '{f.name}' must be finite (got {value!r})")
-    complaint = f.check(value) if f.check else None
-    if complaint:
-        raise _fail(where, f"field '{f.name}' {complaint} (got {value!r})")
+def _json(value: Any) -> Any:
+    if isinstance(value, JsonRecord):
+        return value.to_dict()
+    if isinstance(value, tuple):
+        return [_json(v) for v in value]
+    if isinstance(value, Mapping):
+        return dict(value)
     return value
 
 
-def _fields(where: str, fields: tuple[Field, ...], raw: Mapping[str, Any]) -> dict[str, Any]:
-    out: dict[str, Any] = {}
-    for f in fields:
-        if f.name in raw:
-            out[f.name] = _value(where, f, raw[f.name])
-        elif f.default is REQUIRED:
-            raise _fail(where, f"field '{f.name}' is required")
-        else:
-            out[f.name] = f.default
-    return out
+@dataclass(frozen=True, slots=True, kw_only=True)
+class JsonRecord:
+    """Base of records read from one JSON object; each dataclass field is one key."""
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-safe view: nested records as objects, tuples as lists."""
+        return {k.name: _json(getattr(self, k.name)) for k in record_keys(type(self))}
 
 
-def parse_adapter(index: int, raw: Any) -> AdapterSpec:
-    """Validate one adapter JSON object (already decoded) into an :class:`AdapterSpec`."""
+def validate_record(obj: JsonRecord, where: str) -> None:
+    """Type- and range-check every key of ``obj`` in place (ints widened to floats, lists
+    stored as tuples, objects as read-only mappings).  Nested records other than adapters
+    (which check themselves) are checked here, named ``f"{where} {key}"``."""
+    for key in record_keys(type(obj)):
+        raw = getattr(obj, key.name)
+        if raw is None and not unwrap_optional(key.hint)[1]:
+            raise _fail(where, f"field '{key.name}' must be {type_name(key.hint)} (got None)")
+        value, complaint = checked(key.hint, key.check, raw)
+        if complaint:
+            raise _fail(where, f"field '{key.name}' {complaint} (got {raw!r})")
+        object.__setattr__(obj, key.name, value)  # frozen: store the converted value
+        nested = value if isinstance(value, tuple) else (value,)
+        for i, item in enumerate(nested):
+            if isinstance(item, JsonRecord) and not isinstance(item, AdapterConfig):
+                suffix = f"[{i}]" if isinstance(value, tuple) else ""
+                validate_record(item, f"{where} {key.name}{suffix}")
+
+
+# -- common keys -------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class L2EvictionConfig(JsonRecord):
+    """The ``eviction`` object of an adapter: byte-based trimming by the L2 evictor.
+
+    Checked by the adapter record holding it.  ``trigger_watermark`` and ``eviction_ratio``
+    are shares of the adapter's capacity / used bytes; ``default_quota_gb`` (GiB, kvhive) is
+    the quota of a ``cache_salt`` without one under IsolatedLRU (None: 0 bytes).
+    """
+
+    eviction_policy: EvictionPolicy = json_field()
+    trigger_watermark: float = json_field(0.8, fraction)
+    eviction_ratio: float = json_field(0.2, fraction)
+    default_quota_gb: float | None = json_field(None, at_least(0))  # kvhive
+
+    def __getitem__(self, name: str) -> Any:
+        """Read a key by its JSON name.  Kept only for ``storage/controllers/eviction.py``,
+        still written against the former dict; new code reads the attributes."""
+        if name not in {k.name for k in record_keys(L2EvictionConfig)}:
+            raise KeyError(name)
+        return getattr(self, name)
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class AdapterConfig(JsonRecord):
+    """Keys every adapter type accepts, and the record's identity in the cascade.
+
+    Construction validates every key, then the type's cross-field rules (:meth:`check`), and
+    raises :class:`ConfigError` naming ``label``.  ``timeout_s`` bounds one lookup or load
+    task, ``store_timeout_s`` one store task (seconds, kvhive).  ``integrity`` defaults to
+    ``checksum`` for durable types and ``raw`` for the others.
+    """
+
+    TYPE: ClassVar[str] = ""
+    """The JSON ``type`` this record class describes (the key in :data:`ADAPTER_TYPES`)."""
+
+    index: int = field(default=0, metadata={_JSON: False})
+    """Position of the adapter in the cascade (flag order); reads prefer lower indices."""
+    affinity_tag: str = json_field("_default", non_empty)
+    shared: bool = json_field(False)
+    eviction: L2EvictionConfig | None = json_field(None)
+    persist_enabled: bool = json_field(True)
+    integrity: Integrity = json_field("checksum")  # kvhive
+    timeout_s: float = json_field(30.0, positive)  # kvhive
+    store_timeout_s: float = json_field(300.0, positive)  # kvhive
+
+    def __post_init__(self) -> None:
+        validate_record(self, self.label)
+        self.check()
+
+    def check(self) -> None:
+        """Cross-field rules of the type (run after every key passed); raise :meth:`fail`."""
+
+    def fail(self, message: str) -> ConfigError:
+        """A ConfigError for this adapter: ``--l2-adapter #i (type): message``."""
+        return _fail(self.label, message)
+
+    @property
+    def type(self) -> str:
+        return self.TYPE
+
+    @property
+    def label(self) -> str:
+        return f"#{self.index} ({self.TYPE})"
+
+    @property
+    def capacity_gb(self) -> float:
+        """Configured capacity in GiB; 0: unbounded or the backend's own (slots x size)."""
+        return 0.0
+
+    @property
+    def wraps(self) -> AdapterConfig | None:
+        """The wrapped adapter of a wrapper type (built first and handed to its builder)."""
+        return None
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-safe view with secrets masked (for ``/config``): ``type``, the type's own
+        keys, then the common keys."""
+        common = {k.name for k in record_keys(AdapterConfig)}
+        view = JsonRecord.to_dict(self)
+        out: dict[str, Any] = {"type": self.TYPE}
+        out.update(
+            (k, "***" if k in SECRETS and v else v) for k, v in view.items() if k not in common
+        )
+        out.update((k, v) for k, v in view.items() if k in common)
+        return out
+
+
+AdapterSpec = AdapterConfig
+"""Former name of :class:`AdapterConfig` (still exported by :mod:`kvhive.config`)."""
+
+_capacity = functools.partial(json_field, 0.0, at_least(0))  # max_capacity_gb, GiB
+
+
+def _workers(n: int) -> Any:
+    return json_field(n, positive)
+
+
+# -- one record per type -----------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class FsAdapterConfig(AdapterConfig):
+    """``fs``: one file per object under ``base_path``; ``num_workers`` I/O threads."""
+
+    TYPE: ClassVar[str] = "fs"
+    base_path: str = json_field(check=non_empty)
+    relative_tmp_dir: str | None = json_field(None, relative_path)
+    read_ahead_size: int | None = json_field(None, positive)
+    use_odirect: bool = json_field(False)
+    num_workers: int = _workers(4)  # kvhive
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class FsNativeAdapterConfig(AdapterConfig):
+    """``fs_native``: the fs format, objects moved in ``stripe_bytes`` stripes in parallel."""
+
+    TYPE: ClassVar[str] = "fs_native"
+    base_path: str = json_field(check=non_empty)
+    num_workers: int = _workers(4)
+    relative_tmp_dir: str = json_field("", relative_path)
+    use_odirect: bool = json_field(False)
+    read_ahead_size: int | None = json_field(None, positive)
+    max_capacity_gb: float = _capacity()
+    stripe_bytes: int = json_field(8 << 20, positive)  # kvhive: unit of parallel pread/pwrite
+
+    @property
+    def capacity_gb(self) -> float:
+        return self.max_capacity_gb
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class MockAdapterConfig(AdapterConfig):
+    """``mock``: in memory, ``max_size_gb`` GiB, every transfer paced at ``mock_bandwidth_gb`` GiB/s."""
+
+    TYPE: ClassVar[str] = "mock"
+    integrity: Integrity = json_field("raw")
+    max_size_gb: float = json_field(check=positive)
+    mock_bandwidth_gb: float = json_field(check=positive)
+    num_workers: int = _workers(4)  # kvhive
+
+    @property
+    def capacity_gb(self) -> float:
+        return self.max_size_gb
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class S3AdapterConfig(AdapterConfig):
+    """``s3``: objects in a bucket through awscrt; ``num_workers`` concurrent requests."""
+
+    TYPE: ClassVar[str] = "s3"
+    s3_endpoint: str = json_field(check=non_empty)
+    s3_region: str = json_field(check=non_empty)
+    s3_num_io_threads: int = _workers(64)
+    s3_prefer_http2: bool = json_field(True)
+    s3_enable_s3express: bool = json_field(False)
+    disable_tls: bool = json_field(False)
+    aws_access_key_id: str | None = json_field(None)
+    aws_secret_access_key: str | None = json_field(None)
+    max_capacity_gb: float = _capacity()
+    s3_addressing_style: Literal["auto", "virtual", "path"] = json_field("auto")  # kvhive
+    num_workers: int = _workers(16)  # kvhive
+
+    @property
+    def capacity_gb(self) -> float:
+        return self.max_capacity_gb
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class RespAdapterConfig(AdapterConfig):
+    """``resp``: Redis/Valkey strings; empty host/port/credentials come from LMCACHE_RESP_*."""
+
+    TYPE: ClassVar[str] = "resp"
+    host: str = json_field()
+    port: int = json_field(check=in_range(0, 65535, "0: $LMCACHE_RESP_PORT"))
+    num_workers: int = _workers(8)
+    username: str = json_field("")
+    password: str = json_field("")
+    max_capacity_gb: float = _capacity()
+    socket_timeout_s: float = json_field(10.0, positive)  # kvhive
+
+    @property
+    def capacity_gb(self) -> float:
+        return self.max_capacity_gb
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class PluginAdapterConfig(AdapterConfig):
+    """``plugin``: class ``class_name`` of Python module ``module_path``, built from
+    ``adapter_params``; an ObjectStore plugin runs on ``num_workers`` threads."""
+
+    TYPE: ClassVar[str] = "plugin"
+    module_path: str = json_field(check=non_empty)
+    class_name: str = json_field(check=non_empty)
+    adapter_params: Mapping[str, Any] = json_field(factory=dict)
+    config_class_name: str | None = json_field(None)
+    num_workers: int = _workers(4)  # kvhive
+    max_capacity_gb: float = _capacity()
+
+    @property
+    def capacity_gb(self) -> float:
+        return self.max_capacity_gb
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class NativePluginAdapterConfig(AdapterConfig):
+    """``native_plugin``: a shared library ``library_path`` with kvhive's C ABI."""
+
+    TYPE: ClassVar[str] = "native_plugin"
+    library_path: str | None = json_field(None, non_empty)  # kvhive C ABI
+    module_path: str | None = json_field(None)
+    class_name: str | None = json_field(None)
+    adapter_params: Mapping[str, Any] = json_field(factory=dict)
+    max_capacity_gb: float = _capacity()
+    num_workers: int = _workers(4)
+
+    @property
+    def capacity_gb(self) -> float:
+        return self.max_capacity_gb
+
+    def check(self) -> None:
+        if self.library_path is None:
+            raise self.fail("field 'library_path' is required (the Python native-connector "
+                            "form with module_path/class_name is not supported yet)")  # fmt: skip
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class RawBlockAdapterConfig(AdapterConfig):
+    """``raw_block``: fixed ``slot_bytes`` slots (bytes) on a block device or file."""
+
+    TYPE: ClassVar[str] = "raw_block"
+    device_path: str = json_field(check=non_empty)
+    slot_bytes: int = json_field(check=positive)
+    capacity_bytes: int = json_field(0, at_least(0))
+    use_odirect: bool = json_field(True)
+    block_align: int = json_field(4096, power_of_two)
+    header_bytes: int = json_field(4096, positive)
+    meta_total_bytes: int = json_field(256 << 20, positive)
+    meta_magic: str = json_field("LMCIDX01", ascii_chars(8))
+    meta_version: int = json_field(1, at_least(0))
+    meta_checkpoint_interval_sec: float = json_field(60.0, positive)
+    meta_idle_quiet_ms: int = json_field(100, at_least(0))
+    meta_enable_periodic: bool = json_field(True)
+    load_checkpoint_on_init: bool = json_field(True)
+    meta_verify_on_load: bool = json_field(True)
+    enable_zero_copy: bool = json_field(True)
+    io_engine: Literal["posix"] = json_field("posix")
+    iouring_queue_depth: int = json_field(256, positive)
+    use_uring_cmd: bool = json_field(False, unsupported)
+    max_data_transfer_size: int = json_field(0, at_least(0))
+    fdp_enabled: bool = json_field(False, unsupported)
+    fdp_placement_ids: tuple[int, ...] = json_field(())
+    fdp_data_placement_policy: str = json_field("")
+    fdp_slot_reuse_policy: str = json_field("")
+    meta_checkpoint_placement_id: int | None = json_field(None)
+    num_store_workers: int = _workers(2)
+    num_lookup_workers: int = _workers(1)
+    num_load_workers: int = _workers(4)
+
+    def check(self) -> None:
+        if self.slot_bytes % self.block_align or self.slot_bytes <= self.header_bytes:
+            raise self.fail(
+                "field 'slot_bytes' must be a multiple of block_align and > header_bytes"
+            )
+        if self.header_bytes < 32 or self.meta_total_bytes % self.block_align:
+            raise self.fail("field 'meta_total_bytes' must be a multiple of block_align")
+        if not self.persist_enabled:
+            raise self.fail("field 'persist_enabled' cannot be false for raw_block")
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class DaxDevice(JsonRecord):
+    """One entry of ``dax`` ``devices``: a DAX device (or file) and its size in GiB."""
+
+    device_path: str = json_field(check=non_empty)
+    max_dax_size_gb: float = json_field(check=positive)
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class DaxAdapterConfig(AdapterConfig):
+    """``dax``: fixed slots on memory-mapped devices: ``device_path`` + ``max_dax_size_gb``,
+    or a list of ``devices``."""
+
+    TYPE: ClassVar[str] = "dax"
+    slot_bytes: int = json_field(check=positive)
+    device_path: str | None = json_field(None, non_empty)
+    max_dax_size_gb: float | None = json_field(None, positive)
+    devices: tuple[DaxDevice, ...] | None = json_field(None)
+    hotplug_enabled: bool = json_field(False)
+    num_store_workers: int = _workers(1)
+    num_lookup_workers: int = _workers(1)
+    num_load_workers: int = _workers(min(4, os.cpu_count() or 1))
+
+    def check(self) -> None:
+        single = self.device_path is not None
+        if single == (self.devices is not None):
+            raise self.fail("give either 'device_path' with 'max_dax_size_gb' or 'devices'")
+        if single and self.max_dax_size_gb is None:
+            raise self.fail("field 'max_dax_size_gb' is required with 'device_path'")
+        if self.devices == ():
+            raise self.fail("field 'devices' must not be empty")
+
+    @property
+    def device_list(self) -> tuple[DaxDevice, ...]:
+        """The devices, whichever form configured them."""
+        if self.devices is not None:
+            return self.devices
+        assert self.device_path is not None and self.max_dax_size_gb is not None
+        return (DaxDevice(device_path=self.device_path, max_dax_size_gb=self.max_dax_size_gb),)
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class FaultInjectAdapterConfig(AdapterConfig):
+    """``fault_inject``: wraps the ``inner`` adapter (same index) and breaks it on purpose.
+
+    ``rate`` (0..1) of keys, ``gap_indices`` positions and ``gap_tail_ratios`` of each load
+    batch miss; ``*_delay_ms`` postpone tasks (kvhive); ``fail_ops`` tasks fail (kvhive).
+    """
+
+    TYPE: ClassVar[str] = "fault_inject"
+    integrity: Integrity = json_field("raw")
+    inner: AdapterConfig = json_field()
+    rate: float = json_field(0.0, in_range(0, 1))
+    seed: int = json_field(0)
+    gap_indices: tuple[int, ...] = json_field((), each(at_least(0)))
+    gap_tail_ratios: tuple[float, ...] = json_field((), each(in_range(0, 1)))
+    store_delay_ms: int = json_field(0, at_least(0))  # kvhive: slow backend
+    lookup_delay_ms: int = json_field(0, at_least(0))
+    load_delay_ms: int = json_field(0, at_least(0))
+    fail_ops: tuple[FaultOp, ...] = json_field(())  # kvhive: ops whose tasks fail
+
+    @property
+    def wraps(self) -> AdapterConfig | None:
+        return self.inner
+
+
+ADAPTER_TYPES: Mapping[str, type[AdapterConfig]] = MappingProxyType({
+    cls.TYPE: cls
+    for cls in (FsAdapterConfig, FsNativeAdapterConfig, MockAdapterConfig, S3AdapterConfig,
+                RespAdapterConfig, PluginAdapterConfig, NativePluginAdapterConfig,
+                RawBlockAdapterConfig, DaxAdapterConfig, FaultInjectAdapterConfig)
+})  # fmt: skip
+"""Every supported adapter ``type`` and its record class: the one table of type names
+(the builders in ``kvhive.storage.l2.registry`` are keyed by the same names)."""
+
+
+# -- parsing -----------------------------------------------------------------------------------
+
+
+def parse_adapter(index: int, raw: Any) -> AdapterConfig:
+    """Validate one adapter JSON object (already decoded) into its :data:`ADAPTER_TYPES` record."""
     where = f"#{index}"
     if not isinstance(raw, dict):
         raise _fail(where, f"must be a JSON object (got {type(raw).__name__})")
     kind = raw.get("type")
-    known = ", ".join(sorted([*SCHEMAS, *LATER]))
+    known = ", ".join(sorted([*ADAPTER_TYPES, *LATER]))
     if not isinstance(kind, str):
         raise _fail(where, f"field 'type' is required; one of {known}")
     where = f"#{index} ({kind})"
     if kind in LATER:
         raise _fail(where, f"adapter type '{kind}' is not supported yet (later issue)")
-    if kind not in SCHEMAS:
+    cls = ADAPTER_TYPES.get(kind)
+    if cls is None:
         raise _fail(where, f"unknown adapter type '{kind}'; one of {known}")
     if "serde" in raw:
         raise _fail(where, "field 'serde' is not supported yet (later issue)")
-    fields = SCHEMAS[kind]
-    allowed = {"type"} | {f.name for f in (*COMMON, *fields)}
+    if raw.get("integrity", "") is None:  # null: the type's default, as when absent
+        raw = {k: v for k, v in raw.items() if k != "integrity"}
+    return cls(index=index, **_kwargs(cls, raw, where, index, {"type"}))
+
+
+def _kwargs(cls: type, raw: dict[str, Any], where: str, index: int,
+            skip: frozenset[str] | set[str] = frozenset()) -> dict[str, Any]:  # fmt: skip
+    """Constructor arguments of record ``cls`` from JSON object ``raw``: unknown and missing
+    keys raise; JSON objects of record-typed keys become records (checked by the holder)."""
+    keys = record_keys(cls)
+    allowed = {k.name for k in keys} | set(skip)
     unknown = sorted(set(raw) - allowed)
     if unknown:
         raise _fail(
             where, f"field '{unknown[0]}' is unknown; allowed: {', '.join(sorted(allowed))}"
         )
-    common = _fields(where, COMMON, raw)
-    params = _fields(where, fields, raw)
-    _check_type(where, kind, params, common)
-    inner = parse_adapter(index, params["inner"]) if kind == "fault_inject" else None
-    return AdapterSpec(
-        index=index,
-        type=kind,
-        params=params,
-        affinity_tag=common["affinity_tag"],
-        shared=common["shared"],
-        eviction=_eviction(where, common["eviction"]),
-        persist_enabled=common["persist_enabled"],
-        integrity=common["integrity"] or ("checksum" if kind in DURABLE else "raw"),
-        timeout_s=common["timeout_s"],
-        store_timeout_s=common["store_timeout_s"],
-        inner=inner,
-    )
+    out: dict[str, Any] = {}
+    for key in keys:
+        if key.name in raw:
+            out[key.name] = _nested(key, raw[key.name], where, index)
+        elif key.required:
+            raise _fail(where, f"field '{key.name}' is required")
+    return out
 
 
-def _eviction(where: str, raw: Any) -> Mapping[str, Any] | None:
-    if raw is None:
-        return None
-    allowed = {f.name for f in EVICTION}
-    unknown = sorted(set(raw) - allowed)
-    if unknown:
-        raise _fail(
-            where,
-            f"field 'eviction.{unknown[0]}' is unknown; allowed: {', '.join(sorted(allowed))}",
-        )
-    return _fields(f"{where} eviction", EVICTION, raw)
+def _nested(key: JsonKey, value: Any, where: str, index: int) -> Any:
+    base, _ = unwrap_optional(key.hint)
+    if get_origin(base) is tuple and isinstance(value, list):
+        item = get_args(base)[0]
+        if isinstance(item, type) and issubclass(item, JsonRecord):
+            return tuple(_record(item, v, f"{where} {key.name}[{i}]", index)
+                         for i, v in enumerate(value))  # fmt: skip
+    elif isinstance(base, type) and issubclass(base, JsonRecord) and isinstance(value, dict):
+        if issubclass(base, AdapterConfig):
+            return parse_adapter(index, value)  # a wrapped adapter shares its wrapper's index
+        return _record(base, value, f"{where} {key.name}", index)
+    return value
 
 
-def _check_type(where: str, kind: str, p: dict[str, Any], common: dict[str, Any]) -> None:
-    """Cross-field rules of single types."""
-    if kind == "raw_block":
-        if p["slot_bytes"] % p["block_align"] or p["slot_bytes"] <= p["header_bytes"]:
-            raise _fail(
-                where, "field 'slot_bytes' must be a multiple of block_align and > header_bytes"
-            )
-        if p["header_bytes"] < 32 or p["meta_total_bytes"] % p["block_align"]:
-            raise _fail(where, "field 'meta_total_bytes' must be a multiple of block_align")
-        if not common["persist_enabled"]:
-            raise _fail(where, "field 'persist_enabled' cannot be false for raw_block")
-    elif kind == "dax":
-        single = p["device_path"] is not None
-        if single == (p["devices"] is not None):
-            raise _fail(where, "give either 'device_path' with 'max_dax_size_gb' or 'devices'")
-        if single and p["max_dax_size_gb"] is None:
-            raise _fail(where, "field 'max_dax_size_gb' is required with 'device_path'")
-        for i, dev in enumerate(p["devices"] or []):
-            if not (isinstance(dev, dict) and set(dev) == {"device_path", "max_dax_size_gb"}):
-                raise _fail(where, f"devices[{i}] must be {{device_path, max_dax_size_gb}}")
-    elif kind == "native_plugin":
-        if p["library_path"] is None:
-            raise _fail(where, "field 'library_path' is required (the Python native-connector "
-                        "form with module_path/class_name is not supported yet)")  # fmt: skip
-    elif kind == "fault_inject":
-        bad = sorted(set(p["fail_ops"]) - {"store", "lookup", "load", "delete"})
-        if bad:
-            raise _fail(
-                where, f"field 'fail_ops' allows store, lookup, load, delete (got {bad[0]!r})"
-            )
-        if not all(isinstance(i, int) and i >= 0 for i in p["gap_indices"]):
-            raise _fail(where, "field 'gap_indices' must hold non-negative integers")
-        if not all(isinstance(r, (int, float)) and 0 <= r <= 1 for r in p["gap_tail_ratios"]):
-            raise _fail(where, "field 'gap_tail_ratios' must hold numbers in [0, 1]")
+def _record(cls: type, raw: Any, where: str, index: int) -> Any:
+    if not isinstance(raw, dict):
+        raise _fail(where, f"must be a JSON object (got {raw!r})")
+    return cls(**_kwargs(cls, raw, where, index))

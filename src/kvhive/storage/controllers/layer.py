@@ -42,7 +42,12 @@ def open_adapters(config: L2Config, bus: EventBus = DISABLED) -> list[ManagedAda
 
 
 class L2Layer:
-    """Adapters + store, prefetch and eviction controllers (module docstring)."""
+    """Adapters + store, prefetch and eviction controllers (module docstring).
+
+    Every setting comes from the caller's config: the L2 section (``config``) and the L1 read
+    lock lifetime ``read_ttl_s`` (seconds; store tasks refresh their read locks every third of
+    it).  ``drain_timeout`` (seconds) bounds the write-behind drain at close.
+    """
 
     def __init__(
         self,
@@ -51,7 +56,7 @@ class L2Layer:
         quotas: QuotaRegistry,
         *,
         object_nbytes: SizeOf,
-        read_ttl_s: float = 300.0,
+        read_ttl_s: float,
         drain_timeout: float = 10.0,
         bus: EventBus = DISABLED,
     ) -> None:
@@ -129,14 +134,16 @@ class L2Layer:
         return a, page, (start + limit if start + limit < len(items) else None)
 
     def delete_objects(
-        self, keys: list[ObjectKey], adapter: str | None, timeout: float = 30.0
+        self, keys: list[ObjectKey], adapter: str | None, timeout: float | None = None
     ) -> tuple[int, int]:
         """Delete ``keys`` from one adapter, or from all when ``adapter`` is None;
-        returns (deleted, skipped).  Raises on a failed or late backend."""
+        returns (deleted, skipped).  Each adapter's task waits ``timeout`` seconds (None: the
+        adapter's own ``timeout_s``).  Raises on a failed or late backend."""
         targets = [self.find(adapter)] if adapter is not None else list(self.adapters)
         deleted = 0
         for a in targets:
-            deleted += sum(a.delete(keys).result(timeout=timeout))
+            wait = a.spec.timeout_s if timeout is None else timeout
+            deleted += sum(a.delete(keys).result(timeout=wait))
         return deleted, len(keys) * len(targets) - deleted
 
     def status(self) -> dict[str, Any]:

@@ -68,8 +68,8 @@ class PrefetchController:
         adapters: Sequence[ManagedAdapter],
         *,
         object_nbytes: SizeOf,
-        retain: bool = False,
-        max_in_flight: int = 8,
+        retain: bool,
+        max_in_flight: int,
     ) -> None:
         self.l1 = l1
         self.adapters = list(adapters)

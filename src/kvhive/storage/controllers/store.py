@@ -81,12 +81,12 @@ class StoreController:
         l1: L1Manager,
         adapters: Sequence[ManagedAdapter],
         *,
-        skip_l1: bool = False,
+        skip_l1: bool,
+        pin_refresh_s: float,
         batch_keys: int = 16,
         max_tasks: int = 4,
         queue_keys: int = 1 << 16,
         max_attempts: int = 3,
-        pin_refresh_s: float = 60.0,
         clock: Any = time.monotonic,
     ) -> None:
         self.l1 = l1

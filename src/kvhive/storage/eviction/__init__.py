@@ -1,20 +1,23 @@
 """Eviction policies and their registry.
 
 ``make_policy(name)`` resolves a policy by its flag value through a lazy table of
-``"module:Class"`` paths, so adding a policy is one line here and one module beside it.
+``"module:Class"`` paths.  The names are declared once, by the config
+(:data:`kvhive.config.eviction.EvictionPolicy`); this table is keyed by the same names (a unit
+test checks that they agree), so adding a policy is one name there, one line here and one
+module beside it.
 """
 
 from __future__ import annotations
 
 import importlib
-from typing import Literal, get_args
+from typing import get_args
 
+from kvhive.config.eviction import EvictionPolicy as PolicyName
 from kvhive.storage.eviction.base import Evictable, EvictionPolicy
 
-PolicyName = Literal["LRU", "IsolatedLRU", "noop"]
 POLICY_NAMES: tuple[str, ...] = get_args(PolicyName)
 
-_REGISTRY: dict[str, str] = {
+POLICIES: dict[PolicyName, str] = {  # name -> "module:Class", imported on first use
     "LRU": "kvhive.storage.eviction.lru:LRUPolicy",
     "IsolatedLRU": "kvhive.storage.eviction.isolated_lru:IsolatedLRUPolicy",
     "noop": "kvhive.storage.eviction.noop:NoopPolicy",
@@ -23,7 +26,7 @@ _REGISTRY: dict[str, str] = {
 
 def make_policy(name: PolicyName) -> EvictionPolicy:
     """A fresh policy instance for ``name``; unknown names raise ValueError."""
-    path = _REGISTRY.get(name)
+    path = POLICIES.get(name)
     if path is None:
         raise ValueError(f"unknown eviction policy {name!r}; choose one of {POLICY_NAMES}")
     module, _, cls = path.partition(":")
@@ -32,4 +35,4 @@ def make_policy(name: PolicyName) -> EvictionPolicy:
     return policy
 
 
-__all__ = ["POLICY_NAMES", "Evictable", "EvictionPolicy", "PolicyName", "make_policy"]
+__all__ = ["POLICIES", "POLICY_NAMES", "Evictable", "EvictionPolicy", "PolicyName", "make_policy"]

@@ -48,8 +48,9 @@ Results = Future  # Future[list[bool]]: one outcome per key, in key order
 class L2Adapter(ABC):
     """The asynchronous, batch-oriented adapter contract (module docstring)."""
 
-    durable: ClassVar[bool] = False
-    """True when objects survive a server restart (informational; shown in /status)."""
+    durable: bool = False
+    """True when objects survive a server restart (informational; shown in /status).  A class
+    constant for most adapters; wrappers copy it from the adapter they wrap."""
 
     @abstractmethod
     def submit_store(self, keys: Sequence[ObjectKey], buffers: Sequence[memoryview]) -> Results:

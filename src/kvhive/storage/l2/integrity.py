@@ -23,11 +23,10 @@ from __future__ import annotations
 
 import struct
 import zlib
-from typing import Literal
 
+from kvhive.config.l2_adapters import Integrity
 from kvhive.errors import CorruptObject
 
-Integrity = Literal["checksum", "raw"]
 MAGIC = b"KVHVOBJ1"
 VERSION = 1
 _TRAILER = struct.Struct("<8sQII")

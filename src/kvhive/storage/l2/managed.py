@@ -14,7 +14,7 @@ from collections.abc import Sequence
 from concurrent.futures import Future
 from typing import Any
 
-from kvhive.config.l2_adapters import AdapterSpec
+from kvhive.config.l2_adapters import AdapterConfig
 from kvhive.keys import ObjectKey
 from kvhive.observability import events as ev
 from kvhive.observability.bus import DISABLED, EventBus
@@ -32,18 +32,21 @@ _COUNTERS = ("stored", "store_failed", "store_refused_full", "store_timeouts", "
 
 
 class ManagedAdapter:
-    """An adapter with capacity, usage, eviction order and counters (module docstring)."""
+    """An adapter with capacity, usage, eviction order and counters (module docstring).
 
-    def __init__(self, spec: AdapterSpec, adapter: L2Adapter, bus: EventBus = DISABLED) -> None:
+    ``spec`` is the adapter's validated config record; the capacity is its configured
+    ``capacity_gb`` (GiB) or else the backend's own fixed capacity (0: unbounded).
+    """
+
+    def __init__(self, spec: AdapterConfig, adapter: L2Adapter, bus: EventBus = DISABLED) -> None:
         self.spec = spec
         self.bus = bus
         self._tasks = itertools.count(1)
         self.adapter = adapter
         self.index = spec.index
         self.name = spec.label
-        configured = spec.params.get("max_capacity_gb") or spec.params.get("max_size_gb") or 0
-        capacity = int(configured * GiB) or adapter.capacity_bytes
-        policy = make_policy(spec.eviction["eviction_policy"]) if spec.eviction else None
+        capacity = int(spec.capacity_gb * GiB) or adapter.capacity_bytes
+        policy = make_policy(spec.eviction.eviction_policy) if spec.eviction else None
         self.tracker = Tracker(capacity, policy)
         self._lock = threading.Lock()
         self.counters = dict.fromkeys(_COUNTERS, 0)
@@ -132,7 +135,7 @@ class ManagedAdapter:
     def _submit(self, fn: Any, *args: Any) -> Future:
         try:
             return fn(*args)
-        except Exception as exc:  # task boundary: a submit that throws fails the task
+        except Exception as exc:  # noqa: BLE001 - task boundary: a submit that throws fails the task
             log.warning("L2 %s: %s failed: %s", self.name, getattr(fn, "__name__", fn), exc)
             fut: Future = Future()
             fut.set_exception(exc)
@@ -144,7 +147,7 @@ class ManagedAdapter:
         """Count objects already in the backend (durable adapters); returns how many."""
         try:
             n = self.tracker.add_existing(self.adapter.scan())
-        except Exception as exc:  # a failed scan only costs accuracy of the usage figures
+        except Exception as exc:  # noqa: BLE001 - a failed scan only costs accuracy of the usage figures
             log.warning("L2 %s: scanning existing objects failed: %s", self.name, exc)
             return 0
         self.count(scanned=n)
@@ -161,7 +164,7 @@ class ManagedAdapter:
             counters = dict(self.counters)
         try:
             details = self.adapter.status()
-        except Exception as exc:  # status must always answer
+        except Exception as exc:  # noqa: BLE001 - status must always answer
             details = {"error": str(exc)}
         return {
             "index": self.index,
@@ -171,9 +174,7 @@ class ManagedAdapter:
             "capacity_bytes": usage.capacity_bytes,
             "objects": usage.objects,
             "bytes_by_cache_salt": dict(usage.bytes_by_salt),
-            "eviction_policy": self.spec.eviction["eviction_policy"]
-            if self.spec.eviction
-            else None,
+            "eviction_policy": self.spec.eviction.eviction_policy if self.spec.eviction else None,
             **counters,
             "adapter": details,
         }

@@ -46,7 +46,7 @@ def layer(l1: L1Manager) -> Iterator[Callable[..., L2Layer]]:
 
     def make(*adapters: dict[str, Any], **policies: Any) -> L2Layer:
         cfg = L2Config(adapters=tuple(json.dumps(a) for a in adapters), **policies)
-        lay = L2Layer(cfg, l1, QuotaRegistry(), object_nbytes=lambda k: N)
+        lay = L2Layer(cfg, l1, QuotaRegistry(), object_nbytes=lambda k: N, read_ttl_s=300.0)
         lay.start()
         made.append(lay)
         return lay

@@ -20,7 +20,7 @@ from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import Future
 from typing import Any
 
-from kvhive.config.l2_adapters import AdapterSpec
+from kvhive.config.l2_adapters import FaultInjectAdapterConfig
 from kvhive.errors import L2Error
 from kvhive.keys import ObjectKey
 from kvhive.storage.l2.base import L2Adapter
@@ -28,11 +28,15 @@ from kvhive.storage.l2.futures import failed, outcome, then
 
 
 class FaultInjectAdapter(L2Adapter):
-    def __init__(self, inner: L2Adapter, p: dict[str, Any]) -> None:
+    """Wraps ``inner`` and alters its tasks as ``cfg`` says (module docstring)."""
+
+    def __init__(self, inner: L2Adapter, cfg: FaultInjectAdapterConfig) -> None:
         self.inner = inner
         self.durable = inner.durable
-        self.p = p
-        self._threshold = int(p["rate"] * 1_000_000)
+        self.cfg = cfg
+        self._threshold = int(cfg.rate * 1_000_000)
+        self._delay_s = {"store": cfg.store_delay_ms / 1000.0, "lookup": cfg.lookup_delay_ms / 1000.0,
+                         "load": cfg.load_delay_ms / 1000.0}  # fmt: skip
         self._timers: dict[threading.Timer, Future] = {}
         self._lock = threading.Lock()
         self._closed = False
@@ -41,21 +45,21 @@ class FaultInjectAdapter(L2Adapter):
     # -- faults -----------------------------------------------------------------------
 
     def _dropped(self, key: ObjectKey) -> bool:
-        ident = (f"{self.p['seed']}:{key.chunk_hash.hex()}:{key.model_name}:{key.kv_rank}:"
+        ident = (f"{self.cfg.seed}:{key.chunk_hash.hex()}:{key.model_name}:{key.kv_rank}:"
                  f"{key.object_group_id}:{key.cache_salt}")  # fmt: skip
         digest = hashlib.blake2b(ident.encode(), digest_size=8).digest()
         return int.from_bytes(digest, "big") % 1_000_000 < self._threshold
 
     def _gaps(self, n: int) -> set[int]:
-        gaps = {i for i in self.p["gap_indices"] if i < n}
+        gaps = {i for i in self.cfg.gap_indices if i < n}
         if n:
-            gaps |= {round((1 - r) * (n - 1)) for r in self.p["gap_tail_ratios"]}
+            gaps |= {round((1 - r) * (n - 1)) for r in self.cfg.gap_tail_ratios}
         return gaps
 
     def _run(self, op: str, call: Callable[[], Future]) -> Future:
-        if op in self.p["fail_ops"]:
+        if op in self.cfg.fail_ops:
             return failed(L2Error(f"injected {op} failure"))
-        delay = self.p.get(f"{op}_delay_ms", 0) / 1000.0
+        delay = self._delay_s.get(op, 0.0)
         if not delay:
             return call()
         out: Future = Future()
@@ -66,7 +70,7 @@ class FaultInjectAdapter(L2Adapter):
                     return  # closed: already failed
             try:
                 inner = call()
-            except Exception as exc:  # task boundary: the caller sees a failed task
+            except Exception as exc:  # noqa: BLE001 - task boundary: the caller sees a failed task
                 out.set_exception(exc)
                 return
             inner.add_done_callback(lambda f: _copy(f, out))
@@ -113,8 +117,8 @@ class FaultInjectAdapter(L2Adapter):
         return self.inner.footprint(nbytes)
 
     def status(self) -> dict[str, Any]:
-        return {**self.inner.status(), "fault_inject": {"rate": self.p["rate"], "dropped_loads": self.dropped,
-                "fail_ops": list(self.p["fail_ops"])}}  # fmt: skip
+        return {**self.inner.status(), "fault_inject": {"rate": self.cfg.rate, "dropped_loads": self.dropped,
+                "fail_ops": list(self.cfg.fail_ops)}}  # fmt: skip
 
     def close(self) -> None:
         with self._lock:
@@ -135,6 +139,6 @@ def _copy(src: Future, dst: Future) -> None:
         dst.set_result(src.result())
 
 
-def build(spec: AdapterSpec, inner: L2Adapter) -> L2Adapter:
-    """A wrapper's builder: the registry builds ``spec.inner`` first and passes it in."""
-    return FaultInjectAdapter(inner, dict(spec.params))
+def build(cfg: FaultInjectAdapterConfig, inner: L2Adapter) -> L2Adapter:
+    """A wrapper's builder: the registry builds ``cfg.inner`` first and passes it in."""
+    return FaultInjectAdapter(inner, cfg)

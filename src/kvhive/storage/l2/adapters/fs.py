@@ -25,12 +25,11 @@ from collections.abc import Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
-from kvhive.config.l2_adapters import AdapterSpec
+from kvhive.config.l2_adapters import FsAdapterConfig, FsNativeAdapterConfig
 from kvhive.errors import ObjectMissing
 from kvhive.keys import ObjectKey
 from kvhive.storage.l2 import fileio
 from kvhive.storage.l2.base import L2Adapter, ObjectStore
-from kvhive.storage.l2.integrity import Integrity
 from kvhive.storage.l2.naming import fs_name, parse_fs_name
 from kvhive.storage.l2.pooled import PooledAdapter
 
@@ -38,7 +37,11 @@ log = logging.getLogger(__name__)
 
 
 class FsStore(ObjectStore):
-    """Files in one directory (module docstring)."""
+    """Files in one directory (module docstring).
+
+    ``relative_tmp_dir`` (None or "": beside the final files) is under ``base_path``;
+    ``read_ahead_size`` (bytes, None: off) turns on sequential read-ahead advice.
+    """
 
     durable = True
 
@@ -46,9 +49,9 @@ class FsStore(ObjectStore):
         self,
         base_path: str,
         *,
-        relative_tmp_dir: str | None = None,
-        use_odirect: bool = False,
-        read_ahead_size: int | None = None,
+        relative_tmp_dir: str | None,
+        use_odirect: bool,
+        read_ahead_size: int | None,
     ) -> None:
         self.base = os.path.abspath(base_path)
         os.makedirs(self.base, exist_ok=True)
@@ -169,19 +172,26 @@ def _unlink(path: str) -> bool:
         return False
 
 
-def build(spec: AdapterSpec) -> L2Adapter:
-    p = spec.params
-    common = {"use_odirect": p["use_odirect"], "read_ahead_size": p["read_ahead_size"]}
-    store: FsStore
-    if spec.type == "fs_native":
-        store = FsNativeStore(
-            p["base_path"],
-            num_workers=p["num_workers"],
-            stripe_bytes=p["stripe_bytes"],
-            relative_tmp_dir=p["relative_tmp_dir"] or None,
-            **common,
-        )
-    else:
-        store = FsStore(p["base_path"], relative_tmp_dir=p["relative_tmp_dir"], **common)
-    integrity: Integrity = "raw" if spec.integrity == "raw" else "checksum"
-    return PooledAdapter(store, workers=p["num_workers"], integrity=integrity, name=spec.label)
+def build(cfg: FsAdapterConfig) -> L2Adapter:
+    """``fs``: an :class:`FsStore` on ``num_workers`` threads."""
+    store = FsStore(
+        cfg.base_path,
+        relative_tmp_dir=cfg.relative_tmp_dir,
+        use_odirect=cfg.use_odirect,
+        read_ahead_size=cfg.read_ahead_size,
+    )
+    return PooledAdapter(store, workers=cfg.num_workers, integrity=cfg.integrity, name=cfg.label)
+
+
+def build_native(cfg: FsNativeAdapterConfig) -> L2Adapter:
+    """``fs_native``: an :class:`FsNativeStore`; ``num_workers`` threads serve tasks and as
+    many move stripes."""
+    store = FsNativeStore(
+        cfg.base_path,
+        num_workers=cfg.num_workers,
+        stripe_bytes=cfg.stripe_bytes,
+        relative_tmp_dir=cfg.relative_tmp_dir or None,
+        use_odirect=cfg.use_odirect,
+        read_ahead_size=cfg.read_ahead_size,
+    )
+    return PooledAdapter(store, workers=cfg.num_workers, integrity=cfg.integrity, name=cfg.label)

@@ -12,7 +12,7 @@ import time
 from collections.abc import Sequence
 from typing import Any
 
-from kvhive.config.l2_adapters import AdapterSpec
+from kvhive.config.l2_adapters import MockAdapterConfig
 from kvhive.errors import CorruptObject, ObjectMissing
 from kvhive.keys import ObjectKey
 from kvhive.storage.l2.base import L2Adapter, ObjectStore
@@ -34,9 +34,11 @@ def copy_out(data: memoryview, parts: Sequence[memoryview]) -> int:
 
 
 class MockStore(ObjectStore):
+    """Objects in a dict; every transfer sleeps ``bytes / mock_bandwidth_gb`` (GiB/s)."""
+
     frames = False
 
-    def __init__(self, max_size_gb: float, mock_bandwidth_gb: float) -> None:
+    def __init__(self, mock_bandwidth_gb: float) -> None:
         self._bandwidth = mock_bandwidth_gb * GiB
         self._lock = threading.Lock()
         self._data: dict[ObjectKey, bytes] = {}
@@ -73,7 +75,7 @@ class MockStore(ObjectStore):
             return {"objects": len(self._data)}
 
 
-def build(spec: AdapterSpec) -> L2Adapter:
-    p = spec.params
-    store = MockStore(p["max_size_gb"], p["mock_bandwidth_gb"])
-    return PooledAdapter(store, workers=p["num_workers"], integrity="raw", name=spec.label)
+def build(cfg: MockAdapterConfig) -> L2Adapter:
+    """``mock``: the capacity (``max_size_gb``) is enforced by kvhive's tracker, not here."""
+    store = MockStore(cfg.mock_bandwidth_gb)
+    return PooledAdapter(store, workers=cfg.num_workers, integrity="raw", name=cfg.label)

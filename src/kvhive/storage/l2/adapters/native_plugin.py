@@ -32,7 +32,7 @@ from typing import Any
 
 import numpy as np
 
-from kvhive.config.l2_adapters import FLAG, AdapterSpec
+from kvhive.config.l2_adapters import FLAG, NativePluginAdapterConfig
 from kvhive.errors import ConfigError, L2Error, ObjectMissing
 from kvhive.keys import ObjectKey
 from kvhive.storage.l2.base import L2Adapter, ObjectStore
@@ -69,6 +69,9 @@ def _iovs(parts: Sequence[memoryview]) -> tuple[Any, list[np.ndarray]]:
 
 
 class NativeStore(ObjectStore):
+    """Objects in a library implementing the C ABI (module docstring); ``params`` is handed
+    to ``kvh_open`` as JSON.  Loading or opening failures raise ConfigError."""
+
     durable = True
 
     def __init__(self, library_path: str, params: dict[str, Any]) -> None:
@@ -123,8 +126,7 @@ class NativeStore(ObjectStore):
             self.handle = None
 
 
-def build(spec: AdapterSpec) -> L2Adapter:
-    p = spec.params
-    store = NativeStore(p["library_path"], dict(p["adapter_params"]))
-    integrity = "raw" if spec.integrity == "raw" else "checksum"
-    return PooledAdapter(store, workers=p["num_workers"], integrity=integrity, name=spec.label)
+def build(cfg: NativePluginAdapterConfig) -> L2Adapter:
+    assert cfg.library_path is not None  # the record requires it
+    store = NativeStore(cfg.library_path, dict(cfg.adapter_params))
+    return PooledAdapter(store, workers=cfg.num_workers, integrity=cfg.integrity, name=cfg.label)

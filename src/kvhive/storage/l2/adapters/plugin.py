@@ -17,17 +17,17 @@ import sys
 from types import ModuleType
 from typing import Any
 
-from kvhive.config.l2_adapters import FLAG, AdapterSpec
+from kvhive.config.l2_adapters import FLAG, AdapterConfig, PluginAdapterConfig
 from kvhive.errors import ConfigError
 from kvhive.storage.l2.base import L2Adapter, ObjectStore
 from kvhive.storage.l2.pooled import PooledAdapter
 
 
-def load_module(spec: AdapterSpec, module_path: str) -> ModuleType:
+def load_module(cfg: AdapterConfig, module_path: str) -> ModuleType:
     """Import ``module_path`` (dotted name or ``.py`` file); errors name the adapter."""
     try:
         if module_path.endswith(".py") or os.sep in module_path:
-            name = f"kvhive_l2_plugin_{spec.index}"
+            name = f"kvhive_l2_plugin_{cfg.index}"
             found = importlib.util.spec_from_file_location(name, module_path)
             if found is None or found.loader is None:
                 raise ImportError(f"cannot load {module_path}")
@@ -36,39 +36,37 @@ def load_module(spec: AdapterSpec, module_path: str) -> ModuleType:
             found.loader.exec_module(module)
             return module
         return importlib.import_module(module_path)
-    except Exception as exc:  # the plugin's own import errors, reported as config errors
-        raise ConfigError(FLAG, f"{spec.label}: cannot import '{module_path}': {exc}") from None
+    except Exception as exc:  # noqa: BLE001 - the plugin's own import errors, reported as config errors
+        raise ConfigError(FLAG, f"{cfg.label}: cannot import '{module_path}': {exc}") from None
 
 
-def _construct(spec: AdapterSpec, module: ModuleType, cls: type) -> Any:
-    params = dict(spec.params["adapter_params"])
-    config_name = spec.params["config_class_name"]
+def _construct(cfg: PluginAdapterConfig, module: ModuleType, cls: type) -> Any:
+    params = dict(cfg.adapter_params)
+    config_name = cfg.config_class_name
     if config_name:
         config_cls = getattr(module, config_name, None)
         if config_cls is None:
-            raise ConfigError(FLAG, f"{spec.label}: no class '{config_name}' in the module")
+            raise ConfigError(FLAG, f"{cfg.label}: no class '{config_name}' in the module")
         factory = getattr(config_cls, "from_dict", None)
         return cls(factory(params) if factory else config_cls(**params))
     from_params = getattr(cls, "from_params", None)
     return from_params(params) if from_params else cls(**params)
 
 
-def build(spec: AdapterSpec) -> L2Adapter:
-    p = spec.params
-    module = load_module(spec, p["module_path"])
-    cls = getattr(module, p["class_name"], None)
+def build(cfg: PluginAdapterConfig) -> L2Adapter:
+    """Import the plugin, construct its class (module docstring); an ObjectStore is run on
+    ``num_workers`` threads.  Import and construction failures raise ConfigError."""
+    module = load_module(cfg, cfg.module_path)
+    cls = getattr(module, cfg.class_name, None)
     if not isinstance(cls, type) or not issubclass(cls, (L2Adapter, ObjectStore)):
-        raise ConfigError(FLAG, f"{spec.label}: '{p['class_name']}' must be a subclass of "
+        raise ConfigError(FLAG, f"{cfg.label}: '{cfg.class_name}' must be a subclass of "
                           "kvhive.storage.l2.L2Adapter or kvhive.storage.l2.ObjectStore")  # fmt: skip
     try:
-        obj = _construct(spec, module, cls)
+        obj = _construct(cfg, module, cls)
     except ConfigError:
         raise
-    except Exception as exc:  # bad adapter_params: a configuration error
-        raise ConfigError(
-            FLAG, f"{spec.label}: constructing {cls.__name__} failed: {exc}"
-        ) from None
+    except Exception as exc:  # noqa: BLE001 - bad adapter_params: a configuration error
+        raise ConfigError(FLAG, f"{cfg.label}: constructing {cls.__name__} failed: {exc}") from None
     if isinstance(obj, ObjectStore):
-        integrity = "raw" if spec.integrity == "raw" else "checksum"
-        return PooledAdapter(obj, workers=p["num_workers"], integrity=integrity, name=spec.label)
+        return PooledAdapter(obj, workers=cfg.num_workers, integrity=cfg.integrity, name=cfg.label)
     return obj

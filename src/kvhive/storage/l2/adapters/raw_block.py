@@ -15,7 +15,7 @@ import os
 from collections.abc import Iterator, Sequence
 from typing import Any
 
-from kvhive.config.l2_adapters import AdapterSpec
+from kvhive.config.l2_adapters import DaxAdapterConfig, RawBlockAdapterConfig
 from kvhive.errors import CapacityExceeded, ObjectMissing
 from kvhive.keys import ObjectKey
 from kvhive.storage.l2 import fileio
@@ -26,6 +26,9 @@ from kvhive.storage.l2.pooled import PooledAdapter
 
 GiB = 1 << 30
 DAX_HEADER = 4096
+DAX_ALIGN = 4096
+DAX_META_MAGIC = b"LMCIDX01"
+DAX_CHECKPOINT_S = 10.0
 
 
 def _open_sized(path: str, size: int) -> int:
@@ -105,6 +108,7 @@ class MultiSlotStore(ObjectStore):
 
     def __init__(self, stores: list[SlotStore]) -> None:
         self.stores = stores
+        self.capacity_bytes = sum(s.capacity_bytes for s in stores)
 
     def _holder(self, key: ObjectKey) -> SlotStore:
         for store in self.stores:
@@ -138,10 +142,6 @@ class MultiSlotStore(ObjectStore):
     def footprint(self, nbytes: int) -> int:
         return self.stores[0].stride
 
-    @property
-    def capacity_bytes(self) -> int:
-        return sum(s.capacity_bytes for s in self.stores)
-
     def status(self) -> dict[str, Any]:
         return {"devices": [s.status() for s in self.stores]}
 
@@ -150,54 +150,58 @@ class MultiSlotStore(ObjectStore):
             store.close()
 
 
-def _raw_block(p: dict[str, Any]) -> SlotStore:
-    io = FileIO(
-        p["device_path"], p["capacity_bytes"], direct=p["use_odirect"], align=p["block_align"]
-    )
+def _raw_block(cfg: RawBlockAdapterConfig) -> SlotStore:
+    io = FileIO(cfg.device_path, cfg.capacity_bytes, direct=cfg.use_odirect, align=cfg.block_align)
     return SlotStore(
         io,
-        device_path=p["device_path"],
-        stride=p["slot_bytes"],
-        header_bytes=p["header_bytes"],
-        block_align=p["block_align"],
-        meta_total_bytes=p["meta_total_bytes"],
-        meta_magic=p["meta_magic"].encode(),
-        meta_version=p["meta_version"],
-        checkpoint_interval=p["meta_checkpoint_interval_sec"],
-        periodic=p["meta_enable_periodic"],
-        load_checkpoint=p["load_checkpoint_on_init"],
-        verify_on_load=p["meta_verify_on_load"],
+        device_path=cfg.device_path,
+        stride=cfg.slot_bytes,
+        header_bytes=cfg.header_bytes,
+        block_align=cfg.block_align,
+        meta_total_bytes=cfg.meta_total_bytes,
+        meta_magic=cfg.meta_magic.encode(),
+        meta_version=cfg.meta_version,
+        checkpoint_interval=cfg.meta_checkpoint_interval_sec,
+        periodic=cfg.meta_enable_periodic,
+        load_checkpoint=cfg.load_checkpoint_on_init,
+        verify_on_load=cfg.meta_verify_on_load,
     )
 
 
 def _dax_device(path: str, size_gb: float, slot_bytes: int) -> SlotStore:
+    """One DAX device of ``size_gb`` GiB: slots of ``slot_bytes`` payload plus a 4 KiB
+    header, 4 KiB aligned, and an index area sized for that many slots (kvhive's layout)."""
     size = int(size_gb * GiB)
-    stride = -(-(slot_bytes + DAX_HEADER) // 4096) * 4096
-    meta = 2 * (-(-(8192 + 256 * max(1, size // stride)) // 4096) * 4096)  # 2 checkpoint copies
+    stride = -(-(slot_bytes + DAX_HEADER) // DAX_ALIGN) * DAX_ALIGN
+    meta = 2 * (-(-(8192 + 256 * max(1, size // stride)) // DAX_ALIGN) * DAX_ALIGN)  # 2 copies
     io = MmapIO(path, size)
     return SlotStore(
         io,
         device_path=path,
         stride=stride,
         header_bytes=DAX_HEADER,
+        block_align=DAX_ALIGN,
         meta_total_bytes=meta,
-        checkpoint_interval=10.0,
+        meta_magic=DAX_META_MAGIC,
+        meta_version=1,
+        checkpoint_interval=DAX_CHECKPOINT_S,
+        periodic=True,
+        load_checkpoint=True,
+        verify_on_load=True,
     )
 
 
-def build_store(spec: AdapterSpec) -> ObjectStore:
-    p = dict(spec.params)
-    if spec.type == "raw_block":
-        return _raw_block(p)
-    devices = p["devices"] or [
-        {"device_path": p["device_path"], "max_dax_size_gb": p["max_dax_size_gb"]}
+def build_raw_block(cfg: RawBlockAdapterConfig) -> L2Adapter:
+    """``raw_block``: one slot store, served by store + load workers."""
+    workers = cfg.num_store_workers + cfg.num_load_workers
+    return PooledAdapter(_raw_block(cfg), workers=workers, integrity="raw", name=cfg.label)
+
+
+def build_dax(cfg: DaxAdapterConfig) -> L2Adapter:
+    """``dax``: one slot store per device (several: a put takes the first with room)."""
+    stores = [
+        _dax_device(d.device_path, d.max_dax_size_gb, cfg.slot_bytes) for d in cfg.device_list
     ]
-    stores = [_dax_device(d["device_path"], d["max_dax_size_gb"], p["slot_bytes"]) for d in devices]
-    return stores[0] if len(stores) == 1 else MultiSlotStore(stores)
-
-
-def build(spec: AdapterSpec) -> L2Adapter:
-    store = build_store(spec)
-    p = spec.params
-    workers = p["num_store_workers"] + p["num_load_workers"]
-    return PooledAdapter(store, workers=workers, integrity="raw", name=spec.label)
+    store: ObjectStore = stores[0] if len(stores) == 1 else MultiSlotStore(stores)
+    workers = cfg.num_store_workers + cfg.num_load_workers
+    return PooledAdapter(store, workers=workers, integrity="raw", name=cfg.label)

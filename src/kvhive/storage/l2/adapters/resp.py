@@ -16,7 +16,7 @@ from collections.abc import Sequence
 from typing import Any
 
 from kvhive import envs
-from kvhive.config.l2_adapters import AdapterSpec
+from kvhive.config.l2_adapters import FLAG, RespAdapterConfig
 from kvhive.errors import ConfigError, ObjectMissing
 from kvhive.keys import ObjectKey
 from kvhive.storage.l2.adapters.mock import copy_out
@@ -33,6 +33,9 @@ except ImportError:  # optional extra: pip install 'kvhive[redis]'
 
 
 class RespStore(ObjectStore):
+    """Objects as strings on one server: a pool of ``num_workers`` connections, each call
+    bounded by ``socket_timeout_s`` seconds; empty ``username``/``password``: none."""
+
     durable = True
 
     def __init__(
@@ -40,15 +43,13 @@ class RespStore(ObjectStore):
         host: str,
         port: int,
         *,
-        num_workers: int = 8,
-        username: str = "",
-        password: str = "",
-        socket_timeout_s: float = 10.0,
+        num_workers: int,
+        username: str,
+        password: str,
+        socket_timeout_s: float,
     ) -> None:
         if redis is None:
-            raise ConfigError(
-                "--l2-adapter", "type 'resp' needs redis-py: pip install 'kvhive[redis]'"
-            )
+            raise ConfigError(FLAG, "type 'resp' needs redis-py: pip install 'kvhive[redis]'")
         self.where = f"{host}:{port}"
         self.pool = redis.BlockingConnectionPool(
             host=host,
@@ -80,6 +81,7 @@ class RespStore(ObjectStore):
         value = self.client.get(flat_name(key))
         if value is None:
             raise ObjectMissing(flat_name(key))
+        assert isinstance(value, bytes)  # the pool does not decode responses
         return copy_out(memoryview(value), parts)
 
     def exists(self, key: ObjectKey) -> bool:
@@ -102,21 +104,20 @@ class RespStore(ObjectStore):
         self.pool.disconnect()
 
 
-def build(spec: AdapterSpec) -> L2Adapter:
-    p = spec.params
-    port = p["port"] or int(envs.LMCACHE_RESP_PORT or 0)
-    host = p["host"] or envs.LMCACHE_RESP_HOST or ""
+def build(cfg: RespAdapterConfig) -> L2Adapter:
+    """Connect (lazily, per pooled connection); empty settings come from LMCACHE_RESP_*."""
+    port = cfg.port or int(envs.LMCACHE_RESP_PORT or 0)
+    host = cfg.host or envs.LMCACHE_RESP_HOST or ""
     if not host or not port:
         raise ConfigError(
-            "--l2-adapter", f"{spec.label}: host/port are empty and LMCACHE_RESP_HOST/PORT unset"
+            FLAG, f"{cfg.label}: host/port are empty and LMCACHE_RESP_HOST/PORT unset"
         )
     store = RespStore(
         host,
         port,
-        num_workers=p["num_workers"],
-        username=p["username"] or envs.LMCACHE_RESP_USERNAME or "",
-        password=p["password"] or envs.LMCACHE_RESP_PASSWORD or "",
-        socket_timeout_s=p["socket_timeout_s"],
+        num_workers=cfg.num_workers,
+        username=cfg.username or envs.LMCACHE_RESP_USERNAME or "",
+        password=cfg.password or envs.LMCACHE_RESP_PASSWORD or "",
+        socket_timeout_s=cfg.socket_timeout_s,
     )
-    integrity = "raw" if spec.integrity == "raw" else "checksum"
-    return PooledAdapter(store, workers=p["num_workers"], integrity=integrity, name=spec.label)
+    return PooledAdapter(store, workers=cfg.num_workers, integrity=cfg.integrity, name=cfg.label)

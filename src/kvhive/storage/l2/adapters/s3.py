@@ -24,7 +24,7 @@ import urllib.parse
 from collections.abc import Sequence
 from typing import Any
 
-from kvhive.config.l2_adapters import AdapterSpec
+from kvhive.config.l2_adapters import FLAG, S3AdapterConfig
 from kvhive.errors import ConfigError, L2Error, ObjectMissing
 from kvhive.keys import ObjectKey
 from kvhive.storage.l2.base import L2Adapter, ObjectStore
@@ -36,7 +36,7 @@ try:
     from awscrt import io as crt_io
     from awscrt.http import HttpHeaders, HttpRequest
 except ImportError:  # optional extra: pip install 'kvhive[s3]'
-    s3 = None  # type: ignore[assignment]
+    s3 = None
 
 REQUEST_TIMEOUT_S = 120.0
 BREAKER_ERRORS = 3
@@ -99,26 +99,29 @@ class _PartsReader(io.RawIOBase):
 
 
 class S3Store(ObjectStore):
+    """Objects in one bucket (module docstring); static credentials when both keys are
+    given, else the default AWS chain."""
+
     durable = True
 
-    def __init__(self, p: dict[str, Any]) -> None:
+    def __init__(self, cfg: S3AdapterConfig) -> None:
         if s3 is None:
-            raise ConfigError("--l2-adapter", "type 's3' needs awscrt: pip install 'kvhive[s3]'")
+            raise ConfigError(FLAG, "type 's3' needs awscrt: pip install 'kvhive[s3]'")
         self.host, self.prefix, tls = split_endpoint(
-            p["s3_endpoint"], p["s3_region"], p["s3_addressing_style"]
+            cfg.s3_endpoint, cfg.s3_region, cfg.s3_addressing_style
         )
-        use_tls = (not p["disable_tls"]) if tls is None else (tls and not p["disable_tls"])
-        self.region = p["s3_region"]
-        elg = crt_io.EventLoopGroup(p["s3_num_io_threads"])
+        use_tls = (not cfg.disable_tls) if tls is None else (tls and not cfg.disable_tls)
+        self.region = cfg.s3_region
+        elg = crt_io.EventLoopGroup(cfg.s3_num_io_threads)
         bootstrap = crt_io.ClientBootstrap(elg, crt_io.DefaultHostResolver(elg))
-        if p["aws_access_key_id"] and p["aws_secret_access_key"]:
+        if cfg.aws_access_key_id and cfg.aws_secret_access_key:
             self.creds = auth.AwsCredentialsProvider.new_static(
-                p["aws_access_key_id"], p["aws_secret_access_key"]
+                cfg.aws_access_key_id, cfg.aws_secret_access_key
             )
         else:
             self.creds = auth.AwsCredentialsProvider.new_default_chain(bootstrap)
         tls_options = None
-        if use_tls and p["s3_prefer_http2"]:
+        if use_tls and cfg.s3_prefer_http2:
             tls_options = crt_io.ClientTlsContext(
                 crt_io.TlsContextOptions()
             ).new_connection_options()
@@ -129,7 +132,7 @@ class S3Store(ObjectStore):
             credential_provider=self.creds,
             tls_mode=s3.S3RequestTlsMode.ENABLED if use_tls else s3.S3RequestTlsMode.DISABLED,
             tls_connection_options=tls_options,
-            enable_s3express=p["s3_enable_s3express"],
+            enable_s3express=cfg.s3_enable_s3express,
         )
         self._lock = threading.Lock()
         self._errors = 0
@@ -156,7 +159,7 @@ class S3Store(ObjectStore):
     def _wait(self, req: Any, key: ObjectKey) -> None:
         try:
             req.finished_future.result(REQUEST_TIMEOUT_S)
-        except Exception as exc:  # classify: 404, connection trouble, anything else
+        except Exception as exc:  # noqa: BLE001 - classify: 404, connection trouble, anything else
             status = getattr(exc, "status_code", None)
             if status == 404:
                 self._record(None)
@@ -244,9 +247,8 @@ def _scatter(views: list[memoryview], chunk: memoryview, offset: int) -> None:
         base += view.nbytes
 
 
-def build(spec: AdapterSpec) -> L2Adapter:
-    store = S3Store(dict(spec.params))
-    integrity = "raw" if spec.integrity == "raw" else "checksum"
+def build(cfg: S3AdapterConfig) -> L2Adapter:
+    """An :class:`S3Store` with ``num_workers`` requests in flight."""
     return PooledAdapter(
-        store, workers=spec.params["num_workers"], integrity=integrity, name=spec.label
+        S3Store(cfg), workers=cfg.num_workers, integrity=cfg.integrity, name=cfg.label
     )

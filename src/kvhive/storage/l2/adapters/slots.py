@@ -65,20 +65,21 @@ class SlotStore(ObjectStore):
         device_path: str,
         stride: int,
         header_bytes: int,
-        block_align: int = 4096,
+        block_align: int,
         meta_total_bytes: int,
-        meta_magic: bytes = b"LMCIDX01",
-        meta_version: int = 1,
-        checkpoint_interval: float = 60.0,
-        periodic: bool = True,
-        load_checkpoint: bool = True,
-        verify_on_load: bool = True,
+        meta_magic: bytes,
+        meta_version: int,
+        checkpoint_interval: float,
+        periodic: bool,
+        load_checkpoint: bool,
+        verify_on_load: bool,
     ) -> None:
         self.io, self.path = io, device_path
         self.stride, self.header, self.align = stride, header_bytes, block_align
         self.meta_total, self.magic, self.version = meta_total_bytes, meta_magic, meta_version
         self.container = (meta_total_bytes // 2) // block_align * block_align
         self.slots = (io.size() - meta_total_bytes) // stride
+        self.capacity_bytes = self.slots * stride  # fixed: slots x slot size
         if self.container <= block_align or self.slots <= 0:
             raise CapacityExceeded(f"{device_path}: too small for metadata and one slot")
         self._lock = threading.Lock()
@@ -100,10 +101,6 @@ class SlotStore(ObjectStore):
                 name="l2-slot-checkpoint",
             )  # fmt: skip
             self._thread.start()
-
-    @property
-    def capacity_bytes(self) -> int:
-        return self.slots * self.stride
 
     def _offset(self, slot: int) -> int:
         return self.meta_total + slot * self.stride
