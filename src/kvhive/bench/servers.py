@@ -90,8 +90,6 @@ def setup_script_python(setup_script: Path) -> str | None:
 def stop_process_group(proc: subprocess.Popen[Any] | None, grace_s: float) -> None:
     """SIGTERM the process group led by ``proc`` (started with ``start_new_session=True``),
     SIGKILL it after ``grace_s``.  Nothing happens once ``proc`` has exited.
-
-    Shared with the interop tests' server handle.
     """
     # The group is signalled only while its leader (our child) is alive: afterwards the
     # group id could belong to someone else.
@@ -110,8 +108,7 @@ def stop_process_group(proc: subprocess.Popen[Any] | None, grace_s: float) -> No
 class LoopbackServer:
     """Addresses and liveness of a server subprocess listening on 127.0.0.1.
 
-    A mixin for dataclasses that have these attributes as fields: :class:`ServerProcess` and
-    the interop tests' server handle.
+    A mixin for dataclasses that have these attributes as fields (:class:`ServerProcess`).
     """
 
     rpc_port: int
@@ -133,7 +130,10 @@ class LoopbackServer:
 @dataclass
 class ServerProcess(LoopbackServer):
     """One server subprocess.  ``start()`` returns the seconds from spawn to the first
-    ``200`` from ``GET /healthcheck`` (polled every ``poll_s``)."""
+    ``200`` from ``GET /healthcheck`` (polled every ``poll_s``).
+
+    Also the tests' server subprocess: the interop tests' server handle extends it.
+    """
 
     kind: Kind
     l1_size_gb: float

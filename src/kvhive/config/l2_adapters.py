@@ -143,13 +143,6 @@ class L2EvictionConfig(JsonRecord):
     eviction_ratio: float = json_field(0.2, fraction)
     default_quota_gb: float | None = json_field(None, at_least(0))  # kvhive
 
-    def __getitem__(self, name: str) -> Any:
-        """Read a key by its JSON name.  Kept only for ``storage/controllers/eviction.py``,
-        still written against the former dict; new code reads the attributes."""
-        if name not in {k.name for k in record_keys(L2EvictionConfig)}:
-            raise KeyError(name)
-        return getattr(self, name)
-
 
 @dataclass(frozen=True, slots=True, kw_only=True)
 class AdapterConfig(JsonRecord):

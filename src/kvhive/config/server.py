@@ -5,7 +5,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 from dataclasses import dataclass, field
-from typing import Any, get_type_hints
+from typing import Any, ClassVar, Protocol, get_type_hints
 
 from kvhive.config.eviction import EvictionConfig
 from kvhive.config.http import HTTPConfig
@@ -59,8 +59,14 @@ def _lists(value: Any) -> Any:
     return value
 
 
+class Section(Protocol):
+    """A config section class: a frozen dataclass of flag fields with a --help title."""
+
+    TITLE: ClassVar[str]
+
+
 @functools.cache
-def server_sections() -> tuple[tuple[str, type], ...]:
+def server_sections() -> tuple[tuple[str, type[Section]], ...]:
     """(attribute name, section class) of every section, in flag-group order."""
     hints = get_type_hints(ServerConfig)
     return tuple((f.name, hints[f.name]) for f in dataclasses.fields(ServerConfig))

@@ -51,7 +51,7 @@ class CacheEngine:
         null_block_id: int,
         prefetcher: Prefetcher | None = None,
         bus: EventBus = DISABLED,
-        inflight: InFlight | None = None,
+        inflight: InFlight,
         pool_name: str = "",
         pool_size: int = 0,
     ) -> None:
@@ -60,7 +60,7 @@ class CacheEngine:
         self.registry = registry
         self.chunk_size = sessions.chunk_size
         self.telemetry = EngineTelemetry(bus, self.chunk_size)
-        self.inflight = inflight or InFlight()
+        self.inflight = inflight
         self.stats = EngineStats()
         brackets = TransferBrackets(self.telemetry, self.inflight, self.stats)
         self.lookups = LookupService(

@@ -47,7 +47,7 @@ class EventBus:
     """See the module docstring.  ``enabled=False`` gives an inert bus (no thread)."""
 
     def __init__(
-        self, *, enabled: bool = True, max_queue_size: int = 10000, linger_s: float = 0.01
+        self, *, max_queue_size: int, enabled: bool = True, linger_s: float = 0.01
     ) -> None:
         if max_queue_size < 1:
             raise ValueError(f"max_queue_size must be >= 1, got {max_queue_size}")
@@ -251,5 +251,5 @@ def _name_of(obj: Any) -> str:
     return getattr(obj, "__qualname__", None) or getattr(obj, "name", None) or repr(obj)
 
 
-DISABLED = EventBus(enabled=False)
+DISABLED = EventBus(enabled=False, max_queue_size=1)
 """An inert bus for components built without observability (tests, tools)."""

@@ -27,7 +27,9 @@ class Operation:
 class InFlight:
     """Thread-safe table of running data-path operations."""
 
-    def __init__(self, deadline: float = 60.0, clock: Callable[[], float] = time.monotonic) -> None:
+    def __init__(self, deadline: float, clock: Callable[[], float] = time.monotonic) -> None:
+        """``deadline``: seconds after which a running operation counts as stuck
+        (``--health-copy-deadline-seconds``)."""
         self.deadline = deadline
         self._clock = clock
         self._ops: dict[int, Operation] = {}

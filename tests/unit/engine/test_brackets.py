@@ -24,7 +24,7 @@ OUT_OF_RANGE = [10**6] * 8  # the copy backend refuses these mid-request
 @pytest.fixture
 def traced(engine):
     """The engine publishing to a real bus (drained by hand) with real tracing on it."""
-    bus = EventBus()
+    bus = EventBus(max_queue_size=10000)
     seen: dict[EventType, list] = {}
     for kind in (EventType.MP_STORE_END, EventType.MP_RETRIEVE_END, EventType.L1_READ_FAILED):
         bus.subscribe(kind, seen.setdefault(kind, []).append)

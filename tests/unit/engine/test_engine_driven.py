@@ -18,6 +18,7 @@ from kvhive.engine.registry import Registry
 from kvhive.engine.sessions import Sessions
 from kvhive.errors import BadRequest, TransferFailed
 from kvhive.hashing import TokenHasher
+from kvhive.observability.health import InFlight
 from kvhive.storage.eviction import make_policy
 from kvhive.storage.l1.arena import SHM_DIR
 from kvhive.storage.l1.manager import L1Manager
@@ -52,6 +53,7 @@ def build(clock: FakeClock, *, pool: bool) -> CacheEngine:
         registry=Registry(reap_timeout=120.0, registration_grace=3600.0, clock=clock),
         transfer_modes=frozenset({"lmcache_driven", "engine_driven"}),
         null_block_id=0,
+        inflight=InFlight(60.0),
         pool_name=l1.arena.shm_segment_name,
         pool_size=16 << 20 if pool else 0,
     )

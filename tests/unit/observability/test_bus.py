@@ -68,7 +68,7 @@ def test_overflow_tail_drops_counts_and_warns_once_a_second(
 
 
 def test_a_failing_subscriber_is_isolated(caplog: pytest.LogCaptureFixture) -> None:
-    bus = EventBus()
+    bus = EventBus(max_queue_size=10000)
     good: list[str] = []
 
     class Broken:
@@ -94,7 +94,7 @@ def test_a_failing_subscriber_is_isolated(caplog: pytest.LogCaptureFixture) -> N
 
 
 def test_callbacks_may_publish_and_stop_drains_then_shuts_down_newest_first() -> None:
-    bus = EventBus()
+    bus = EventBus(max_queue_size=10000)
     order: list[str] = []
 
     class Sub:
@@ -124,7 +124,7 @@ def test_callbacks_may_publish_and_stop_drains_then_shuts_down_newest_first() ->
 
 
 def test_disabled_bus_has_no_thread_and_ignores_events() -> None:
-    bus = EventBus(enabled=False)
+    bus = EventBus(enabled=False, max_queue_size=1)
     bus.subscribe(EventType.MP_REQUEST_END, lambda e: None)
     bus.start()
     bus.publish(end())

@@ -50,8 +50,8 @@ class L2EvictionController:
         ev = adapter.spec.eviction
         if ev is None:
             return False
-        if ev["eviction_policy"] == "IsolatedLRU":
-            if ev["default_quota_gb"] is None:
+        if ev.eviction_policy == "IsolatedLRU":
+            if ev.default_quota_gb is None:
                 log.warning("L2 %s: IsolatedLRU evicts every cache_salt without a quota (set one "
                             "with PUT /quota/<salt>, or eviction.default_quota_gb)", adapter.name)  # fmt: skip
             return True
@@ -92,12 +92,12 @@ class L2EvictionController:
         ev = adapter.spec.eviction
         assert ev is not None
         usage = adapter.usage()
-        watermark, ratio = ev["trigger_watermark"], ev["eviction_ratio"]
-        if ev["eviction_policy"] != "IsolatedLRU":
+        watermark, ratio = ev.trigger_watermark, ev.eviction_ratio
+        if ev.eviction_policy != "IsolatedLRU":
             if usage.used_bytes and usage.used_bytes >= watermark * usage.capacity_bytes:
                 return adapter.tracker.pick(ratio * usage.used_bytes)
             return []
-        default = ev["default_quota_gb"]
+        default = ev.default_quota_gb
         victims: list[ObjectKey] = []
         for salt, used in usage.bytes_by_salt.items():
             limit = self.quotas.get(salt)

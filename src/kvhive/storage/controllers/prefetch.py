@@ -34,6 +34,7 @@ from collections.abc import Callable, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from concurrent.futures import TimeoutError as FutureTimeout
 from dataclasses import dataclass, field
+from functools import partial
 from typing import Any
 
 from kvhive.keys import ObjectKey
@@ -217,9 +218,9 @@ class PrefetchController:
         for index, keys in groups.items():
             adapter = self.adapters[index]
             adapter.tracker.pin(keys)
-            views = [memoryview(self.l1.view(staged[k])) for k in keys]
+            views = [self.l1.view(staged[k]).data for k in keys]
             fut = adapter.load(keys, views, request_id=req.pid)
-            fut.add_done_callback(lambda f, a=adapter, ks=keys: a.tracker.unpin(ks))
+            fut.add_done_callback(partial(_unpin, adapter, keys))
             tasks.append((adapter, keys, fut))
         for adapter, keys, fut in tasks:
             slots = [staged[k] for k in keys]
@@ -228,7 +229,7 @@ class PrefetchController:
                 self._failed(adapter, "timeout", keys)
                 adapter.count(load_timeouts=1)
                 log.warning("L2 %s: load of %d keys timed out", adapter.name, len(keys))
-                fut.add_done_callback(lambda f, s=slots: self.l1.abort(s))
+                fut.add_done_callback(partial(_abort_late, self.l1, slots))
                 self._release_loading(keys)
                 continue
             ok = outcome(fut, len(keys))
@@ -311,6 +312,15 @@ def _wait(fut: Future, timeout: float) -> bool:
         fut.exception(timeout=max(0.0, timeout))
     except FutureTimeout:
         return False
-    except Exception:  # cancelled: done, outcome() reports all False
+    except Exception:  # noqa: BLE001 - failed or cancelled: done, outcome() reports all False
         return True
     return True
+
+
+def _unpin(adapter: ManagedAdapter, keys: list[ObjectKey], fut: Future) -> None:
+    adapter.tracker.unpin(keys)
+
+
+def _abort_late(l1: L1Manager, slots: list[Slot], fut: Future) -> None:
+    """A load that missed its deadline finished: only now may its reservations go."""
+    l1.abort(slots)

@@ -188,9 +188,9 @@ class StoreController:
                 return
             lane.tasks.add(task)
         try:
-            views = [memoryview(self.l1.view(s)) for _, _, s in live]
+            views = [self.l1.view(s).data for _, _, s in live]
             fut = lane.adapter.store(task.keys, views)
-        except Exception as exc:  # task boundary: e.g. L1 closed under us
+        except Exception as exc:  # noqa: BLE001 - task boundary: e.g. L1 closed under us
             log.warning("L2 %s: store submit failed: %s", lane.adapter.name, exc)
             fut = Future()
             fut.set_exception(exc)

@@ -29,7 +29,7 @@ class FreeListAllocator:
 
     __slots__ = ("_align", "_heap", "_starts", "_sizes", "_allocated")
 
-    def __init__(self, heap_bytes: int, align: int = 4096) -> None:
+    def __init__(self, heap_bytes: int, align: int) -> None:
         if align <= 0 or align & (align - 1):
             raise ValueError(f"align must be a power of two, got {align}")
         if heap_bytes < 0:

@@ -60,7 +60,7 @@ class Arena:
         self,
         size_bytes: int,
         *,
-        align: int = 4096,
+        align: int,
         lazy: bool = False,
         init_bytes: int = 0,
         shm_name: str = "",

@@ -5,6 +5,7 @@ from __future__ import annotations
 import threading
 from collections.abc import Callable, Sequence
 from concurrent.futures import Future
+from functools import partial
 from typing import Any, TypeVar
 
 T = TypeVar("T")
@@ -53,7 +54,7 @@ def gather(parts: Sequence[tuple[Future[list[bool]], Sequence[int]]], n: int) ->
             out.set_result(result)
 
     for fut, positions in parts:
-        fut.add_done_callback(lambda f, p=positions: one_done(f, p))
+        fut.add_done_callback(partial(_call_with, one_done, positions))
     return out
 
 
@@ -64,8 +65,16 @@ def then(fut: Future[T], fn: Callable[[Future[T]], U]) -> Future[U]:
     def done(f: Future[T]) -> None:
         try:
             out.set_result(fn(f))
-        except BaseException as exc:  # task boundary: hand the error to the waiter
+        except BaseException as exc:  # noqa: BLE001 - task boundary: hand the error to the waiter
             out.set_exception(exc)
 
     fut.add_done_callback(done)
     return out
+
+
+def _call_with(
+    fn: Callable[[Future[list[bool]], Sequence[int]], None],
+    positions: Sequence[int],
+    fut: Future[list[bool]],
+) -> None:
+    fn(fut, positions)

@@ -26,7 +26,9 @@ def test_eager_base_is_aligned_and_heap_is_full() -> None:
 
 
 def test_lazy_starts_at_rounded_init_and_grows_in_steps() -> None:
-    a = Arena(8 * MiB, lazy=True, init_bytes=1, granule_bytes=MiB, grow_step_bytes=2 * MiB)
+    a = Arena(
+        8 * MiB, align=4096, lazy=True, init_bytes=1, granule_bytes=MiB, grow_step_bytes=2 * MiB
+    )
     try:
         assert a.heap_bytes == MiB  # 1 byte rounds up to one granule
         assert a.grow(1) == 2 * MiB
@@ -40,12 +42,12 @@ def test_lazy_starts_at_rounded_init_and_grows_in_steps() -> None:
 
 
 def test_lazy_init_is_capped_at_size() -> None:
-    with Arena(3 * MiB, lazy=True, init_bytes=100 * MiB, granule_bytes=2 * MiB) as a:
+    with Arena(3 * MiB, align=4096, lazy=True, init_bytes=100 * MiB, granule_bytes=2 * MiB) as a:
         assert a.heap_bytes == 3 * MiB
 
 
 def test_big_lazy_arena_reserves_instantly() -> None:
-    with Arena(16 << 30, lazy=True, init_bytes=1) as a:
+    with Arena(16 << 30, align=4096, lazy=True, init_bytes=1) as a:
         assert a.size_bytes == 16 << 30
         assert a.heap_bytes == 64 * MiB
         a.array[a.heap_bytes - 1] = 3
@@ -58,14 +60,16 @@ def test_grow_touches_pages_when_populate_is_unsupported(
     touched: list[tuple[int, int]] = []
     monkeypatch.setattr(arena_mod, "populate_supported", lambda: False)
     monkeypatch.setattr(arena_mod, "touch_pages", lambda _arr, s, e: touched.append((s, e)))
-    with Arena(4 * MiB, lazy=True, init_bytes=MiB, granule_bytes=MiB, grow_step_bytes=MiB) as a:
+    with Arena(
+        4 * MiB, align=4096, lazy=True, init_bytes=MiB, granule_bytes=MiB, grow_step_bytes=MiB
+    ) as a:
         assert touched == []  # the initial heap is never written behind anyone's back
         a.grow(1)
         assert touched == [(MiB, 2 * MiB)]
 
 
 def test_close_is_idempotent_and_views_stay_valid() -> None:
-    a = Arena(MiB)
+    a = Arena(MiB, align=4096)
     view = a.array[:16]
     a.close()
     a.close()
@@ -87,7 +91,7 @@ def test_shm_arena_is_visible_by_name_and_unlinked_on_close() -> None:
     path = f"/dev/shm/lmcache_l1_pool_{name}"
     with open(path, "wb") as stale:  # a leftover of a crashed server
         stale.write(b"x" * 100)
-    a = Arena(MiB, shm_name="/" + name)
+    a = Arena(MiB, align=4096, shm_name="/" + name)
     try:
         assert a.shm_segment_name == f"lmcache_l1_pool_{name}"
         assert os.path.getsize(path) == MiB  # the stale segment was replaced
@@ -108,4 +112,4 @@ def test_shm_arena_is_visible_by_name_and_unlinked_on_close() -> None:
 
 def test_shm_arena_cannot_be_lazy() -> None:
     with pytest.raises(ValueError):
-        Arena(MiB, lazy=True, shm_name="nope")
+        Arena(MiB, align=4096, lazy=True, shm_name="nope")
