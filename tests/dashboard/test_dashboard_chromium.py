@@ -10,7 +10,6 @@ import os
 import re
 import shutil
 import subprocess
-import sys
 import threading
 import time
 from collections.abc import Iterator
@@ -19,11 +18,10 @@ from pathlib import Path
 import pytest
 import uvicorn
 
-sys.path.insert(0, str(Path(__file__).parents[1] / "unit" / "observability"))
-from obs_traffic import C, Traffic, free_port, running_server, shm_kv  # noqa: E402
-
-from kvhive.http.app import create_app  # noqa: E402
-from kvhive.server.core import KvhiveServer  # noqa: E402
+from kvhive.http.app import create_app
+from kvhive.server.core import KvhiveServer
+from support.net import free_port
+from support.traffic import C, Traffic, running_server, shm_kv
 
 CHROMIUM_FLAGS = [
     "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",

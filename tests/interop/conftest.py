@@ -18,9 +18,7 @@ import json
 import os
 import queue
 import signal
-import socket
 import subprocess
-import sys
 import threading
 import time
 import urllib.error
@@ -32,7 +30,8 @@ from typing import Any
 
 import pytest
 
-from kvhive.bench.servers import LoopbackServer, setup_script_python, stop_process_group
+from kvhive.bench.servers import ServerProcess, setup_script_python, subprocess_env
+from support.net import free_port
 
 REPO = Path(__file__).resolve().parents[2]
 DRIVERS = Path(__file__).resolve().parent / "drivers"
@@ -42,14 +41,8 @@ HEALTH_TIMEOUT_S = 30.0
 LOG_TAIL_LINES = 150
 
 TARGETS = ("kvhive", "reference")
-
-# Environment for every subprocess: the reference must never phone home.
-QUIET_ENV = {
-    "LMCACHE_TRACK_USAGE": "false",
-    "DO_NOT_TRACK": "1",
-    "LMCACHE_DISABLE_BANNER": "1",
-    "PYTHONUNBUFFERED": "1",
-}
+# Every subprocess gets kvhive.bench.servers.subprocess_env(): the reference must never phone
+# home.
 
 
 def interop_target() -> str:
@@ -94,14 +87,6 @@ def _locate_client_python() -> tuple[str | None, str]:
 # ---------------------------------------------------------------------------
 # Failure context: server logs and driver output are attached to failing tests.
 # ---------------------------------------------------------------------------
-
-
-def _tail(path: Path, lines: int = LOG_TAIL_LINES) -> str:
-    try:
-        text = path.read_text(errors="replace").splitlines()
-    except OSError as exc:
-        return f"<cannot read {path}: {exc}>"
-    return "\n".join(text[-lines:])
 
 
 def _attach(request: pytest.FixtureRequest, title: str, provider: Any) -> None:
@@ -167,36 +152,23 @@ def settle_ms(target: str) -> float:
 # ---------------------------------------------------------------------------
 
 
-def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
+class ServerHandle(ServerProcess):
+    """A server subprocess (:class:`kvhive.bench.servers.ServerProcess`: ``kvhive server`` or
+    the reference ``lmcache server``) with what the interop tests read: raw HTTP answers, a
+    ``/status`` summary valid for either server, and a log tail that says whether it runs."""
 
+    @property
+    def target(self) -> str:
+        return self.kind
 
-def subprocess_env(**extra: str) -> dict[str, str]:
-    env = dict(os.environ)
-    env.update(QUIET_ENV)
-    env.update(extra)
-    return env
+    def log_tail(self, lines: int = LOG_TAIL_LINES) -> str:
+        rc = self.proc.returncode if self.proc else None
+        state = "running" if self.alive() else f"exited rc={rc}"
+        return f"[{state}; log {self.log_path}]\n{super().log_tail(lines)}"
 
-
-@dataclass
-class ServerHandle(LoopbackServer):
-    target: str
-    argv: list[str]
-    log_path: Path
-    rpc_port: int
-    http_port: int
-    proc: subprocess.Popen | None = None
-    _log_file: Any = field(default=None, repr=False)
-
-    def log_tail(self) -> str:
-        state = (
-            "running"
-            if self.alive()
-            else f"exited rc={self.proc.returncode if self.proc else None}"
-        )
-        return f"$ {' '.join(self.argv)}\n[{state}; log {self.log_path}]\n{_tail(self.log_path)}"
+    def start(self, timeout_s: float = HEALTH_TIMEOUT_S, poll_s: float = 0.2) -> float:
+        """Spawn and wait for ``GET /healthcheck`` to answer 200 (RuntimeError otherwise)."""
+        return super().start(timeout_s, poll_s)
 
     def http_get(self, path: str, timeout: float = 5.0) -> tuple[int, Any]:
         try:
@@ -218,45 +190,6 @@ class ServerHandle(LoopbackServer):
 
     def summary(self) -> StatusSummary:
         return StatusSummary.from_status(self.status())
-
-    def start(self) -> None:
-        self._log_file = open(self.log_path, "wb")  # noqa: SIM115 - closed in stop()
-        self.proc = subprocess.Popen(
-            self.argv,
-            stdout=self._log_file,
-            stderr=subprocess.STDOUT,
-            stdin=subprocess.DEVNULL,
-            cwd=str(REPO),
-            env=subprocess_env(),
-            start_new_session=True,
-        )
-        deadline = time.monotonic() + HEALTH_TIMEOUT_S
-        last = "no answer yet"
-        while time.monotonic() < deadline:
-            if not self.alive():
-                raise RuntimeError(
-                    f"{self.target} server exited during start-up\n{self.log_tail()}"
-                )
-            try:
-                code, body = self.http_get("/healthcheck", timeout=1.0)
-                if code == 200:
-                    return
-                last = f"{code} {body!r}"
-            except (OSError, urllib.error.URLError) as exc:
-                last = repr(exc)
-            time.sleep(0.2)
-        self.stop()
-        raise RuntimeError(
-            f"{self.target} server not healthy within {HEALTH_TIMEOUT_S}s (last: {last})\n"
-            f"{self.log_tail()}"
-        )
-
-    def stop(self, grace_s: float = 8.0) -> None:
-        """SIGTERM the server's process group, SIGKILL it after ``grace_s``. Idempotent."""
-        stop_process_group(self.proc, grace_s)
-        if self._log_file is not None:
-            self._log_file.close()
-            self._log_file = None
 
 
 @dataclass(frozen=True)
@@ -299,34 +232,6 @@ class StatusSummary:
         )
 
 
-def server_argv(
-    target: str,
-    client_python: str,
-    rpc_port: int,
-    http_port: int,
-    l1_size_gb: float,
-    extra: list[str],
-) -> list[str]:
-    common = [
-        "--host",
-        "127.0.0.1",
-        "--port",
-        str(rpc_port),
-        "--http-host",
-        "127.0.0.1",
-        "--http-port",
-        str(http_port),
-        "--l1-size-gb",
-        str(l1_size_gb),
-        "--eviction-policy",
-        "LRU",
-    ]
-    if target == "kvhive":
-        return [sys.executable, "-m", "kvhive", "server", *common, *extra]
-    lmcache = str(Path(client_python).parent / "lmcache")
-    return [lmcache, "server", *common, "--supported-transfer-mode", "auto", *extra]
-
-
 @pytest.fixture(scope="session")
 def _server_log_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return tmp_path_factory.mktemp("interop-servers")
@@ -334,13 +239,14 @@ def _server_log_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 def _server_factory(client_python: str, target: str, log_dir: Path, handles: list[ServerHandle]):
     def start(l1_size_gb: float = 0.5, extra: list[str] | None = None) -> ServerHandle:
-        rpc, http = free_port(), free_port()
-        while http == rpc:
-            http = free_port()
+        rpc = free_port()
+        http = free_port(exclude=(rpc,))
         n = len(list(log_dir.iterdir()))
         handle = ServerHandle(
-            target=target,
-            argv=server_argv(target, client_python, rpc, http, l1_size_gb, list(extra or [])),
+            target,
+            l1_size_gb,
+            list(extra or []),
+            client_python=client_python,
             log_path=log_dir / f"{n:03d}-{target}-{rpc}.log",
             rpc_port=rpc,
             http_port=http,

@@ -7,31 +7,13 @@ reference metric names must then carry the matching values.
 
 from __future__ import annotations
 
-import re
 import time
 
 import pytest
 
+from support.prom import Sample, scrape, value
+
 pytestmark = pytest.mark.interop
-
-
-def scrape(text: str) -> dict[str, float]:
-    out: dict[str, float] = {}
-    for line in text.splitlines():
-        if line and not line.startswith("#"):
-            name, value = line.rsplit(" ", 1)
-            out[name] = float(value)
-    return out
-
-
-def total(samples: dict[str, float], name: str, **labels: str) -> float:
-    found = 0.0
-    for key, v in samples.items():
-        base, _, rest = key.partition("{")
-        have = dict(re.findall(r'(\w+)="([^"]*)"', rest))
-        if base == name and all(have.get(k) == w for k, w in labels.items()):
-            found += v
-    return found
 
 
 @pytest.fixture(scope="module")
@@ -41,17 +23,17 @@ def server(start_server, target):
     return start_server(l1_size_gb=0.5, extra=["--service-instance-id", "interop-metrics"])
 
 
-def metrics(server) -> dict[str, float]:
+def metrics(server) -> list[Sample]:
     code, body = server.http_get("/metrics")
     assert code == 200, body
     return scrape(body)
 
 
-def wait_for(server, name: str, want: float, timeout: float = 10.0) -> dict[str, float]:
+def wait_for(server, name: str, want: float, timeout: float = 10.0) -> list[Sample]:
     deadline = time.monotonic() + timeout
     while True:
         m = metrics(server)
-        if total(m, name) >= want or time.monotonic() > deadline:
+        if value(m, name) >= want or time.monotonic() > deadline:
             return m
         time.sleep(0.1)
 
@@ -59,7 +41,7 @@ def wait_for(server, name: str, want: float, timeout: float = 10.0) -> dict[str,
 def test_metrics_follow_lmcache_client_traffic(server, attach_server, driver, settle_ms):
     attach_server(server)
     before = metrics(server)
-    assert total(before, "lmcache_mp_lookup_hit_tokens_total") == 0
+    assert value(before, "lmcache_mp_lookup_hit_tokens_total") == 0
     chunks = 8
     res = driver.run(
         "roundtrip.py", "--url", server.rpc_url, "--mode", "lmcache_driven",
@@ -72,18 +54,18 @@ def test_metrics_follow_lmcache_client_traffic(server, attach_server, driver, se
     assert hits == (2 * chunks + 3) * c
     m = wait_for(server, "lmcache_mp_lookup_hit_tokens_total", hits)
     model = {"model_name": "metrics-model"}
-    assert total(m, "lmcache_mp_lookup_hit_tokens_total", **model) == hits
-    assert total(m, "lmcache_mp_lookup_hit_l1_tokens_total", **model) == hits
-    assert total(m, "lmcache_mp_lookups_requests_total", **model) >= 4
-    assert total(m, "lmcache_mp_lookup_requested_tokens_total", **model) >= hits
-    assert total(m, "lmcache_mp_l1_write_chunks_total") == chunks  # stored once, then resident
-    assert total(m, "lmcache_mp_num_submitted_stores_total", device="cpu") >= 2
-    assert total(m, "lmcache_mp_num_finished_retrieves_total") >= 3
-    assert total(m, "lmcache_mp_l1_read_chunks_total") >= chunks
-    assert total(m, "lmcache_mp_num_chunks_loaded_total") >= chunks
-    assert total(m, "kvhive_stored_bytes_total") > 0
-    assert total(m, "kvhive_retrieved_bytes_total") > 0
-    assert total(m, "lmcache_mp_event_bus_dropped_events_total") == 0
-    assert total(m, "target_info", service_instance_id="interop-metrics") == 1
+    assert value(m, "lmcache_mp_lookup_hit_tokens_total", **model) == hits
+    assert value(m, "lmcache_mp_lookup_hit_l1_tokens_total", **model) == hits
+    assert value(m, "lmcache_mp_lookups_requests_total", **model) >= 4
+    assert value(m, "lmcache_mp_lookup_requested_tokens_total", **model) >= hits
+    assert value(m, "lmcache_mp_l1_write_chunks_total") == chunks  # stored once, then resident
+    assert value(m, "lmcache_mp_num_submitted_stores_total", device="cpu") >= 2
+    assert value(m, "lmcache_mp_num_finished_retrieves_total") >= 3
+    assert value(m, "lmcache_mp_l1_read_chunks_total") >= chunks
+    assert value(m, "lmcache_mp_num_chunks_loaded_total") >= chunks
+    assert value(m, "kvhive_stored_bytes_total") > 0
+    assert value(m, "kvhive_retrieved_bytes_total") > 0
+    assert value(m, "lmcache_mp_event_bus_dropped_events_total") == 0
+    assert value(m, "target_info", service_instance_id="interop-metrics") == 1
     # the bus-independent engine counters agree with the event-fed ones
-    assert total(m, "kvhive_engine_stored_chunks_total") == chunks
+    assert value(m, "kvhive_engine_stored_chunks_total") == chunks

@@ -20,13 +20,14 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from l2_testlib import WAIT_S, free_port
+from l2_testlib import WAIT_S
 
 from kvhive.config.l2_adapters import parse_adapter
 from kvhive.storage.eviction import make_policy
 from kvhive.storage.l1 import L1Manager, L1Params
 from kvhive.storage.l2.managed import ManagedAdapter
 from kvhive.storage.l2.registry import build_adapter
+from support.net import free_port
 
 HERE = Path(__file__).resolve().parent
 

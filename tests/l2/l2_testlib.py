@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import os
-import socket
 from typing import Any
 
 import numpy as np
@@ -13,12 +12,6 @@ from kvhive.keys import ObjectKey, pack_kv_rank
 KINDS = ("fs", "fs_native", "mock", "raw_block", "dax", "plugin", "native_plugin", "resp", "s3")
 DURABLE = ("fs", "fs_native", "raw_block", "dax", "resp", "s3")
 WAIT_S = 20.0
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def keys_for(

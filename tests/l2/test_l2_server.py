@@ -9,12 +9,13 @@ from pathlib import Path
 import pytest
 from fastapi import FastAPI
 from fastapi.testclient import TestClient
-from l2_testlib import free_port
 
 from kvhive.config import parse_server_args
 from kvhive.http.app import create_app
 from kvhive.http.routes import quota
 from kvhive.server.core import KvhiveServer
+from support.net import free_port
+from support.servers import running_server
 
 
 @pytest.fixture
@@ -26,14 +27,10 @@ def server(tmp_path: Path) -> Iterator[KvhiveServer]:
     }
     s3_like = {"type": "s3", "s3_endpoint": "s3://b.h", "s3_region": "r", "aws_access_key_id": "id",
                "aws_secret_access_key": "secret"}  # fmt: skip
-    cfg = parse_server_args(["--host", "127.0.0.1", "--port", str(free_port()), "--l1-size-gb", "0.0625",
-                             "--eviction-policy", "LRU", "--l2-adapter", json.dumps(fs)])  # fmt: skip
     assert parse_server_args(["--l1-size-gb", "1", "--eviction-policy", "LRU", "--l2-adapter",
                               json.dumps(s3_like)]).to_dict()["l2"]["adapters"][0]["aws_secret_access_key"] == "***"  # fmt: skip
-    srv = KvhiveServer(cfg)
-    srv.start()
-    yield srv
-    srv.close()
+    with running_server("--l2-adapter", json.dumps(fs)) as srv:
+        yield srv
 
 
 def test_quota_endpoints_have_the_reference_shapes(server: KvhiveServer) -> None:

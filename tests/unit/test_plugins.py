@@ -8,17 +8,17 @@ import logging
 import os
 import re
 import signal
-import socket
-import subprocess
 import sys
 import time
 from pathlib import Path
 
 import pytest
 
+from kvhive.bench.servers import ServerProcess
 from kvhive.cli.main import main
 from kvhive.config import parse_server_args
 from kvhive.plugins import PluginLauncher, find_plugins
+from support.net import free_port
 
 ENV_DUMP = """
 import json, os, signal, sys, time
@@ -134,12 +134,6 @@ def test_invalid_plugin_config_exits_2(capsys: pytest.CaptureFixture[str]) -> No
     assert "must be a JSON object" in capsys.readouterr().err
 
 
-def _port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def test_plugins_start_and_stop_with_the_server(tmp_path: Path) -> None:
     marker = tmp_path / "marker"
     plugin = tmp_path / "probe.py"
@@ -153,21 +147,22 @@ def test_plugins_start_and_stop_with_the_server(tmp_path: Path) -> None:
         "signal.signal(signal.SIGTERM, lambda *a: sys.exit(0))\n"
         "time.sleep(60)\n"
     )
-    http_port = _port()
-    cmd = [
-        sys.executable, "-m", "kvhive", "server", "--l1-size-gb", "0.01", "--eviction-policy",
-        "LRU", "--host", "127.0.0.1", "--port", str(_port()), "--http-host", "127.0.0.1",
-        "--http-port", str(http_port), "--prometheus-port", str(_port()),
-        "--runtime-plugin-locations", str(plugin),
-    ]  # fmt: skip
-    proc = subprocess.Popen(cmd, stderr=subprocess.PIPE, stdout=subprocess.DEVNULL, text=True)
+    extra = ["--prometheus-port", str(free_port()), "--runtime-plugin-locations", str(plugin)]
+    log = tmp_path / "server.log"
+    server = ServerProcess("kvhive", 0.01, extra, log_path=log)
     try:
+        server.start()
         wait_until(marker.exists, timeout=30)
         assert json.loads(marker.read_text()) == {"status": "healthy"}
     finally:
-        proc.send_signal(signal.SIGTERM)
-        _, err = proc.communicate(timeout=30)
-    assert proc.returncode == 0
+        if server.proc is not None:
+            server.proc.send_signal(signal.SIGTERM)  # the server alone: it stops its plugins
+            try:
+                server.proc.wait(timeout=30)
+            finally:
+                server.stop()  # kills what is left, closes the log
+    err = log.read_text()
+    assert server.proc.returncode == 0
     assert "[plugin probe.py] probe saw" in err
     assert "runtime plugin probe.py exited with status 0" in err
     # the plugin process is gone with the server

@@ -2,13 +2,7 @@
 
 from __future__ import annotations
 
-import contextlib
-import mmap
-import os
-import uuid
-from _posixshmem import shm_open, shm_unlink
-from collections.abc import Iterator
-from dataclasses import dataclass
+from collections.abc import Callable, Iterator
 
 import numpy as np
 import pytest
@@ -17,15 +11,16 @@ from kvhive.engine.engine import CacheEngine
 from kvhive.engine.registry import Registry
 from kvhive.engine.sessions import Sessions
 from kvhive.hashing import TokenHasher
+from kvhive.observability.health import InFlight
 from kvhive.storage.eviction import make_policy
 from kvhive.storage.l1.manager import L1Manager
 from kvhive.storage.l1.records import L1Params
 from kvhive.wire import types as t
+from support.shm import KVGeometry, ShmKV, make_shm_kv
 
 C = 32  # chunk size (tokens)
-BS = 16  # block size
-NB = 24  # blocks per layer
-NH, HS, NL = 2, 8, 3  # heads, head size, layers
+GEOMETRY = KVGeometry()  # 24 blocks of 16 tokens, 2 heads of size 8, 3 layers
+BS = GEOMETRY.block_size
 
 
 class FakeClock:
@@ -36,63 +31,21 @@ class FakeClock:
         return self.now
 
 
-@dataclass
-class KVCache:
-    """One worker's KV cache: per-layer [NB, NH, BS, 2*HS] fp16 in its own shm segment."""
-
-    names: list[str]
-    maps: list[mmap.mmap]
-
-    @property
-    def layers(self) -> list[np.ndarray]:
-        return [np.frombuffer(m, dtype=np.uint16).reshape(NB, NH, BS, 2 * HS) for m in self.maps]
-
-    def descriptors(self) -> list[t.CpuShmDescriptor]:
-        shape = [NB, NH, BS, 2 * HS]
-        stride = [NH * BS * 2 * HS, BS * 2 * HS, 2 * HS, 1]
-        return [
-            t.CpuShmDescriptor(
-                version=1,
-                metadata=t.TensorMetadata("float16", shape, stride, 0, "cpu"),
-                shm_name="/" + n,
-                nbytes=NB * NH * BS * 2 * HS * 2,
-            )
-            for n in self.names
-        ]
-
-    def token_rows(self, block_ids: list[int]) -> np.ndarray:
-        """[layers, tokens, NH, 2HS] view of the given blocks, token-major (for comparing)."""
-        return np.stack(
-            [np.concatenate([lay[b].transpose(1, 0, 2) for b in block_ids]) for lay in self.layers]
-        )
-
-
 @pytest.fixture
-def make_kv() -> Iterator:
-    made: list[KVCache] = []
+def make_kv() -> Iterator[Callable[[], ShmKV]]:
+    """Factory of worker KV caches (:class:`support.shm.ShmKV`, vLLM-CPU layout, random bytes
+    from one generator seeded 7); all unlinked afterwards."""
+    made: list[ShmKV] = []
     rng = np.random.default_rng(7)
 
-    def make() -> KVCache:
-        names, maps = [], []
-        size = NB * NH * BS * 2 * HS * 2
-        for _ in range(NL):
-            name = f"kvhive_eng_{uuid.uuid4().hex[:10]}"
-            fd = shm_open("/" + name, os.O_CREAT | os.O_EXCL | os.O_RDWR, mode=0o600)
-            os.ftruncate(fd, size)
-            m = mmap.mmap(fd, size)
-            os.close(fd)
-            m[:] = rng.integers(0, 256, size, dtype=np.uint8).tobytes()
-            names.append(name)
-            maps.append(m)
-        kv = KVCache(names, maps)
+    def make() -> ShmKV:
+        kv = make_shm_kv(rng, prefix="kvhive_eng_", geometry=GEOMETRY)
         made.append(kv)
         return kv
 
     yield make
     for kv in made:
-        for n in kv.names:
-            with contextlib.suppress(FileNotFoundError):
-                shm_unlink("/" + n)
+        kv.destroy()
 
 
 @pytest.fixture
@@ -123,6 +76,7 @@ def engine(clock: FakeClock) -> Iterator[CacheEngine]:
         registry=Registry(reap_timeout=120.0, registration_grace=3600.0, clock=clock),
         transfer_modes=frozenset({"lmcache_driven", "engine_driven"}),
         null_block_id=0,
+        inflight=InFlight(60.0),
     )
     yield eng
     eng.registry.close()
@@ -142,5 +96,5 @@ def key(
     return t.CacheKey(model, 1, worker, tokens, start, end, rid, "", None, readers)
 
 
-def register(eng: CacheEngine, kv: KVCache, iid: int = 11) -> None:
+def register(eng: CacheEngine, kv: ShmKV, iid: int = 11) -> None:
     eng.transfers.register_kv_cache(iid, kv.descriptors(), "m", 1, "vllm", {"kv_layout": "HND"}, [])

@@ -5,19 +5,15 @@ from __future__ import annotations
 
 import json
 import logging
-import sys
 from collections.abc import Iterator
-from pathlib import Path
 
 import pytest
 from fastapi.testclient import TestClient
 
-sys.path.insert(0, str(Path(__file__).parents[1] / "observability"))
-from obs_traffic import C, Traffic, running_server, shm_kv  # noqa: E402
-
-from kvhive import __version__  # noqa: E402
-from kvhive.http.app import create_app  # noqa: E402
-from kvhive.server.core import KvhiveServer  # noqa: E402
+from kvhive import __version__
+from kvhive.http.app import create_app
+from kvhive.server.core import KvhiveServer
+from support.traffic import C, Traffic, running_server, shm_kv
 
 TOKEN = "s3cret-token"
 

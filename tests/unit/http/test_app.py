@@ -2,43 +2,22 @@
 
 from __future__ import annotations
 
-import socket
 from collections.abc import Iterator
 
 import pytest
 from fastapi.testclient import TestClient
 
 from kvhive.client import KvhiveClient
-from kvhive.config import parse_server_args
 from kvhive.http.app import create_app
 from kvhive.http.routes.cache import compress_runs
 from kvhive.server.core import KvhiveServer
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+from support.servers import running_server
 
 
 @pytest.fixture
 def server() -> Iterator[KvhiveServer]:
-    cfg = parse_server_args(
-        [
-            "--host",
-            "127.0.0.1",
-            "--port",
-            str(free_port()),
-            "--l1-size-gb",
-            "0.0625",
-            "--eviction-policy",
-            "LRU",
-        ]
-    )
-    srv = KvhiveServer(cfg)
-    srv.start()
-    yield srv
-    srv.close()
+    with running_server() as srv:
+        yield srv
 
 
 @pytest.fixture

@@ -7,10 +7,9 @@ import os
 import re
 from pathlib import Path
 
-from obs_traffic import MODEL, C, Traffic, running_server, shm_kv
-
 from kvhive.observability.events import LookupHashes
 from kvhive.observability.lookup_log import LookupHashLogger, record_line
+from support.traffic import MODEL, C, Traffic, running_server, shm_kv
 
 NAME = re.compile(r"^lookup_hashes_\d{8}_\d{6}_\d{6}\.jsonl$")
 

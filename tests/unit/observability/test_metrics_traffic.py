@@ -2,36 +2,13 @@
 
 from __future__ import annotations
 
-import re
 import urllib.request
 
 from fastapi.testclient import TestClient
-from obs_traffic import C, Traffic, running_server, shm_kv
 
 from kvhive.http.app import create_app
-
-
-def scrape(text: str) -> dict[str, float]:
-    """{'name{labels}': value} of a text exposition (comments dropped)."""
-    out: dict[str, float] = {}
-    for line in text.splitlines():
-        if line and not line.startswith("#"):
-            name, value = line.rsplit(" ", 1)
-            out[name] = float(value)
-    return out
-
-
-def value(samples: dict[str, float], name: str, **labels: str) -> float:
-    """Sum of the samples of ``name`` whose labels include ``labels``."""
-    total = 0.0
-    for key, v in samples.items():
-        base, _, rest = key.partition("{")
-        if base != name:
-            continue
-        have = dict(re.findall(r'(\w+)="([^"]*)"', rest))
-        if all(have.get(k) == want for k, want in labels.items()):
-            total += v
-    return total
+from support.prom import scrape, value
+from support.traffic import C, Traffic, running_server, shm_kv
 
 
 def test_metrics_follow_real_traffic() -> None:

@@ -6,12 +6,12 @@ import hashlib
 import logging
 
 import pytest
-from obs_traffic import Traffic, running_server, shm_kv
 from prometheus_client import CollectorRegistry
 
 from kvhive.keys import ObjectKey
 from kvhive.observability import events as ev
 from kvhive.observability.metrics import MetricsSubscriber, sampled
+from support.traffic import Traffic, running_server, shm_kv
 
 
 def keys(n: int) -> list[ObjectKey]:

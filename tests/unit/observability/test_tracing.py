@@ -12,10 +12,11 @@ import time
 from concurrent import futures
 
 import pytest
-from obs_traffic import C, Traffic, free_port, running_server, shm_kv
 
 from kvhive.cli.main import main
 from kvhive.observability import events as ev
+from support.net import free_port
+from support.traffic import C, Traffic, running_server, shm_kv
 
 
 def _require(module: str):

@@ -1,6 +1,6 @@
 """Throughput and GIL behaviour of PagedKV (a script, not a test).
 
-    .venv/bin/python tests/unit/transfer/bench_paged.py
+    PYTHONPATH=tests .venv/bin/python tests/unit/transfer/bench_paged.py
 
 One 256-token chunk of an 8B-Llama-like model (32 layers x 2 x 8 heads x
 128 dims, bf16 = 32 MiB), each layer in its own shared-memory segment as the
@@ -17,21 +17,14 @@ import threading
 import time
 
 import numpy as np
-from transfer_testlib import ShmSegment
 
 from kvhive.transfer.descriptors import TensorDesc
 from kvhive.transfer.paged import PagedKV
+from support.descriptors import contiguous_strides
+from support.shm import ShmSegment
 
 NL, NH, HS, C = 32, 8, 128, 256
 MIB = 1 << 20
-
-
-def strides(shape: tuple[int, ...]) -> tuple[int, ...]:
-    out, acc = [], 1
-    for n in reversed(shape):
-        out.append(acc)
-        acc *= n
-    return tuple(reversed(out))
 
 
 def engine(layout: str, bs: int, nb: int) -> tuple[list[ShmSegment], PagedKV]:
@@ -43,14 +36,15 @@ def engine(layout: str, bs: int, nb: int) -> tuple[list[ShmSegment], PagedKV]:
     segs, descs = [], []
     for _ in range(NL):
         n = int(np.prod(phys)) * 2
-        s = ShmSegment(n)
-        s.buf[:] = np.random.default_rng(0).integers(0, 256, n, dtype=np.uint8).tobytes()
+        s = ShmSegment(n).fill_random(np.random.default_rng(0))
         segs.append(s)
-        descs.append(TensorDesc("bfloat16", shape or phys, stride or strides(phys), 0, s.name, n))
+        descs.append(
+            TensorDesc("bfloat16", shape or phys, stride or contiguous_strides(phys), 0, s.name, n)
+        )
     return segs, PagedKV.from_descriptors(descs, {"kv_layout": hint}, [], C)
 
 
-def median_s(fn, runs: int = 9) -> float:  # noqa: ANN001
+def median_s(fn, runs: int = 9) -> float:
     fn()  # warm up (page faults)
     times = []
     for _ in range(runs):
@@ -60,7 +54,7 @@ def median_s(fn, runs: int = 9) -> float:  # noqa: ANN001
     return statistics.median(times)
 
 
-def spinner_share(work, seconds: float = 0.6) -> float:  # noqa: ANN001
+def spinner_share(work, seconds: float = 0.6) -> float:
     """Python-thread progress while ``work`` loops, relative to running alone."""
 
     def spin(stop: threading.Event, out: list[int]) -> None:
@@ -69,7 +63,7 @@ def spinner_share(work, seconds: float = 0.6) -> float:  # noqa: ANN001
             n += 1
         out.append(n)
 
-    def measure(op) -> int:  # noqa: ANN001
+    def measure(op) -> int:
         stop, out = threading.Event(), []
         th = threading.Thread(target=spin, args=(stop, out))
         th.start()
@@ -116,7 +110,7 @@ def main() -> None:
                     lambda kv=kv, ids=ids, out=out: [kv.gather(ids, out) for _ in range(4)], 5
                 )
 
-                def two(kv=kv, ids=ids, out=out, out2=out2) -> None:  # noqa: ANN001
+                def two(kv=kv, ids=ids, out=out, out2=out2) -> None:
                     th = threading.Thread(target=lambda: [kv.gather(ids, out2) for _ in range(2)])
                     th.start()
                     for _ in range(2):

@@ -7,7 +7,9 @@ from collections.abc import Callable, Iterator
 
 import numpy as np
 import pytest
-from transfer_testlib import PROBE_PYTHON, ShmSegment
+from transfer_testlib import PROBE_PYTHON
+
+from support.shm import ShmSegment
 
 
 @pytest.fixture
@@ -19,8 +21,7 @@ def shm_segment() -> Iterator[Callable[[int], ShmSegment]]:
     def make(nbytes: int) -> ShmSegment:
         seg = ShmSegment(nbytes)
         made.append(seg)
-        seg.buf[:] = rng.integers(0, 256, nbytes, dtype=np.uint8).tobytes()
-        return seg
+        return seg.fill_random(rng)
 
     yield make
     for seg in made:

@@ -1,7 +1,8 @@
 """Cross-check PagedKV against the real lmcache 0.5.6 code (run with the torch venv).
 
-Not a pytest module: ``test_reference_interop.py`` runs it as
-``<venv-probe>/bin/python ref_paged_probe.py <kvhive src dir>``.
+Not a pytest module: ``test_transfer_reference.py`` runs it as
+``PYTHONPATH=<kvhive src dir> <venv-probe>/bin/python ref_paged_probe.py`` (the probe venv
+has no kvhive installed).
 
 For every layout it builds KV tensors the way vLLM does, lets the real 0.5.6
 client wrap them (``migrate_to_shm_and_wrap``: the exact descriptors a CPU
@@ -36,20 +37,19 @@ class _AnyModule(types.ModuleType):
 class _StubCrypto(importlib.abc.MetaPathFinder, importlib.abc.Loader):
     """The probe venv lacks the optional ``cryptography`` package lmcache imports."""
 
-    def find_spec(self, fullname, path, target=None):  # noqa: ANN001
+    def find_spec(self, fullname, path, target=None):
         if fullname == "cryptography" or fullname.startswith("cryptography."):
             return importlib.machinery.ModuleSpec(fullname, self, is_package=True)
         return None
 
-    def create_module(self, spec):  # noqa: ANN001
+    def create_module(self, spec):
         return _AnyModule(spec.name)
 
-    def exec_module(self, module):  # noqa: ANN001
+    def exec_module(self, module):
         pass
 
 
 sys.meta_path.insert(0, _StubCrypto())
-sys.path.insert(0, sys.argv[1])
 
 import msgspec  # noqa: E402
 import numpy as np  # noqa: E402

@@ -6,6 +6,7 @@ import pytest
 
 from kvhive.errors import RegistrationError
 from kvhive.transfer.descriptors import TensorDesc, canonical_dtype, itemsize, validate_shm_name
+from support.descriptors import cpu_shm_payload
 
 
 def desc(**kw: object) -> TensorDesc:
@@ -118,19 +119,9 @@ def test_frozen_and_hashable() -> None:
 
 
 def test_from_cpu_shm_payload() -> None:
-    payload = {
-        "type": "cpu_shm",
-        "version": 1,
-        "shm_name": "/lmcache_kv_1_0",
-        "nbytes": 16384,
-        "metadata": {
-            "dtype": "float16",
-            "shape": [2, 8, 16, 4, 8],
-            "stride": [4096, 512, 32, 8, 1],
-            "storage_offset": 0,
-            "device_uuid": "cpu",
-        },
-    }
+    payload = cpu_shm_payload(
+        "/lmcache_kv_1_0", "float16", [2, 8, 16, 4, 8], stride=[4096, 512, 32, 8, 1], nbytes=16384
+    )
     assert TensorDesc.from_cpu_shm(payload) == desc()
     with pytest.raises(RegistrationError, match="malformed"):
         TensorDesc.from_cpu_shm({"shm_name": "x", "nbytes": 1})

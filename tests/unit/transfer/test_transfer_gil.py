@@ -15,10 +15,10 @@ import time
 from collections.abc import Callable
 
 import numpy as np
-from transfer_testlib import ShmSegment
 
 from kvhive.transfer.descriptors import TensorDesc
 from kvhive.transfer.paged import PagedKV
+from support.shm import ShmSegment
 
 NL, NB, BS, NH, HS, C = 16, 8, 128, 8, 128, 512
 

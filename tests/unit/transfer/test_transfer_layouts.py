@@ -15,27 +15,20 @@ from kvhive.transfer.layouts import (
     plan_layout,
     resolve_kv_layout,
 )
-
-
-def contiguous(shape: tuple[int, ...]) -> tuple[int, ...]:
-    out, acc = [], 1
-    for n in reversed(shape):
-        out.append(acc)
-        acc *= n
-    return tuple(reversed(out))
+from support.descriptors import contiguous_strides
 
 
 def tdesc(
     shape: tuple[int, ...], dtype: str = "bfloat16", name: str = "seg", offset: int = 0
 ) -> TensorDesc:
     return TensorDesc(
-        dtype, shape, contiguous(shape), offset, name, (offset + math.prod(shape)) * 2 * 8
+        dtype, shape, contiguous_strides(shape), offset, name, (offset + math.prod(shape)) * 2 * 8
     )
 
 
 def test_normalize_view_undoes_a_permute() -> None:
     # physical [2, NB=5, NH=2, BS=4, HS=3] exposed as logical NHD [2, 5, 4, 2, 3]
-    phys = contiguous((2, 5, 2, 4, 3))
+    phys = contiguous_strides((2, 5, 2, 4, 3))
     shape, stride = (2, 5, 4, 2, 3), (phys[0], phys[1], phys[3], phys[2], phys[4])
     assert normalize_view(shape, stride) == ((2, 5, 2, 4, 3), phys)
 
@@ -173,7 +166,11 @@ def test_plan_layout_rejects_mixed_geometry_and_bad_layers() -> None:
         plan_layout([tdesc((2, 9, 16, 8, 128)), tdesc((9, 16))], {}, [])
     with pytest.raises(LayoutError, match="empty"):
         plan_layout(
-            [TensorDesc("bfloat16", (2, 0, 16, 8, 128), contiguous((2, 0, 16, 8, 128)), 0, "", 0)],
+            [
+                TensorDesc(
+                    "bfloat16", (2, 0, 16, 8, 128), contiguous_strides((2, 0, 16, 8, 128)), 0, "", 0
+                )
+            ],
             {},
             [],
         )

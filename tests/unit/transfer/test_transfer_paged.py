@@ -16,26 +16,20 @@ from dataclasses import dataclass
 
 import numpy as np
 import pytest
-from transfer_testlib import ShmSegment, maps_of
+from transfer_testlib import maps_of
 
 from kvhive.errors import BadRequest, LayoutError, RegistrationError
 from kvhive.transfer import paged
 from kvhive.transfer.descriptors import TensorDesc
 from kvhive.transfer.layouts import KVFormat
 from kvhive.transfer.paged import PagedKV
+from support.descriptors import contiguous_strides
+from support.shm import ShmSegment
 
 NB, BS, NH, HS, NL, C = 7, 4, 2, 3, 3, 8
 B = C // BS
 Segment = Callable[[int], ShmSegment]
 Access = Callable[[int, int, int, int, int], np.ndarray]  # (layer, kv, block, slot, head)
-
-
-def strides_of(shape: tuple[int, ...]) -> tuple[int, ...]:
-    out, acc = [], 1
-    for n in reversed(shape):
-        out.append(acc)
-        acc *= n
-    return tuple(reversed(out))
 
 
 @dataclass
@@ -63,7 +57,7 @@ def per_layer(
     for _ in range(NL):
         n = math.prod(phys) * isz
         s = seg(n)
-        descs.append(TensorDesc(dtype, phys, strides_of(phys), 0, s.name, n))
+        descs.append(TensorDesc(dtype, phys, contiguous_strides(phys), 0, s.name, n))
         arrays.append(np.frombuffer(s.buf, UDT[isz])[: math.prod(phys)].reshape(phys))
     return descs, arrays
 
@@ -144,7 +138,7 @@ def build(case: str, seg: Segment, dtype: str = "bfloat16") -> Engine:
         # vLLM <= 0.25 under HND: physical [2, NB, NH, BS, HS], registered as the
         # logical NHD view (a permute): the descriptor is non-contiguous.
         descs, arrays = per_layer(seg, dtype, (2, NB, NH, BS, HS))
-        st = strides_of((2, NB, NH, BS, HS))
+        st = contiguous_strides((2, NB, NH, BS, HS))
         descs = [
             TensorDesc(
                 dtype,
@@ -177,7 +171,7 @@ def build(case: str, seg: Segment, dtype: str = "bfloat16") -> Engine:
         pool = flat[pad:].reshape(NL, 2, NB, BS, NH, HS)
         shape = (2, NB, BS, NH, HS)
         descs = [
-            TensorDesc(dtype, shape, strides_of(shape), pad + li * per, s.name, n)
+            TensorDesc(dtype, shape, contiguous_strides(shape), pad + li * per, s.name, n)
             for li in range(NL)
         ]
         layers = [pool[li] for li in range(NL)]
@@ -198,7 +192,7 @@ def build(case: str, seg: Segment, dtype: str = "bfloat16") -> Engine:
         n = NB * NL * 2 * BS * NH * HS * isz
         s = seg(n)
         pool = np.frombuffer(s.buf, UDT[isz])[: n // isz].reshape(NB, NL, 2, BS, NH, HS)
-        st = strides_of(pool.shape)
+        st = contiguous_strides(pool.shape)
         descs = [
             TensorDesc(
                 dtype,
@@ -522,7 +516,7 @@ def slow_bytes(arr: np.ndarray, bf16: bool) -> bytes:
     return bytes(out)
 
 
-def slow_checksums(e: Engine, ids: list[int], per: int, layerwise: bool, bf16: bool):  # noqa: ANN201
+def slow_checksums(e: Engine, ids: list[int], per: int, layerwise: bool, bf16: bool):
     import hashlib
 
     chunks = [ids[i : i + per] for i in range(0, len(ids), per)]

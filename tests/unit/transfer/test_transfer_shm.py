@@ -11,7 +11,7 @@ from collections.abc import Callable
 
 import numpy as np
 import pytest
-from transfer_testlib import SRC_DIR, ShmSegment, maps_of
+from transfer_testlib import maps_of
 
 from kvhive.errors import RegistrationError
 from kvhive.transfer.descriptors import TensorDesc
@@ -22,6 +22,8 @@ from kvhive.transfer.shm import (
     tensor_view,
     uint_dtype,
 )
+from support.paths import env_with_src
+from support.shm import ShmSegment
 
 Segment = Callable[[int], ShmSegment]
 
@@ -142,15 +144,16 @@ def test_attach_does_not_involve_the_resource_tracker(shm_segment: Segment) -> N
     """A process that only attaches must neither unlink nor warn at exit."""
     seg = shm_segment(4096)
     code = (
-        "import sys; sys.path.insert(0, sys.argv[2])\n"
+        "import sys\n"
         "from kvhive.transfer.shm import ShmMapping\n"
         "m = ShmMapping.open(sys.argv[1], 4096); m.array[0] = 5\n"
     )
     proc = subprocess.run(
-        [sys.executable, "-W", "always", "-c", code, seg.name, str(SRC_DIR)],
+        [sys.executable, "-W", "always", "-c", code, seg.name],
         capture_output=True,
         text=True,
         timeout=60,
+        env=env_with_src(),
     )
     assert proc.returncode == 0, proc.stderr
     assert "resource_tracker" not in proc.stderr and "leaked" not in proc.stderr

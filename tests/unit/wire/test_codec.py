@@ -4,6 +4,7 @@ import pytest
 from kvhive.errors import ProtocolError, UnknownOperation
 from kvhive.wire import codec
 from kvhive.wire import types as t
+from support.descriptors import cpu_shm_payload, ipc_ext
 
 enc = msgspec.msgpack.encode
 
@@ -83,31 +84,16 @@ def test_results():
 
 
 def test_cpu_shm_descriptor_ext():
-    desc = {
-        "type": "cpu_shm",
-        "shm_name": "/lmcache_kv_1_0",
-        "nbytes": 16384,
-        "version": 1,
-        "metadata": {
-            "dtype": "float16",
-            "shape": [2, 8, 16, 4, 8],
-            "stride": [4096, 512, 32, 8, 1],
-            "storage_offset": 0,
-            "device_uuid": "cpu",
-        },
-    }
-    frame = enc(
-        [
-            msgspec.msgpack.Ext(1, enc(desc)),
-            msgspec.msgpack.Ext(1, enc({"type": "cuda", "version": 1})),
-        ]
+    desc = cpu_shm_payload(
+        "/lmcache_kv_1_0", "float16", [2, 8, 16, 4, 8], stride=[4096, 512, 32, 8, 1], nbytes=16384
     )
+    frame = enc([ipc_ext(desc), ipc_ext({"type": "cuda", "version": 1})])
     descs = codec._DESCRIPTOR_DECODER.decode(frame)
     assert isinstance(descs[0], t.CpuShmDescriptor) and descs[0].metadata.shape == [2, 8, 16, 4, 8]
     assert isinstance(descs[1], t.OtherDescriptor) and descs[1].type == "cuda"
     bad = dict(desc, extra=1)
     with pytest.raises(msgspec.ValidationError):
-        codec._DESCRIPTOR_DECODER.decode(enc([msgspec.msgpack.Ext(1, enc(bad))]))
+        codec._DESCRIPTOR_DECODER.decode(enc([ipc_ext(bad)]))
 
 
 def test_error_frames_fail_client_op_match():
