@@ -44,7 +44,7 @@ def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo) -> Itera
         for title, provider in CONTEXT:
             try:
                 rep.sections.append((title, provider()))
-            except Exception as exc:  # context must never mask the failure
+            except Exception as exc:  # noqa: BLE001 - context must never mask the failure
                 rep.sections.append((title, f"<unavailable: {exc}>"))
 
 

@@ -102,7 +102,7 @@ def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo) -> Itera
         for title, provider in item.__dict__.get("_kvhive_interop_context", []):
             try:
                 rep.sections.append((title, provider()))
-            except Exception as exc:  # context must never mask the failure
+            except Exception as exc:  # noqa: BLE001 - context must never mask the failure
                 rep.sections.append((title, f"<unavailable: {exc}>"))
 
 

@@ -90,7 +90,7 @@ def external_tokens_counter(llm: Any) -> int | None:
     """Current value of vllm:prompt_tokens_by_source{source=external_kv_transfer}."""
     try:
         metrics = llm.get_metrics()
-    except Exception as exc:  # metrics are one of three readings; never fatal
+    except Exception as exc:  # noqa: BLE001 - metrics are one of three readings; never fatal
         log(f"get_metrics failed: {exc!r}")
         return None
     total, seen = 0, False

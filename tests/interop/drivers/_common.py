@@ -27,8 +27,8 @@ os.environ.setdefault("LMCACHE_TRACK_USAGE", "false")
 os.environ.setdefault("DO_NOT_TRACK", "1")
 os.environ.setdefault("LMCACHE_LOG_LEVEL", "WARNING")
 
-import torch  # noqa: E402
-import zmq  # noqa: E402
+import torch
+import zmq
 
 RESULT_MARK = "@@KVHIVE_INTEROP_RESULT@@ "
 

@@ -23,10 +23,11 @@ import importlib.abc
 import importlib.machinery
 import sys
 import types
+from typing import ClassVar
 
 
 class _AnyModule(types.ModuleType):
-    __path__: list[str] = []
+    __path__: ClassVar[list[str]] = []
 
     def __getattr__(self, name: str) -> type:
         if name.startswith("__"):
