@@ -23,10 +23,10 @@ import pytest
 from l2_testlib import WAIT_S
 
 from kvhive.config.l2_adapters import parse_adapter
-from kvhive.storage.eviction import make_policy
-from kvhive.storage.l1 import L1Manager, L1Params
+from kvhive.storage.l1 import L1Manager
 from kvhive.storage.l2.managed import ManagedAdapter
 from kvhive.storage.l2.registry import build_adapter
+from support.l1 import make_l1
 from support.net import free_port
 
 HERE = Path(__file__).resolve().parent
@@ -170,9 +170,6 @@ def open_adapter() -> Iterator[Callable[[dict[str, Any]], ManagedAdapter]]:
 
 @pytest.fixture
 def l1() -> Iterator[L1Manager]:
-    manager = L1Manager(L1Params(size_bytes=32 << 20, align_bytes=4096, lazy=False, init_bytes=0,
-                                 write_ttl=600.0, read_ttl=300.0, watermark=0.95,
-                                 eviction_ratio=0.2, shm_name=""),
-                        policy=make_policy("LRU"))  # fmt: skip
+    manager = make_l1(size_bytes=32 << 20, watermark=0.95)
     yield manager
     manager.close()

@@ -12,10 +12,8 @@ from kvhive.engine.registry import Registry
 from kvhive.engine.sessions import Sessions
 from kvhive.hashing import TokenHasher
 from kvhive.observability.health import InFlight
-from kvhive.storage.eviction import make_policy
-from kvhive.storage.l1.manager import L1Manager
-from kvhive.storage.l1.records import L1Params
 from kvhive.wire import types as t
+from support.l1 import make_l1
 from support.shm import KVGeometry, ShmKV, make_shm_kv
 
 C = 32  # chunk size (tokens)
@@ -55,21 +53,7 @@ def clock() -> FakeClock:
 
 @pytest.fixture
 def engine(clock: FakeClock) -> Iterator[CacheEngine]:
-    l1 = L1Manager(
-        L1Params(
-            size_bytes=64 << 20,
-            align_bytes=4096,
-            lazy=False,
-            init_bytes=0,
-            write_ttl=600.0,
-            read_ttl=300.0,
-            watermark=0.8,
-            eviction_ratio=0.2,
-            shm_name="",
-        ),
-        policy=make_policy("LRU"),
-        clock=clock,
-    )
+    l1 = make_l1(manager_kwargs={"clock": clock})
     eng = CacheEngine(
         l1=l1,
         sessions=Sessions(TokenHasher("blake3", C), ttl=600.0, clock=clock),

@@ -19,11 +19,9 @@ from kvhive.engine.sessions import Sessions
 from kvhive.errors import BadRequest, TransferFailed
 from kvhive.hashing import TokenHasher
 from kvhive.observability.health import InFlight
-from kvhive.storage.eviction import make_policy
 from kvhive.storage.l1.arena import SHM_DIR
-from kvhive.storage.l1.manager import L1Manager
-from kvhive.storage.l1.records import L1Params
 from kvhive.wire import types as t
+from support.l1 import make_l1
 
 TOKENS = list(range(1, 4 * C + 1))
 LAYERS, HIDDEN = 2, 16  # object: [2, LAYERS, C, HIDDEN] float16
@@ -32,21 +30,7 @@ OBJ_BYTES = 2 * LAYERS * C * HIDDEN * 2
 
 def build(clock: FakeClock, *, pool: bool) -> CacheEngine:
     shm = f"kvhive-ed-test-{uuid.uuid4().hex[:8]}" if pool else ""
-    l1 = L1Manager(
-        L1Params(
-            size_bytes=16 << 20,
-            align_bytes=4096,
-            lazy=False,
-            init_bytes=0,
-            write_ttl=600.0,
-            read_ttl=300.0,
-            watermark=0.8,
-            eviction_ratio=0.2,
-            shm_name=shm,
-        ),
-        policy=make_policy("LRU"),
-        clock=clock,
-    )
+    l1 = make_l1(size_bytes=16 << 20, shm_name=shm, manager_kwargs={"clock": clock})
     return CacheEngine(
         l1=l1,
         sessions=Sessions(TokenHasher("blake3", C), ttl=600.0, clock=clock),
