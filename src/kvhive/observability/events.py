@@ -330,7 +330,9 @@ class L2KeysEvicted(Event):
 
 @_event(EventType.L2_PREFETCH_FAILED)
 class L2PrefetchFailed(Event):
-    """``reason``: l1_oom, l1_contended, not_found, timeout (kvhive), error (kvhive)."""
+    """``reason``: l1_oom, l1_contended, not_found, timeout (kvhive), error (kvhive), corrupt
+    (kvhive: the object failed its integrity check, e.g. another key's object under this
+    key's name, and was removed from L2)."""
 
     reason: str
     key_count: int

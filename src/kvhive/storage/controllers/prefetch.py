@@ -41,7 +41,7 @@ from kvhive.keys import ObjectKey
 from kvhive.observability import events as ev
 from kvhive.storage.l1.manager import L1Manager
 from kvhive.storage.l1.records import Slot
-from kvhive.storage.l2.futures import outcome
+from kvhive.storage.l2.futures import outcome, reason, results
 from kvhive.storage.l2.managed import ManagedAdapter
 from kvhive.storage.owners import Owner, PrefetchOwner
 
@@ -232,12 +232,17 @@ class PrefetchController:
                 fut.add_done_callback(partial(_abort_late, self.l1, slots))
                 self._release_loading(keys)
                 continue
-            ok = outcome(fut, len(keys))
+            ok = results(fut, len(keys))
             self._admit(req, [s for s, good in zip(slots, ok, strict=True) if good])
             bad = [s for s, good in zip(slots, ok, strict=True) if not good]
             self._count(failed_loads=len(bad))
-            if bad:
-                self._failed(adapter, "not_found", [s.key for s in bad])
+            by_reason: dict[str, list[ObjectKey]] = defaultdict(list)
+            for slot, good in zip(slots, ok, strict=True):
+                why = reason(good)
+                if why is not None:  # not_found, corrupt (removed from L2) or error
+                    by_reason[why].append(slot.key)
+            for why, failed_keys in by_reason.items():
+                self._failed(adapter, why, failed_keys)
             self.l1.abort(bad)
             self._release_loading(keys)
 

@@ -22,8 +22,13 @@ Contract of :class:`L2Adapter` (every ``submit_*`` returns at once and must neve
   corrupt is ``False``; its buffer content is then undefined.  Never report ``True`` for
   bytes you did not verify.
 * ``submit_delete(keys)`` removes objects; ``True`` where something was removed.
-* Each future resolves to one ``bool`` per key, in key order.  A future that raises counts
-  as ``False`` for every key.  A future that never resolves costs the caller a timeout:
+* Each future resolves to one ``bool`` per key, in key order.  A failed key may instead be
+  a ``futures.Miss`` (an ``int`` equal to ``False``) saying why: ``MISSING``, ``CORRUPT``
+  (the object failed a check and was removed) or ``ERROR``; the prefetch failure metric is
+  labelled with it.  A future that raises counts as ``ERROR`` for every key.
+* A loaded object must be verified *for its key*: an object of another key stored under
+  this key's name (a copied file, a restored backup) is corrupt, not data.  The integrity
+  trailer (``ObjectStore``s that frame) and the slot identity (raw_block, dax) do this.  A future that never resolves costs the caller a timeout:
   kvhive puts a deadline on every task, so an adapter cannot hang a request.
 * ``scan()`` (optional) lists ``(key, stored bytes)`` already in the backend so usage and
   eviction survive a restart; ``status()`` returns JSON-safe details; ``close()`` releases
@@ -99,8 +104,9 @@ class ObjectStore(ABC):
     """
 
     frames: ClassVar[bool] = True
-    """True: kvhive appends and checks the integrity trailer (``integrity.py``) around
-    ``put``/``get``.  False: the store verifies objects itself (slot headers)."""
+    """True: kvhive appends and checks the integrity trailer (``integrity.py``, bound to the
+    key) around ``put``/``get``.  False: the store verifies objects, and that they belong to
+    the key asked for, itself (slot headers)."""
 
     durable: ClassVar[bool] = False
 

@@ -1,4 +1,17 @@
-"""Small helpers for ``concurrent.futures.Future`` results of L2 tasks."""
+"""Small helpers for ``concurrent.futures.Future`` results of L2 tasks, and :class:`Miss`.
+
+An L2 task resolves to one outcome per key: ``True``, or a falsy outcome.  A falsy outcome
+may be a plain ``False`` or a :class:`Miss` that says why the key failed::
+
+    MISSING  "not_found"  no object under the key
+    CORRUPT  "corrupt"    an object failed its checks (damaged, or another key's object);
+                          it was removed
+    ERROR    "error"      the backend or the task failed
+
+A ``Miss`` is an ``int`` equal to ``0``: it is falsy and compares equal to ``False``, so a
+``Future[list[bool]]`` consumer (``outcome``, ``sum``, ``==``) needs no change, while the
+prefetch controller reads them (``results``, ``reason``) to label its failure metric.
+"""
 
 from __future__ import annotations
 
@@ -10,6 +23,28 @@ from typing import Any, TypeVar
 
 T = TypeVar("T")
 U = TypeVar("U")
+
+
+class Miss(int):
+    """A failed key's outcome with its ``reason`` (module docstring); equal to ``False``."""
+
+    reason: str
+
+    def __new__(cls, reason: str) -> Miss:
+        self = super().__new__(cls, 0)
+        self.reason = reason
+        return self
+
+    def __repr__(self) -> str:
+        return f"Miss({self.reason!r})"
+
+
+MISSING = Miss("not_found")
+CORRUPT = Miss("corrupt")
+ERROR = Miss("error")
+
+Outcome = bool | Miss
+"""One key's outcome: True, False, or a Miss."""
 
 
 def resolved(value: T) -> Future[T]:
@@ -24,28 +59,46 @@ def failed(exc: BaseException) -> Future[Any]:
     return fut
 
 
-def outcome(fut: Future[list[bool]], n: int) -> list[bool]:
-    """The per-key outcome of a finished task: an exception or a bad shape is all False."""
+def results(fut: Future[Any], n: int) -> list[Outcome]:
+    """The per-key outcomes of a finished task, reasons kept: ``True``, a :class:`Miss`, or
+    ``False`` (an adapter that did not say why); an exception or a bad shape is all ERROR."""
     if fut.cancelled() or fut.exception() is not None:
-        return [False] * n
+        return [ERROR] * n
     result = fut.result()
     if not isinstance(result, (list, tuple)) or len(result) != n:
-        return [False] * n
-    return [bool(x) for x in result]
+        return [ERROR] * n
+    return [x if isinstance(x, Miss) else bool(x) for x in result]
 
 
-def gather(parts: Sequence[tuple[Future[list[bool]], Sequence[int]]], n: int) -> Future[list[bool]]:
-    """One future over ``n`` keys from sub-tasks, each covering the key positions it lists."""
-    out: Future[list[bool]] = Future()
-    result = [False] * n
+def outcome(fut: Future[list[bool]], n: int) -> list[bool]:
+    """The per-key outcome of a finished task as plain bools: an exception or a bad shape is
+    all False."""
+    return [bool(x) for x in results(fut, n)]
+
+
+def reason(result: Outcome) -> str | None:
+    """Why a key failed (``Miss.reason``; ``"not_found"`` for a plain False); None if it
+    did not."""
+    if result:
+        return None
+    return result.reason if isinstance(result, Miss) else MISSING.reason
+
+
+def gather(
+    parts: Sequence[tuple[Future[list[Outcome]], Sequence[int]]], n: int
+) -> Future[list[Outcome]]:
+    """One future over ``n`` keys from sub-tasks, each covering the key positions it lists
+    (their :class:`Miss` reasons kept)."""
+    out: Future[list[Outcome]] = Future()
+    result: list[Outcome] = [False] * n
     if not parts:
         out.set_result(result)
         return out
     left = [len(parts)]
     lock = threading.Lock()
 
-    def one_done(fut: Future[list[bool]], positions: Sequence[int]) -> None:
-        for pos, ok in zip(positions, outcome(fut, len(positions)), strict=True):
+    def one_done(fut: Future[list[Outcome]], positions: Sequence[int]) -> None:
+        for pos, ok in zip(positions, results(fut, len(positions)), strict=True):
             result[pos] = ok
         with lock:
             left[0] -= 1
@@ -73,8 +126,8 @@ def then(fut: Future[T], fn: Callable[[Future[T]], U]) -> Future[U]:
 
 
 def _call_with(
-    fn: Callable[[Future[list[bool]], Sequence[int]], None],
+    fn: Callable[[Future[list[Outcome]], Sequence[int]], None],
     positions: Sequence[int],
-    fut: Future[list[bool]],
+    fut: Future[list[Outcome]],
 ) -> None:
     fn(fut, positions)

@@ -20,15 +20,15 @@ from kvhive.observability import events as ev
 from kvhive.observability.bus import DISABLED, EventBus
 from kvhive.storage.eviction import make_policy
 from kvhive.storage.l2.base import L2Adapter
-from kvhive.storage.l2.futures import outcome, resolved, then
+from kvhive.storage.l2.futures import CORRUPT, Outcome, outcome, reason, resolved, results, then
 from kvhive.storage.l2.tracker import Tracker, Usage
 
 log = logging.getLogger(__name__)
 GiB = 1 << 30
 
 _COUNTERS = ("stored", "store_failed", "store_refused_full", "store_timeouts", "lookups",
-             "lookup_hits", "lookup_failed", "loaded", "load_failed", "load_timeouts",
-             "deleted", "scanned")  # fmt: skip
+             "lookup_hits", "lookup_failed", "loaded", "load_failed", "load_corrupt",
+             "load_timeouts", "deleted", "scanned")  # fmt: skip
 
 
 class ManagedAdapter:
@@ -57,6 +57,8 @@ class ManagedAdapter:
                 self.counters[name] += d
 
     # -- operations (each returns Future[list[bool]]; never raises) ------------------
+    # A load's failed keys keep their ``futures.Miss`` (== False) so callers can tell a
+    # missing object from a corrupt one (``futures.reason``).
 
     def store(self, keys: Sequence[ObjectKey], buffers: Sequence[memoryview]) -> Future:
         sizes = [self.adapter.footprint(b.nbytes) for b in buffers]
@@ -109,10 +111,11 @@ class ManagedAdapter:
                                                 task_id=task, l2_name=self.name, key_count=len(keys),
                                                 total_bytes=sum(b.nbytes for b in buffers)))  # fmt: skip
 
-        def loaded(f: Future) -> list[bool]:
-            res = outcome(f, len(keys))
+        def loaded(f: Future) -> list[Outcome]:
+            res = results(f, len(keys))
             self.tracker.touched([k for k, ok in zip(keys, res, strict=True) if ok])
-            self.count(loaded=sum(res), load_failed=len(res) - sum(res))
+            corrupt = sum(1 for r in res if reason(r) == CORRUPT.reason)
+            self.count(loaded=sum(res), load_failed=len(res) - sum(res), load_corrupt=corrupt)
             if self.bus.enabled:
                 self.bus.publish(ev.L2LoadCompleted(request_id=request_id, adapter_index=self.index,
                                                     task_id=task, l2_name=self.name,

@@ -3,7 +3,7 @@
 ``hash`` is ``chunk_hash`` in lowercase hex, ``group`` is ``object_group_id`` in plain
 lowercase hex, and the salt part appears only for a non-empty salt::
 
-    fs, fs_native   <model, "/" -> "-SEP-">@0x<kv_rank:08x>@<group>@<hash>[@<salt>].data
+    fs, fs_native   <fs_model(model)>@0x<kv_rank:08x>@<group>@<hash>[@<salt>].data
     s3, resp, C     <model>@<kv_rank:08x>@<group>@<hash>[@<salt>]
     raw_block, dax  <model percent-encoded, no safe chars>@0x<kv_rank:08x>@<group>@<hash>[@<salt>]
 
@@ -11,6 +11,17 @@ Example (model ``org/m``, world 1 rank 0, group 0, hash 0101..., salt ``s``): th
 ``org-SEP-m@0x01000100@0@0101010101010101@s.data`` and the s3/resp key
 ``org/m@01000100@0@0101010101010101@s``.  ``@`` cannot occur in a model name or a salt
 (``kvhive.keys``), so the names parse back unambiguously.
+
+fs model part (``fs_model``).  The reference writes the model with ``/`` replaced by
+``-SEP-``, which is not injective: models ``a/b`` and ``a-SEP-b`` (also ``x-SEP/`` and
+``x/SEP-``) get the same files, and one would be served the other's KV.  kvhive keeps the
+reference's name for every model it maps unambiguously (no ``%``, and ``-SEP-`` in the name
+decodes back to the same model: ``org/m``, ``meta-llama/Llama-3-8B``), so caches shared with
+reference servers stay shared; any other model is percent-escaped (``%`` -> ``%25``,
+``/`` -> ``%2F``, ``-`` -> ``%2D``: ``a-SEP-b`` -> ``a%2DSEP%2Db``).  An escaped name always
+contains ``%`` and a reference name never does, and each form is injective on its own, so no
+two models share a file.  (A reference server still writes ``a-SEP-b``'s objects under
+``a/b``'s name; that ambiguity is the reference's.)
 """
 
 from __future__ import annotations
@@ -30,10 +41,25 @@ def _tail(key: ObjectKey) -> str:
     return f"{base}{SEP}{key.cache_salt}" if key.cache_salt else base
 
 
+_FS_ESCAPES = {"%": "%25", "/": "%2F", "-": "%2D"}
+
+
+def fs_model(model: str) -> str:
+    """The model part of an fs file name: the reference's where it is unambiguous, else
+    percent-escaped (module docstring).  Injective."""
+    ref = model.replace("/", FS_SLASH)
+    if "%" not in model and ref.replace(FS_SLASH, "/") == model:
+        return ref
+    return "".join(_FS_ESCAPES.get(c, c) for c in model)
+
+
+def _fs_model_back(part: str) -> str:
+    return urllib.parse.unquote(part) if "%" in part else part.replace(FS_SLASH, "/")
+
+
 def fs_name(key: ObjectKey) -> str:
     """File name of ``key`` for the fs and fs_native adapters."""
-    model = key.model_name.replace("/", FS_SLASH)
-    return f"{model}{SEP}{key.kv_rank:#010x}{SEP}{_tail(key)}{FS_SUFFIX}"
+    return f"{fs_model(key.model_name)}{SEP}{key.kv_rank:#010x}{SEP}{_tail(key)}{FS_SUFFIX}"
 
 
 def flat_name(key: ObjectKey) -> str:
@@ -65,11 +91,13 @@ def _parse(parts: list[str], model: str) -> ObjectKey | None:
 
 
 def parse_fs_name(name: str) -> ObjectKey | None:
-    """Inverse of :func:`fs_name`; None for any other file name (temp files included)."""
+    """Inverse of :func:`fs_name`; None for any name :func:`fs_name` does not produce (temp
+    files, foreign escapes), so a parsed key always maps back to the same file."""
     if not name.endswith(FS_SUFFIX):
         return None
     parts = name[: -len(FS_SUFFIX)].split(SEP)
-    return _parse(parts, parts[0].replace(FS_SLASH, "/"))
+    key = _parse(parts, _fs_model_back(parts[0]))
+    return key if key is not None and fs_name(key) == name else None
 
 
 def parse_flat_name(name: str) -> ObjectKey | None:

@@ -2,9 +2,11 @@
 
 Every key of a store or load batch is one job on a thread pool of ``workers`` threads (the
 stores' I/O releases the GIL, so jobs overlap); a lookup or delete batch is one job.  The
-integrity trailer is added and checked here (``integrity.py``) for stores that frame.  A
-corrupt object is a miss: it is counted, logged and deleted, so later lookups stop finding
-it.  Errors are counted per kind and never escape a job.
+integrity trailer, bound to the object's key, is added and checked here (``integrity.py``)
+for stores that frame.  A corrupt object (damaged, or another key's object under this key's
+name) is a miss: it is counted, logged and deleted, so later lookups stop finding it.
+Errors are counted per kind and never escape a job; each failed key's outcome says which
+kind it was (``futures.MISSING``, ``CORRUPT``, ``ERROR``).
 
 Shutdown has a deadline (``close_deadline_s``): queued jobs are cancelled, running ones get
 until the deadline to finish (they may still write L1 buffers, so L1 must outlive them).  A
@@ -28,8 +30,8 @@ from typing import Any
 from kvhive.errors import CorruptObject, ObjectMissing
 from kvhive.keys import ObjectKey
 from kvhive.storage.l2.base import L2Adapter, ObjectStore
-from kvhive.storage.l2.futures import gather
-from kvhive.storage.l2.integrity import TRAILER_BYTES, Integrity, make_trailer, verify
+from kvhive.storage.l2.futures import CORRUPT, ERROR, MISSING, Outcome, gather
+from kvhive.storage.l2.integrity import TRAILER_BYTES, Integrity, key_digest, make_trailer, verify
 
 log = logging.getLogger(__name__)
 
@@ -108,7 +110,7 @@ class PooledAdapter(L2Adapter):
 
     def _per_key(
         self,
-        job: Callable[[ObjectKey, memoryview], bool],
+        job: Callable[[ObjectKey, memoryview], Outcome],
         keys: Sequence[ObjectKey],
         buffers: Sequence[memoryview],
     ) -> Future:
@@ -121,20 +123,22 @@ class PooledAdapter(L2Adapter):
         return gather([(_as_list(f), pos) for f, pos in parts], len(keys))
 
     def _guard_key(
-        self, job: Callable[[ObjectKey, memoryview], bool], key: ObjectKey, buf: memoryview
-    ) -> bool:
+        self, job: Callable[[ObjectKey, memoryview], Outcome], key: ObjectKey, buf: memoryview
+    ) -> Outcome:
         try:
             return job(key, buf)
         except ObjectMissing:
             self._count("missing")
+            return MISSING
         except CorruptObject as exc:
             self._count("corrupt")
             log.warning("L2 %s: corrupt object %s (%s); removing it", self.name, key, exc)
             self._quietly_delete(key)
+            return CORRUPT
         except Exception as exc:  # noqa: BLE001 - task boundary: one key fails, counted, logged
             self._count("errors")
             log.warning("L2 %s: %s on %s failed: %s", self.name, job.__name__, key, exc)
-        return False
+            return ERROR
 
     def _guard_batch(
         self, fn: Callable[[list[ObjectKey]], list[bool]], keys: list[ObjectKey]
@@ -146,18 +150,18 @@ class PooledAdapter(L2Adapter):
             log.warning("L2 %s: %s of %d keys failed: %s", self.name, fn.__name__, len(keys), exc)
             return [False] * len(keys)
 
-    def _put(self, key: ObjectKey, buf: memoryview) -> bool:
-        parts = [buf, memoryview(make_trailer(buf))] if self._frame else [buf]
+    def _put(self, key: ObjectKey, buf: memoryview) -> Outcome:
+        parts = [buf, memoryview(make_trailer(buf, key_digest(key)))] if self._frame else [buf]
         self.store.put(key, parts)
         return True
 
-    def _get(self, key: ObjectKey, buf: memoryview) -> bool:
+    def _get(self, key: ObjectKey, buf: memoryview) -> Outcome:
         if not self._check:
             self.store.get(key, [buf])
             return True
         tail = memoryview(bytearray(TRAILER_BYTES))
         total = self.store.get(key, [buf, tail])
-        verify(buf, total, tail)
+        verify(buf, total, tail, key_digest(key))
         return True
 
     def _delete_many(self, keys: list[ObjectKey]) -> list[bool]:
@@ -240,12 +244,13 @@ class WorkerPool:
 
 
 def _as_list(fut: Future) -> Future:
-    """Wrap a per-key ``Future[bool]`` as a ``Future[list[bool]]``."""
+    """Wrap a per-key ``Future[Outcome]`` as a ``Future[list[Outcome]]`` (a job that
+    raised or was cancelled is ERROR)."""
     out: Future = Future()
 
     def done(f: Future) -> None:
-        ok = not f.cancelled() and f.exception() is None and bool(f.result())
-        out.set_result([ok])
+        failed = f.cancelled() or f.exception() is not None
+        out.set_result([ERROR if failed else f.result()])
 
     fut.add_done_callback(done)
     return out

@@ -24,7 +24,7 @@ from kvhive.config.l2_adapters import FaultInjectAdapterConfig
 from kvhive.errors import L2Error
 from kvhive.keys import ObjectKey
 from kvhive.storage.l2.base import L2Adapter
-from kvhive.storage.l2.futures import failed, outcome, then
+from kvhive.storage.l2.futures import MISSING, Outcome, failed, results, then
 
 
 class FaultInjectAdapter(L2Adapter):
@@ -92,12 +92,14 @@ class FaultInjectAdapter(L2Adapter):
 
     def submit_load(self, keys: Sequence[ObjectKey], buffers: Sequence[memoryview]) -> Future:
         fut = self._run("load", lambda: self.inner.submit_load(keys, buffers))
-        return then(fut, lambda f: self._alter(keys, outcome(f, len(keys))))
+        return then(fut, lambda f: self._alter(keys, results(f, len(keys))))
 
-    def _alter(self, keys: Sequence[ObjectKey], result: list[bool]) -> list[bool]:
+    def _alter(self, keys: Sequence[ObjectKey], result: list[Outcome]) -> list[Outcome]:
+        """Drop (as MISSING, the reference's "not found") the keys the faults name; the
+        inner adapter's own failures keep their reasons."""
         gaps = self._gaps(len(keys))
-        out = [
-            ok and i not in gaps and not self._dropped(k)
+        out: list[Outcome] = [
+            ok if not ok else (MISSING if i in gaps or self._dropped(k) else True)
             for i, (k, ok) in enumerate(zip(keys, result, strict=True))
         ]
         self.dropped += sum(a and not b for a, b in zip(result, out, strict=True))

@@ -1,7 +1,9 @@
 """``fs`` and ``fs_native``: one file per object in ``base_path``, named as the reference does.
 
-File name: ``naming.fs_name`` (``<model, / -> -SEP->@0x<rank>@<group>@<hash>[@<salt>].data``),
-content: the logical bytes followed by the integrity trailer (``integrity: "raw"`` omits it).
+File name: ``naming.fs_name`` (``<model, / -> -SEP->@0x<rank>@<group>@<hash>[@<salt>].data``;
+models the reference would name ambiguously are percent-escaped, so no two models share a
+file), content: the logical bytes followed by the integrity trailer, bound to the key, so a
+file copied over another key's name is a corrupt miss (``integrity: "raw"`` omits it).
 Writes go to a temporary file (under ``relative_tmp_dir`` when set, else beside the final
 name with a unique ``.tmp`` suffix) that is renamed into place, so readers never see a
 partial object; an existing final file is left alone.  Existence is checked on disk each
