@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import logging
 import threading
+import time
 from typing import Any
 
 from kvhive.config.l2 import L2Config
@@ -137,13 +138,18 @@ class L2Layer:
         self, keys: list[ObjectKey], adapter: str | None, timeout: float | None = None
     ) -> tuple[int, int]:
         """Delete ``keys`` from one adapter, or from all when ``adapter`` is None;
-        returns (deleted, skipped).  Each adapter's task waits ``timeout`` seconds (None: the
-        adapter's own ``timeout_s``).  Raises on a failed or late backend."""
+        returns (deleted, skipped).  The adapters delete at once; each one's task gets
+        ``timeout`` seconds from the call (None: the adapter's own ``timeout_s``), so the
+        call lasts at most the longest of them, not their sum.  Raises on a failed or late
+        backend.  There is no force here: L2 has no reader locks; a load racing a delete
+        gets the whole object or a miss (the integrity trailer rejects a torn read)."""
         targets = [self.find(adapter)] if adapter is not None else list(self.adapters)
+        start = time.monotonic()
+        tasks = [(a, a.delete(keys)) for a in targets]
         deleted = 0
-        for a in targets:
+        for a, task in tasks:
             wait = a.spec.timeout_s if timeout is None else timeout
-            deleted += sum(a.delete(keys).result(timeout=wait))
+            deleted += sum(task.result(timeout=max(0.0, start + wait - time.monotonic())))
         return deleted, len(keys) * len(targets) - deleted
 
     def status(self) -> dict[str, Any]:

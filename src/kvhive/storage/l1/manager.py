@@ -1,22 +1,35 @@
 """The L1 object table: reservations, resident objects, read locks and eviction.
 
-Object states (one key is in at most one of them)::
+Object states (one key is in at most one of STAGING and RESIDENT)::
 
     (absent) --reserve--> STAGING --commit--> RESIDENT --delete/evict/clear--> (absent)
                             |  \\--abort / write TTL expired + reclaimed--> (absent)
-                            \\--write TTL expired + reserve again--> STAGING (handed over)
+                            |\\--write TTL expired + reserve again--> STAGING (handed over)
+                            |                          |
+                            | forced delete/clear      | forced delete/clear while read-locked
+                            v                          v
+                    DOOMED (write)               DOOMED (read)
+                      commit fails; commit,        the key's last live read lock released
+                      abort, write TTL: freed      (unlock, release_owners, read TTL): freed
 
 * STAGING: a write reservation of one owner with a deadline (write TTL); invisible to readers.
   One live reservation per key: a second writer gets None (the first one will provide it).
 * RESIDENT: readable, content frozen.  Read locks (``locks.TTLLockTable``, read TTL) are
   counted per owner with per-owner deadlines; a live lock protects from eviction and from
   deletion without force.
+* DOOMED: what a forced removal took away while someone still used its memory (a copy
+  pinned by ``CopyPin``/``WorkerCopyPin``, a write-behind read, any read lock, or a writer
+  still filling its reservation).  It is gone for every new lookup, lock and commit at once,
+  and the key may be stored again meanwhile, but its bytes are freed only when that use
+  ends.  A forced clear may drop data; it never frees memory a copy or a writer still uses.
+  Doomed bytes stay in ``used_bytes`` (``doomed_objects``/``doomed_bytes`` in the stats).
 
-Memory is byte based.  ``usage = used / configured`` where used counts resident and staging
-bytes (physical, i.e. aligned) and configured is ``size_bytes`` (not the grown heap), so a lazy
-arena is judged against its final size.  When ``reserve`` cannot allocate it reclaims expired
-reservations, grows a lazy arena, then evicts inline in policy order until the request fits,
-and only then drops what is left (counted in ``dropped_oom`` and logged, rate limited).
+Memory is byte based.  ``usage = used / configured`` where used counts resident, staging
+and doomed bytes (physical, i.e. aligned) and configured is ``size_bytes`` (not the grown
+heap), so a lazy arena is judged against its final size.  When ``reserve`` cannot allocate
+it reclaims expired reservations (and doomed memory nobody reads any more), grows a lazy
+arena, then evicts inline in policy order until the request fits, and only then drops what
+is left (counted in ``dropped_oom`` and logged, rate limited).
 Partial success is normal: the first keys of a batch (the prefix) get memory first.
 
 Background eviction (``evict_tick``, once per second from ``start()``): when usage >=
@@ -135,7 +148,7 @@ class L1Manager:
 
     @property
     def usage(self) -> float:
-        """Used bytes (resident + staging, physical) / configured size (lock-free read)."""
+        """Used bytes (resident + staging + doomed, physical) / configured size (lock-free)."""
         return self._table.alloc.allocated_bytes / self._size
 
     # -- write path ------------------------------------------------------------------------
@@ -183,7 +196,8 @@ class L1Manager:
         return out
 
     def abort(self, slots: Sequence[Slot]) -> int:
-        """Free reservations (failed copy, cancelled store); returns how many were freed."""
+        """Free reservations (failed copy, cancelled store), doomed ones included; returns
+        how many were freed."""
         with self._mu:
             return self._table.abort(slots)
 
@@ -249,7 +263,9 @@ class L1Manager:
     def delete(self, keys: Iterable[ObjectKey], force: bool = False) -> int:
         """Remove objects and reservations; returns how many were removed.
 
-        Without ``force``, read-locked objects and live reservations are kept.
+        Without ``force``, read-locked objects and live reservations are kept.  With it they
+        are removed too: invisible at once, their memory DOOMED until its readers or writer
+        are done (module docstring).
         """
         with self._mu:
             n = self._table.delete(keys, force, self._clock())
@@ -257,7 +273,8 @@ class L1Manager:
         return n
 
     def clear(self, force: bool = False) -> int:
-        """Remove unlocked objects and expired reservations (everything with ``force``)."""
+        """Remove unlocked objects and expired reservations (everything with ``force``:
+        what is still read or written is DOOMED, see the module docstring)."""
         with self._mu:
             n = self._table.clear(force, self._clock())
         self._events.drain()

@@ -1,13 +1,14 @@
 """Reclaimer: how L1 finds memory — expired reservations, lazy growth, eviction.
 
-Inline, for ``reserve`` (``allocate``): take free ranges; else reclaim expired reservations;
-else grow a lazy arena; else evict unlocked resident objects in policy order until the
-request fits (byte based: free what is missing, again while fragmentation defeats it).
-What is still missing is the caller's to drop.
+Inline, for ``reserve`` (``allocate``): take free ranges; else reclaim expired reservations
+(and doomed memory whose readers' locks expired); else grow a lazy arena; else evict
+unlocked resident objects in policy order until the request fits (byte based: free what is
+missing, again while fragmentation defeats it).  What is still missing is the caller's to
+drop.
 
 Background (``tick``, once per ``evict_interval`` from the manager's evictor thread):
-reclaim expired reservations, enforce IsolatedLRU quotas (module docstring of
-``manager.py``), then when usage >= watermark evict ``eviction_ratio * used`` bytes (at
+reclaim expired reservations and unused doomed memory, enforce IsolatedLRU quotas (module
+docstring of ``manager.py``), then when usage >= watermark evict ``eviction_ratio * used`` bytes (at
 least one object).  Usage is ``allocated / size_bytes`` (configured, not the grown heap).
 
 Not thread-safe: the owning ``L1Manager`` calls with its mutex ``_mu`` held.

@@ -73,8 +73,10 @@ class L1Stats:
     objects: int
     temporary_objects: int  # loaded from L2 for one reader set (prefetch policy default)
     staging_objects: int
-    read_locked_objects: int
-    used_bytes: int  # resident + staging
+    read_locked_objects: int  # keys with a live read lock (doomed ones included)
+    doomed_objects: int  # removed by force while read or written; freed when that ends
+    doomed_bytes: int
+    used_bytes: int  # resident + staging + doomed
     staging_bytes: int
     heap_bytes: int  # grown part of a lazy arena
     configured_bytes: int

@@ -2,11 +2,19 @@
 
 Keys, their states and the arena bytes they hold (see ``manager.py`` for the state diagram):
 ``_staging`` maps a key to its write reservation, ``_objects`` to its resident slot; read
-locks live in a ``TTLLockTable``.  Every transition keeps the accounting exact:
-``allocated = resident_bytes + staging_bytes`` (physical, i.e. aligned, bytes) and
-``salt_bytes`` sums resident bytes per ``cache_salt``.  Transitions tell the eviction policy
-(created / touched / removed), queue listener events ("committed", "removed") and publish
-bus events.
+locks live in a ``TTLLockTable``.  A forced removal of memory that someone still uses dooms
+it instead of freeing it: ``_doomed`` maps a key to its removed-but-still-read slots (freed
+once no live read lock on the key remains), ``_doomed_writes`` holds removed reservations
+(freed by their writer's commit, which fails, or abort, or by their write TTL).  Every
+transition keeps the accounting exact: ``allocated = resident_bytes + staging_bytes +
+doomed_bytes`` (physical, i.e. aligned, bytes) and ``salt_bytes`` sums resident bytes per
+``cache_salt``.  Transitions tell the eviction policy (created / touched / removed), queue
+listener events ("committed", "removed") and publish bus events.
+
+Read locks are counted per key, not per slot, so while a doomed slot waits for its readers a
+new object of the same key may be stored; it shares the key's locks.  That only ever delays a
+free: a doomed slot is freed when the key has no live lock at all, which implies its own
+readers are done (each holds at least one lock until its copy ends).
 
 Not thread-safe: the owning :class:`~kvhive.storage.l1.manager.L1Manager` calls every method
 with its mutex ``_mu`` held and drains the listener queue after releasing it.  The table
@@ -57,7 +65,10 @@ class ObjectTable:
         self._staging: dict[ObjectKey, Reservation] = {}
         self._salt_bytes: dict[str, int] = {}
         self._temporary: set[ObjectKey] = set()  # removed when their last read lock goes
-        self._resident_bytes = self._staging_bytes = 0
+        # Forced removals of memory still in use: invisible, freed when the use ends.
+        self._doomed: dict[ObjectKey, list[Slot]] = {}  # read-locked objects, per key
+        self._doomed_writes: dict[Slot, Reservation] = {}  # live reservations (Slot identity)
+        self._resident_bytes = self._staging_bytes = self._doomed_bytes = 0
         self.evicted_objects = self.evicted_bytes = self.expired = 0
         self._drops = DropCounter()
 
@@ -110,6 +121,8 @@ class ObjectTable:
         for slot in slots:
             res = self._staging.get(slot.key)
             if res is None or res.slot is not slot:
+                if self._doomed_writes:  # removed by force while written: fails, frees
+                    self._free_doomed_write(slot)
                 out.append(False)
                 continue
             if res.deadline <= now:
@@ -143,6 +156,8 @@ class ObjectTable:
             res = self._staging.get(slot.key)
             if res is not None and res.slot is slot:
                 self.free_reservation(slot.key, res)
+                freed += 1
+            elif self._doomed_writes and self._free_doomed_write(slot):
                 freed += 1
         return freed
 
@@ -181,6 +196,8 @@ class ObjectTable:
         released = sum(self._reads.release(key, owner, count) for key in keys)
         if self._temporary:
             self._drop_unlocked_temporary(keys)
+        if self._doomed:
+            self._free_unread(keys)
         return released
 
     def release_owners(self, match: Callable[[Owner], bool]) -> tuple[int, int]:
@@ -188,44 +205,58 @@ class ObjectTable:
         dead = [(k, r) for k, r in self._staging.items() if match(r.owner)]
         for key, res in dead:
             self.free_reservation(key, res)
+        doomed = [s for s, r in self._doomed_writes.items() if match(r.owner)]
+        for slot in doomed:
+            self._free_doomed_write(slot)
         if locks and self._temporary:
             self._drop_unlocked_temporary(list(self._temporary))
-        return locks, len(dead)
+        if locks and self._doomed:
+            self._free_unread(list(self._doomed))
+        return locks, len(dead) + len(doomed)
 
     # -- removal ---------------------------------------------------------------------------
 
     def delete(self, keys: Iterable[ObjectKey], force: bool, now: float) -> int:
         gone: list[ObjectKey] = []
+        doomed: list[ObjectKey] = []
         freed = 0
         for key in dict.fromkeys(keys):
             if key in self._objects:
-                if force or not self._reads.is_locked(key):
+                if not self._reads.is_locked(key):
                     gone.append(key)
+                elif force:
+                    doomed.append(key)
                 continue
             res = self._staging.get(key)
             if res is not None and (force or res.deadline <= now):
-                self.free_reservation(key, res)
+                self._end_reservation(key, res, now)
                 freed += 1
         self.remove(gone, evicted=False)
-        return len(gone) + freed
+        self._doom(doomed)
+        return len(gone) + len(doomed) + freed
 
     def clear(self, force: bool, now: float) -> int:
+        gone: list[ObjectKey] = []
+        locked: list[ObjectKey] = []
+        for key in self._objects:
+            (locked if self._reads.is_locked(key) else gone).append(key)
         if force:
-            gone = list(self._objects)
-            self._reads.clear()
             freed = len(self._staging)
             for key, res in list(self._staging.items()):
-                self.free_reservation(key, res)
+                self._end_reservation(key, res, now)
         else:
-            gone = [k for k in self._objects if not self._reads.is_locked(k)]
+            locked = []
             freed = self.reclaim_expired(now)
         self.remove(gone, evicted=False)
-        return len(gone) + freed
+        self._doom(locked)
+        return len(gone) + len(locked) + freed
 
     def forget_all(self) -> None:
         """Drop every object, reservation and lock without accounting (L1 is closing)."""
         self._objects.clear()
         self._staging.clear()
+        self._doomed.clear()
+        self._doomed_writes.clear()
         self._reads.clear()
 
     # -- primitives for the reclaimer ------------------------------------------------------
@@ -243,24 +274,56 @@ class ObjectTable:
         return self._salt_bytes.get(salt, 0)
 
     def remove(self, keys: list[ObjectKey], *, evicted: bool) -> None:
-        """Forget resident ``keys``, free their memory and drop their read locks."""
+        """Forget resident ``keys`` (unlocked, or their readers are gone), free their memory
+        and drop their read locks."""
         if not keys:
             return
-        ranges: list[tuple[int, int]] = []
+        slots = self._unlist(keys, evicted=evicted)
+        phys = self.alloc.physical
+        self.alloc.free_many([(s.offset, phys(s.nbytes)) for s in slots])
+        for key in keys:
+            self._reads.drop(key)
+        if self._doomed:  # an unlocked key has no readers left on its older doomed slots
+            self._free_unread(keys)
+
+    def free_reservation(self, key: ObjectKey, res: Reservation) -> None:
+        del self._staging[key]
+        phys = self.alloc.physical(res.slot.nbytes)
+        self.alloc.free(res.slot.offset, phys)
+        self._staging_bytes -= phys
+
+    def reclaim_expired(self, now: float) -> int:
+        """Free reservations past their write TTL (writer died or hung), and doomed memory
+        nobody uses any more (its read locks expired); returns the reservations freed."""
+        expired = [(k, r) for k, r in self._staging.items() if r.deadline <= now]
+        for key, res in expired:
+            self.free_reservation(key, res)
+        late = [s for s, r in self._doomed_writes.items() if r.deadline <= now]
+        for slot in late:
+            self._free_doomed_write(slot)
+        if self._doomed:
+            self._free_unread(list(self._doomed))
+        self.expired += len(expired) + len(late)
+        return len(expired) + len(late)
+
+    # -- forced removal of memory in use ---------------------------------------------------
+
+    def _unlist(self, keys: list[ObjectKey], *, evicted: bool) -> list[Slot]:
+        """Take resident ``keys`` out of the object table (invisible from now on) with their
+        resident accounting, policy and events; their memory is the caller's to free."""
+        slots: list[Slot] = []
         total = 0
         for key in keys:
             slot = self._objects.pop(key)
+            slots.append(slot)
             phys = self.alloc.physical(slot.nbytes)
-            ranges.append((slot.offset, phys))
             total += phys
             left = self._salt_bytes[key.cache_salt] - phys
             if left:
                 self._salt_bytes[key.cache_salt] = left
             else:
                 del self._salt_bytes[key.cache_salt]
-            self._reads.drop(key)
             self._temporary.discard(key)
-        self.alloc.free_many(ranges)
         self._resident_bytes -= total
         self._policy.on_removed(keys)
         if evicted:
@@ -271,20 +334,49 @@ class ObjectTable:
             self._bus.publish(
                 ev.L1KeysEvicted(keys=keys, reason="evicted" if evicted else "deleted")
             )
+        return slots
 
-    def free_reservation(self, key: ObjectKey, res: Reservation) -> None:
+    def _doom(self, keys: list[ObjectKey]) -> None:
+        """Forced removal of read-locked ``keys``: gone for every new lookup and lock, their
+        memory kept (as doomed bytes) until the key's last live read lock is released."""
+        if not keys:
+            return
+        for slot in self._unlist(keys, evicted=False):
+            self._doomed.setdefault(slot.key, []).append(slot)
+            self._doomed_bytes += self.alloc.physical(slot.nbytes)
+
+    def _end_reservation(self, key: ObjectKey, res: Reservation, now: float) -> None:
+        """Forced removal of a reservation: an expired one is freed; a live one may still be
+        written, so it is doomed: its commit fails, and commit/abort/TTL free the memory."""
+        if res.deadline <= now:
+            self.free_reservation(key, res)
+            return
         del self._staging[key]
         phys = self.alloc.physical(res.slot.nbytes)
-        self.alloc.free(res.slot.offset, phys)
         self._staging_bytes -= phys
+        self._doomed_bytes += phys
+        self._doomed_writes[res.slot] = res
 
-    def reclaim_expired(self, now: float) -> int:
-        """Free reservations past their write TTL (writer died or hung); returns how many."""
-        expired = [(k, r) for k, r in self._staging.items() if r.deadline <= now]
-        for key, res in expired:
-            self.free_reservation(key, res)
-        self.expired += len(expired)
-        return len(expired)
+    def _free_doomed_write(self, slot: Slot) -> bool:
+        res = self._doomed_writes.pop(slot, None)
+        if res is None:
+            return False
+        phys = self.alloc.physical(slot.nbytes)
+        self.alloc.free(slot.offset, phys)
+        self._doomed_bytes -= phys
+        return True
+
+    def _free_unread(self, keys: Iterable[ObjectKey]) -> None:
+        """Free the doomed slots of ``keys`` that no live read lock protects any more."""
+        for key in keys:
+            slots = self._doomed.get(key)
+            if slots is None or self._reads.is_locked(key):
+                continue
+            del self._doomed[key]
+            for slot in slots:
+                phys = self.alloc.physical(slot.nbytes)
+                self.alloc.free(slot.offset, phys)
+                self._doomed_bytes -= phys
 
     def _drop_unlocked_temporary(self, keys: Iterable[ObjectKey]) -> None:
         gone = [k for k in keys if k in self._temporary and not self._reads.is_locked(k)]
@@ -300,12 +392,15 @@ class ObjectTable:
 
     def stats(self, *, evictor_errors: int, listener_failures: int, is_open: bool) -> L1Stats:
         used = self.alloc.allocated_bytes
-        healthy = self.alloc.memcheck() and used == self._resident_bytes + self._staging_bytes
+        accounted = self._resident_bytes + self._staging_bytes + self._doomed_bytes
+        healthy = self.alloc.memcheck() and used == accounted
         return L1Stats(
             objects=len(self._objects),
             temporary_objects=len(self._temporary),
             staging_objects=len(self._staging),
             read_locked_objects=self._reads.locked_keys(),
+            doomed_objects=sum(map(len, self._doomed.values())) + len(self._doomed_writes),
+            doomed_bytes=self._doomed_bytes,
             used_bytes=used,
             staging_bytes=self._staging_bytes,
             heap_bytes=self.alloc.heap_bytes,

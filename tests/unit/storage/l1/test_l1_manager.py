@@ -200,9 +200,13 @@ def test_delete_respects_locks_and_live_reservations(
     l1.reserve(ks[2:3], UNIT, W)
     assert l1.delete(ks[:3]) == 1  # the unlocked resident object only
     assert l1.delete(ks[:3], force=True) == 2
+    st = l1.stats()  # still read or written: invisible, memory kept (test_l1_doomed.py)
+    assert (st.objects, st.doomed_objects, st.used_bytes) == (0, 2, 2 * UNIT)
+    l1.unlock(ks[:1], R)
     l1.reserve(ks[3:], UNIT, W)
     clock.advance(10.0)
     assert l1.delete(ks[3:]) == 1  # expired reservation
+    l1.evict_tick()  # the doomed reservation's write TTL is over too
     st = l1.stats()
     assert (st.objects, st.used_bytes, st.read_locked_objects, st.healthy) == (0, 0, 0, True)
 
@@ -219,6 +223,12 @@ def test_clear_with_and_without_force(make_l1: MakeL1, keys: MakeKeys, clock: An
     st = l1.stats()
     assert (st.objects, st.staging_objects) == (1, 1)
     assert l1.clear(force=True) == 2
+    st = l1.stats()  # the locked object and the live reservation are doomed, not freed
+    assert (st.objects, st.staging_objects, st.doomed_objects) == (0, 0, 2)
+    assert (st.used_bytes, st.healthy) == (2 * UNIT, True)
+    l1.unlock(ks[:1], R)
+    clock.advance(10.0)
+    l1.evict_tick()
     st = l1.stats()
     assert (st.objects, st.staging_objects, st.used_bytes, st.healthy) == (0, 0, 0, True)
 
