@@ -31,6 +31,21 @@ class UnknownOperation(ProtocolError):
     code = "unknown_op"
 
 
+class RequestTooLarge(ProtocolError):
+    """A request is over a limit checked before decoding: an argument frame too large for
+    its operation, an array with too many entries (a registration's layers), or nesting
+    deeper than the decoder follows."""
+
+    code = "too_large"
+
+
+class TooManyOutstanding(KvhiveError):
+    """The connection already has the most requests queued or running that the server
+    accepts from one connection; it must read its replies before it sends more."""
+
+    code = "too_many_outstanding"
+
+
 class BadRequest(KvhiveError):
     """The request decoded but its values are unacceptable (token range, salt, ...)."""
 

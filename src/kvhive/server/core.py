@@ -189,9 +189,13 @@ class KvhiveServer:
 
     def health(self) -> tuple[bool, list[str]]:
         """Component health: (healthy, reasons).  A stuck copy or L2 load (past
-        --health-copy-deadline-seconds), a failed L1 self-check or a dead event-bus dispatcher
+        --health-copy-deadline-seconds), a failed L1 self-check, a dead event-bus dispatcher
+        or a ZMQ loop that has not turned for ``LOOP_STALL_S`` (no request is answered)
         make the server unhealthy."""
         reasons: list[str] = []
+        loop = self.zmq.loop_problem()
+        if loop is not None:
+            reasons.append(loop)
         if not self.l1.stats().healthy:
             reasons.append("L1 allocator self-check failed")
         for op in self.inflight.stuck():
@@ -225,6 +229,10 @@ class KvhiveServer:
                 "endpoints": self.zmq.endpoints,
                 "malformed_frames": self.zmq.malformed_frames,
                 "dropped_replies": self.zmq.dropped_replies,
+                "dropped_replies_peer_full": self.zmq.dropped_full,
+                "dropped_replies_by_peer": self.zmq.dropped_by_peer(),
+                "loop_stalled_seconds": round(self.zmq.stalled_for(), 3),
+                "outstanding_requests": self.dispatcher.outstanding(),
                 "bound_connections": len(self.affinity),
             },
             "uptime_seconds": round(time.time() - self.started_at, 3),

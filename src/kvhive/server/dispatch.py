@@ -8,17 +8,29 @@ One failure path: a handler that cannot serve a request raises (``TransferFailed
 ``BadRequest``, ...); ``_failure`` turns that into the op's soft value, counted once in
 ``soft_failures[op]``, or into an error reply for ops without one, counted in ``errors``.
 Handlers return domain results; their route's ``reply`` makes the wire value of them.
+
+No exception leaves the request path without a reply: decoding raises only
+``ProtocolError`` (limits, nesting past the recursion limit and ``MemoryError`` included),
+and a broad catch at each boundary (:meth:`Dispatcher.handle` on the loop thread,
+``_run`` wherever the request runs) turns anything else into an ``internal`` error reply.
+
+Bounded work per connection: a connection with ``MAX_OUTSTANDING_PER_CONNECTION`` requests
+queued or running on the pools gets an immediate ``too_many_outstanding`` error reply for
+the next pooled request instead of queueing more (a client that never reads its replies
+cannot grow the queues without bound).
 """
 
 from __future__ import annotations
 
 import logging
 import threading
+import time
 from collections import Counter
 from collections.abc import Callable, Mapping
+from dataclasses import dataclass
 from functools import partial
 
-from kvhive.errors import KvhiveError, ProtocolError
+from kvhive.errors import KvhiveError, ProtocolError, TooManyOutstanding
 from kvhive.server.handlers import Route
 from kvhive.server.pools import AffinityPool, CpuPool
 from kvhive.wire import codec
@@ -27,6 +39,24 @@ from kvhive.wire.ops import OPS, AfterReply, OpSpec, Pool
 log = logging.getLogger(__name__)
 
 Reply = Callable[[list[bytes]], None]
+
+# Pooled requests one connection may have queued or running.  vLLM batches up to 1024
+# sequences (max_num_seqs); a worker has at most a store and a retrieve per running
+# request in flight, plus lock releases, so an engine stays well under this.  A client
+# past it is not reading its replies or floods: it gets an error reply at once.
+MAX_OUTSTANDING_PER_CONNECTION = 2048
+
+# Rejected requests logged per second at most (a flood of bad frames must not turn the
+# loop thread into a log writer); the rest are counted and summarised.
+_REJECT_LOGS_PER_S = 10
+
+
+@dataclass(slots=True)
+class _Outstanding:
+    """One connection's pooled requests, queued or running."""
+
+    cpu: int = 0  # on the CPU pool
+    total: int = 0  # on either pool
 
 
 class Dispatcher:
@@ -38,6 +68,7 @@ class Dispatcher:
         *,
         affinity: AffinityPool,
         cpu: CpuPool,
+        max_outstanding: int = MAX_OUTSTANDING_PER_CONNECTION,
     ) -> None:
         missing = sorted(set(OPS) - set(routes))
         extra = sorted(set(routes) - set(OPS))
@@ -45,12 +76,18 @@ class Dispatcher:
             raise ValueError(f"routes do not match the op table: missing {missing}, extra {extra}")
         self._routes = dict(routes)
         self._affinity = affinity
-        self._pools: dict[Pool, AffinityPool | CpuPool] = {Pool.AFFINITY: affinity, Pool.CPU: cpu}
+        self._cpu = cpu
+        self._max_outstanding = max_outstanding
         self._lock = threading.Lock()
-        # CPU-pool jobs queued or running per connection.  A lookup small enough to run
-        # inline still goes to the pool behind them: a client's free_lookup_locks or
-        # end_session (sent without waiting) must not be overtaken by its next lookup.
-        self._cpu_pending: dict[bytes, int] = {}
+        # Pooled jobs queued or running per connection (entries go when they reach 0).  A
+        # lookup small enough to run inline still goes to the CPU pool behind the
+        # connection's CPU jobs: a client's free_lookup_locks or end_session (sent without
+        # waiting) must not be overtaken by its next lookup.
+        self._pending: dict[bytes, _Outstanding] = {}
+        self._peak_outstanding = 0
+        self._log_window = 0.0  # monotonic second of the reject-log budget
+        self._log_budget = _REJECT_LOGS_PER_S
+        self._log_skipped = 0
         self.requests: Counter[str] = Counter()
         self.errors: Counter[str] = Counter()
         self.soft_failures: Counter[str] = Counter()
@@ -58,34 +95,66 @@ class Dispatcher:
     def handle(
         self, identity: bytes, uid: bytes, op_frame: bytes, args: list[bytes], reply: Reply
     ) -> None:
-        """Route one request.  Only the op frame is decoded here; arguments are decoded
-        where the handler runs, so a large token list does not hold up the loop thread."""
+        """Route one request.  Only the op frame is decoded here (and an INLINE op's few
+        argument bytes); pooled arguments are size-checked here and decoded where the
+        handler runs, so a large token list does not hold up the loop thread."""
         try:
             spec = codec.decode_op(op_frame)
+            if spec.pool is not Pool.INLINE:
+                codec.check_frames(spec, args)
         except ProtocolError as exc:
             self._reject(uid, exc, reply)
             return
+        except Exception as exc:  # noqa: BLE001 - request boundary: becomes a reply
+            self._internal("request", uid, exc, reply)
+            return
+        pending = self._pending.get(identity)
         if spec.pool is Pool.INLINE or (
             spec.inline_max_bytes
-            and identity not in self._cpu_pending  # never overtake this client's earlier ops
+            and (pending is None or not pending.cpu)  # never overtake this client's CPU ops
             and sum(map(len, args)) <= spec.inline_max_bytes
         ):
             self._run(spec, uid, op_frame, args, reply, True)
-        elif spec.pool is Pool.CPU:
-            with self._lock:
-                self._cpu_pending[identity] = self._cpu_pending.get(identity, 0) + 1
-            self._pools[Pool.CPU].submit(
-                identity, partial(self._run_cpu, identity, spec, uid, op_frame, args, reply)
+            return
+        cpu = spec.pool is Pool.CPU
+        if not self._admit(identity, cpu):
+            self._reject(
+                uid,
+                TooManyOutstanding(
+                    f"too many outstanding requests: this connection has "
+                    f"{self._max_outstanding} queued or running; read the replies first"
+                ),
+                reply,
             )
-        elif spec.farewell:
-            self._affinity.submit(identity, partial(self._run_farewell, identity, spec, uid,
-                                                    op_frame, args, reply))  # fmt: skip
+            return
+        job = partial(self._run_pooled, identity, spec, uid, op_frame, args, reply)
+        if cpu:
+            self._cpu.submit(identity, job)
         else:
-            self._pools[spec.pool].submit(
-                identity, partial(self._run, spec, uid, op_frame, args, reply, False)
-            )
+            self._affinity.submit(identity, job)
 
-    def _run_farewell(
+    def _admit(self, identity: bytes, cpu: bool) -> bool:
+        """Count a pooled job of ``identity`` in, unless it is at the limit."""
+        with self._lock:
+            p = self._pending.get(identity)
+            if p is None:
+                p = self._pending[identity] = _Outstanding()
+            elif p.total >= self._max_outstanding:
+                return False
+            p.total += 1
+            p.cpu += cpu
+            self._peak_outstanding = max(self._peak_outstanding, p.total)
+            return True
+
+    def _release(self, identity: bytes, cpu: bool) -> None:
+        with self._lock:
+            p = self._pending[identity]
+            p.total -= 1
+            p.cpu -= cpu
+            if not p.total:
+                del self._pending[identity]
+
+    def _run_pooled(
         self,
         identity: bytes,
         spec: OpSpec,
@@ -94,33 +163,14 @@ class Dispatcher:
         args: list[bytes],
         reply: Reply,
     ) -> None:
-        try:
-            self._run(spec, uid, op_frame, args, reply, False)
-        finally:
-            self._affinity.forget(identity)  # takes effect once this job has ended
-
-    def _run_cpu(
-        self,
-        identity: bytes,
-        spec: OpSpec,
-        uid: bytes,
-        op_frame: bytes,
-        args: list[bytes],
-        reply: Reply,
-    ) -> None:
+        cpu = spec.pool is Pool.CPU
         done = False
 
         def finish() -> None:
             nonlocal done
-            if done:
-                return
-            done = True
-            with self._lock:
-                left = self._cpu_pending[identity] - 1
-                if left:
-                    self._cpu_pending[identity] = left
-                else:
-                    del self._cpu_pending[identity]
+            if not done:
+                done = True
+                self._release(identity, cpu)
 
         def reply_last(parts: list[bytes]) -> None:
             finish()  # before the reply: the client's next request may follow it at once
@@ -130,6 +180,8 @@ class Dispatcher:
             self._run(spec, uid, op_frame, args, reply_last, False)
         finally:
             finish()
+            if spec.farewell:
+                self._affinity.forget(identity)  # takes effect once this job has ended
 
     def _run(
         self,
@@ -144,6 +196,9 @@ class Dispatcher:
             values = codec.decode_args(spec, args)
         except ProtocolError as exc:
             self._reject(uid, exc, reply)
+            return
+        except Exception as exc:  # noqa: BLE001 - request boundary: becomes a reply
+            self._internal(spec.name, uid, exc, reply)
             return
         self._count(self.requests, spec.name)
         rest = None
@@ -171,17 +226,42 @@ class Dispatcher:
             except Exception:
                 log.exception("%s: work after the reply failed", spec.name)
 
-    def _reject(self, uid: bytes, exc: ProtocolError, reply: Reply) -> None:
+    def _reject(self, uid: bytes, exc: KvhiveError, reply: Reply) -> None:
         self._count(self.errors, exc.code)
-        log.warning("rejected request: %s", exc)
+        self._log_reject(exc)
         reply([uid, *codec.error_frames(exc.code, str(exc))])
+
+    def _internal(self, what: str, uid: bytes, exc: Exception, reply: Reply) -> None:
+        """A request that failed outside its handler for a reason no check foresaw."""
+        self._count(self.errors, "internal")
+        log.error("%s: request failed before its handler ran", what, exc_info=exc)
+        reply([uid, *codec.error_frames("internal", f"{what}: {type(exc).__name__}: {exc}")])
+
+    def _log_reject(self, exc: KvhiveError) -> None:
+        """Log a rejected request, at most ``_REJECT_LOGS_PER_S`` a second."""
+        now = time.monotonic()
+        with self._lock:
+            if now - self._log_window >= 1.0:
+                skipped, self._log_skipped = self._log_skipped, 0
+                self._log_window, self._log_budget = now, _REJECT_LOGS_PER_S
+            else:
+                skipped = 0
+            allowed = self._log_budget > 0
+            if allowed:
+                self._log_budget -= 1
+            else:
+                self._log_skipped += 1
+        if skipped:
+            log.warning("%d more rejected request(s) were not logged", skipped)
+        if allowed:
+            log.warning("rejected request: %s", exc)
 
     def _failure(self, spec: OpSpec, exc: Exception) -> list[bytes] | None:
         """Soft-failure frames for ``exc``, or None when the op has no soft value."""
         if isinstance(exc, KvhiveError):
             log.warning("%s failed: %s", spec.name, exc)
         else:
-            log.error("%s raised", spec.name)
+            log.error("%s raised", spec.name, exc_info=exc)
         if not spec.has_soft:
             self._count(self.errors, spec.name)
             return None
@@ -198,4 +278,16 @@ class Dispatcher:
                 "requests": dict(self.requests),
                 "errors": dict(self.errors),
                 "soft_failures": dict(self.soft_failures),
+            }
+
+    def outstanding(self) -> dict[str, int]:
+        """Pooled requests queued or running per connection: the limit, the largest count
+        now, the largest ever seen, the connections with any, and the requests refused."""
+        with self._lock:
+            return {
+                "limit": self._max_outstanding,
+                "max": max((p.total for p in self._pending.values()), default=0),
+                "peak": self._peak_outstanding,
+                "connections": len(self._pending),
+                "refused": self.errors[TooManyOutstanding.code],
             }

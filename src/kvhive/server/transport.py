@@ -1,12 +1,21 @@
 """ZMQ ROUTER loop.  One thread owns the ROUTER socket(s); pool threads hand their
 replies back through per-thread inproc PUSH sockets that the loop polls, so no
 socket is ever shared between threads.
+
+The loop never blocks on a peer.  Replies go out with ``NOBLOCK``: a peer at its
+high-water mark (a client that does not read its replies, or a stopped engine) has the
+reply dropped and counted — in total and per peer — instead of stalling every other
+client behind it; a peer that is gone (``ROUTER_MANDATORY``: unroutable) likewise.  The
+loop polls with a timeout and records a heartbeat on every turn, so an idle loop still
+beats and a stuck one shows in ``/healthcheck`` (:meth:`ZmqServer.stalled_for`).
 """
 
 from __future__ import annotations
 
 import logging
 import threading
+import time
+from collections import OrderedDict
 from collections.abc import Callable
 
 import zmq
@@ -19,6 +28,17 @@ log = logging.getLogger(__name__)
 _REPLIES = "inproc://kvhive-replies"
 
 Handle = Callable[[bytes, bytes, bytes, list[bytes], Callable[[list[bytes]], None]], None]
+
+# The loop wakes at least this often (ms) when idle, so its heartbeat keeps moving.
+POLL_TIMEOUT_MS = 200
+# The loop counts as stuck (unhealthy) when it has not turned for this long (seconds).
+# A turn handles one message per socket: an inline op is O(1) on a few bytes.
+LOOP_STALL_S = 5.0
+# Peers whose dropped replies are kept by identity (the most recent droppers).
+_DROP_PEERS = 64
+
+_NOBLOCK = int(zmq.NOBLOCK)
+_NOBLOCK_MORE = int(zmq.NOBLOCK | zmq.SNDMORE)
 
 
 class ZmqServer:
@@ -41,7 +61,12 @@ class ZmqServer:
         self._push_lock = threading.Lock()
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._loop, name="kvhive-zmq-loop", daemon=True)
-        self.dropped_replies = 0
+        self.stall_after_s = LOOP_STALL_S
+        self.last_beat = 0.0  # time.monotonic() of the loop's latest turn
+        self.dropped_replies = 0  # replies not sent: peer at its high-water mark or gone
+        self.dropped_full = 0  # ... of which the peer was at its high-water mark
+        self._drops_by_peer: OrderedDict[bytes, int] = OrderedDict()
+        self._drops_lock = threading.Lock()  # the loop writes, /status reads
         self.malformed_frames = 0
 
     @property
@@ -49,6 +74,7 @@ class ZmqServer:
         return [s.getsockopt_string(zmq.LAST_ENDPOINT) for s in self._routers]
 
     def start(self) -> None:
+        self.last_beat = time.monotonic()
         self._thread.start()
 
     def _push(self) -> zmq.Socket:
@@ -68,11 +94,17 @@ class ZmqServer:
             poller.register(sock, zmq.POLLIN)
         poller.register(self._pull, zmq.POLLIN)
         while not self._stop.is_set():
-            for sock, _ in poller.poll(200):
-                if sock is self._pull:
-                    self._forward(recv_frames(self._pull))
-                else:
-                    self._receive(sock)
+            self.last_beat = time.monotonic()
+            try:
+                for sock, _ in poller.poll(POLL_TIMEOUT_MS):
+                    if sock is self._pull:
+                        self._forward(recv_frames(self._pull))
+                    else:
+                        self._receive(sock)
+            except Exception:  # the loop serves everyone: log and go on
+                if self._stop.is_set():
+                    return
+                log.exception("ZMQ loop turn failed")
 
     def _receive(self, router: zmq.Socket) -> None:
         frames = recv_frames(router)
@@ -101,12 +133,69 @@ class ZmqServer:
             log.exception("dispatch failed")
 
     def _forward(self, msg: list[bytes]) -> None:
+        """Send ``[router index, identity, *parts]`` without ever blocking the loop."""
         router = self._routers[msg[0][0]]
+        identity = msg[1]
         try:
-            send_frames(router, msg[1:])
+            # ROUTER checks the peer's pipe on the identity frame: EAGAIN there when the
+            # peer is at its high-water mark, EHOSTUNREACH when it is gone.  Once the
+            # identity frame is taken, the rest of the message always is.
+            router.send(identity, _NOBLOCK_MORE, copy=False)
+        except zmq.Again:
+            self._dropped(identity, full=True)
+            return
         except zmq.ZMQError as exc:  # peer gone (ROUTER_MANDATORY): drop, count
-            self.dropped_replies += 1
+            self._dropped(identity, full=False)
             log.debug("reply dropped: %s", exc)
+            return
+        parts = msg[2:]
+        for f in parts[:-1]:
+            router.send(f, _NOBLOCK_MORE, copy=False)
+        router.send(parts[-1], _NOBLOCK, copy=False)
+
+    def _dropped(self, identity: bytes, *, full: bool) -> None:
+        """Count a reply not sent to ``identity`` (loop thread only)."""
+        self.dropped_replies += 1
+        self.dropped_full += full
+        with self._drops_lock:
+            n = self._drops_by_peer.pop(identity, 0) + 1
+            self._drops_by_peer[identity] = n  # most recent last
+            if len(self._drops_by_peer) > _DROP_PEERS:
+                self._drops_by_peer.popitem(last=False)
+        if full and (n & (n - 1)) == 0:  # 1, 2, 4, 8, ...: a trace, not a flood
+            log.warning(
+                "peer %s does not read its replies (at its high-water mark): %d dropped",
+                identity.hex(),
+                n,
+            )
+
+    def dropped_by_peer(self, top: int = 8) -> dict[str, int]:
+        """Dropped replies of the peers that lost the most (identity as hex)."""
+        with self._drops_lock:
+            snapshot = list(self._drops_by_peer.items())
+        snapshot.sort(key=lambda kv: kv[1], reverse=True)
+        return {ident.hex()[:32]: n for ident, n in snapshot[:top]}
+
+    def stalled_for(self) -> float:
+        """Seconds since the loop's last turn, 0.0 when it is not running (not started,
+        or closed): an idle loop turns every ``POLL_TIMEOUT_MS``."""
+        if not self._thread.is_alive() or self._stop.is_set():
+            return 0.0
+        return max(0.0, time.monotonic() - self.last_beat)
+
+    def loop_problem(self) -> str | None:
+        """Why the loop cannot serve, or None: it stopped turning for ``stall_after_s``,
+        or its thread ended while the server runs."""
+        if self._thread.ident is not None and not self._stop.is_set():
+            if not self._thread.is_alive():
+                return "ZMQ loop thread is not running"
+            stalled = self.stalled_for()
+            if stalled > self.stall_after_s:
+                return (
+                    f"ZMQ loop has not turned for {stalled:.1f} s "
+                    f"(limit {self.stall_after_s:g} s): no request is being answered"
+                )
+        return None
 
     def close(self) -> None:
         self._stop.set()

@@ -5,6 +5,18 @@ Reply    ``[identity | uid | op | result?]`` — the result frame is omitted for
 Error    ``[identity | uid | b"error: <code>: <message>" (msgpack str) | {code, message}]``:
 the 0.5.6 client compares the echoed op with its pending request and fails that
 future at once on a mismatch, instead of waiting ``mq_timeout``.
+
+Bounds (every way out is a :class:`ProtocolError`, never another exception):
+
+- size: an op frame over ``MAX_OP_FRAME_BYTES``, argument frames over the op's
+  ``max_arg_bytes`` and arrays over an ``ItemCap`` are refused before decoding
+  (:func:`check_frames`), so the loop thread never decodes more than a few bytes for an
+  INLINE op and a 10,000-layer registration costs a header read;
+- depth: op frames and typed positions are decoded by typed decoders, which stop at the
+  first value of the wrong shape (a nested array where an int belongs is one error, not
+  2,000 levels of recursion); only ``Any`` positions (``request_configs``, layout hints,
+  descriptor ext payloads) recurse, and msgspec bounds that by the interpreter's recursion
+  limit with a ``RecursionError``, which becomes a ``RequestTooLarge`` here.
 """
 
 from __future__ import annotations
@@ -13,12 +25,12 @@ from typing import Any
 
 import msgspec
 
-from kvhive.errors import ProtocolError, UnknownOperation
+from kvhive.errors import ProtocolError, RequestTooLarge, UnknownOperation
 from kvhive.wire import types as t
-from kvhive.wire.ops import LEGACY_IDS, OPS, OpSpec
+from kvhive.wire.ops import LEGACY_IDS, MAX_OP_FRAME_BYTES, OPS, OpSpec
 
 _ENCODER = msgspec.msgpack.Encoder()
-_UNTYPED = msgspec.msgpack.Decoder()
+_OP_DECODER = msgspec.msgpack.Decoder(int | str)
 DESCRIPTORS = "descriptors"
 IPC_EXT_CODE = 1
 
@@ -37,40 +49,36 @@ def _descriptor_from_ext(code: int, data: memoryview) -> Any:
 _DESCRIPTOR_DECODER = msgspec.msgpack.Decoder(list[Any], ext_hook=_descriptor_from_ext)
 
 
+_BOOL_OR_INT = msgspec.msgpack.Decoder(bool | int)
+
+
 def _make_decoder(arg_type: Any) -> Any:
-    """A callable bytes -> value for one argument type."""
+    """A callable bytes -> value for one argument type (typed: msgspec never takes a
+    bool for an int, and stops at the first value of the wrong shape)."""
     if arg_type is DESCRIPTORS:
         return _DESCRIPTOR_DECODER.decode
-    if arg_type is int:
-        return _coerce_int
     if arg_type is bool:
         return _coerce_bool
-    if arg_type == (int | None):
-        return _coerce_optional_int
     return msgspec.msgpack.Decoder(arg_type).decode
 
 
-def _coerce_int(frame: bytes) -> int:
-    value = _UNTYPED.decode(frame)
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise msgspec.ValidationError(f"expected int, got {type(value).__name__}")
-    return value
-
-
 def _coerce_bool(frame: bytes) -> bool:
-    value = _UNTYPED.decode(frame)
-    if not isinstance(value, (bool, int)):
-        raise msgspec.ValidationError(f"expected bool, got {type(value).__name__}")
-    return bool(value)
+    """A bool; an int is taken as its truth value (clients send ``clear(1)``)."""
+    return bool(_BOOL_OR_INT.decode(frame))
 
 
-def _coerce_optional_int(frame: bytes) -> int | None:
-    value = _UNTYPED.decode(frame)
-    if value is None:
+def _array_len(frame: bytes) -> int | None:
+    """The entry count in a msgpack array header; None when ``frame`` is no array."""
+    if not frame:
         return None
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise msgspec.ValidationError(f"expected int or nil, got {type(value).__name__}")
-    return value
+    head = frame[0]
+    if 0x90 <= head <= 0x9F:
+        return head & 0x0F
+    if head == 0xDC and len(frame) >= 3:
+        return int.from_bytes(frame[1:3], "big")
+    if head == 0xDD and len(frame) >= 5:
+        return int.from_bytes(frame[1:5], "big")
+    return None
 
 
 _ARG_DECODERS: dict[str, tuple[Any, ...]] = {
@@ -79,13 +87,19 @@ _ARG_DECODERS: dict[str, tuple[Any, ...]] = {
 
 
 def decode_op(frame: bytes) -> OpSpec:
-    """Map an op frame (legacy int id or name string) to its spec."""
+    """Map an op frame (legacy int id or name string) to its spec.  A frame longer than
+    ``MAX_OP_FRAME_BYTES`` is refused without being decoded."""
+    if len(frame) > MAX_OP_FRAME_BYTES:
+        raise RequestTooLarge(
+            f"operation frame of {len(frame)} bytes (an op is an int id or a name of at "
+            f"most {MAX_OP_FRAME_BYTES} bytes)"
+        )
     try:
-        value = _UNTYPED.decode(frame)
+        value = _OP_DECODER.decode(frame)
+    except msgspec.ValidationError:  # (a DecodeError too: caught first)
+        raise ProtocolError(f"operation must be an int id or a name, got {frame!r:.40}") from None
     except msgspec.DecodeError as exc:
         raise ProtocolError(f"undecodable operation frame: {exc}") from None
-    if isinstance(value, bool) or not isinstance(value, (int, str)):
-        raise ProtocolError(f"operation must be an int id or a name, got {value!r:.40}")
     name = LEGACY_IDS.get(value) if isinstance(value, int) else value
     spec = OPS.get(name) if name is not None else None
     if spec is None:
@@ -93,19 +107,40 @@ def decode_op(frame: bytes) -> OpSpec:
     return spec
 
 
+def check_frames(spec: OpSpec, frames: list[bytes]) -> None:
+    """The checks that need no decoding: argument count, total size, array entry counts.
+    O(number of frames); safe on the loop thread for any request."""
+    expected = len(spec.args)
+    if len(frames) != expected:
+        raise ProtocolError(f"{spec.name} takes {expected} argument frame(s), got {len(frames)}")
+    if spec.max_arg_bytes is not None:
+        size = sum(map(len, frames))
+        if size > spec.max_arg_bytes:
+            raise RequestTooLarge(
+                f"{spec.name}: {size} bytes of arguments, at most {spec.max_arg_bytes} accepted"
+            )
+    for cap in spec.item_caps:
+        n = _array_len(frames[cap.arg])
+        if n is not None and n > cap.limit:
+            raise RequestTooLarge(f"{spec.name}: {n} {cap.what}, at most {cap.limit} accepted")
+
+
 def decode_args(spec: OpSpec, frames: list[bytes]) -> list[Any]:
-    """Decode argument frames; the count must match the operation exactly."""
-    decoders = _ARG_DECODERS[spec.name]
-    if len(frames) != len(decoders):
-        raise ProtocolError(
-            f"{spec.name} takes {len(decoders)} argument frame(s), got {len(frames)}"
-        )
+    """Decode argument frames after :func:`check_frames`.  Raises only ``ProtocolError``
+    (``RequestTooLarge`` for a limit, nesting past the recursion limit included)."""
+    check_frames(spec, frames)
     args = []
-    for i, (decode, frame) in enumerate(zip(decoders, frames, strict=True)):
+    for i, (decode, frame) in enumerate(zip(_ARG_DECODERS[spec.name], frames, strict=True)):
         try:
             args.append(decode(frame))
         except (msgspec.DecodeError, msgspec.ValidationError, ProtocolError) as exc:
             raise ProtocolError(f"{spec.name}: argument {i + 1} is invalid: {exc}") from None
+        except RecursionError:
+            raise RequestTooLarge(f"{spec.name}: argument {i + 1} is nested too deeply") from None
+        except MemoryError:
+            raise RequestTooLarge(f"{spec.name}: argument {i + 1} is too large to decode") from None
+    if spec.over_limit is not None and (reason := spec.over_limit(args)) is not None:
+        raise RequestTooLarge(f"{spec.name}: {reason}")
     return args
 
 

@@ -1,4 +1,5 @@
-"""Operation table: legacy ids, argument types, result types and soft-failure values.
+"""Operation table: legacy ids, argument types, soft-failure values, pools and the
+request limits checked before a frame is decoded (sizes, array entry counts).
 
 The ids are frozen by the protocol (protocol.md §3); new kvhive operations travel
 by name only and never take a number.
@@ -65,6 +66,31 @@ class Pool(Enum):
 # About 16 chunks of 256 tokens: hashing and locking them takes less than a pool round trip.
 SMALL_LOOKUP_BYTES = 12 * 1024
 
+# ---- request limits, checked on the frames before anything is decoded -------------------
+# An op frame is a legacy id or a name: a few bytes.  Anything longer is refused undecoded.
+MAX_OP_FRAME_BYTES = 64
+# The most argument bytes an INLINE op may carry: the loop thread decodes them, so they
+# must be tiny (ping's instance id, a request id); every INLINE op declares its own cap.
+MAX_INLINE_ARG_BYTES = 4096
+# A string argument naming a request or session (vLLM's ids are ~40 characters).
+_ID_BYTES = 4096
+# One registration maps one descriptor per KV layer; the largest models have a few hundred
+# layers.  10,000 layers held a transfer thread for 2.8 s; 4096 is generous and bounded.
+MAX_REGISTRATION_LAYERS = 4096
+# A registration's frames: 4096 descriptors of ~250 bytes are 1 MiB; group infos are small.
+_REGISTRATION_BYTES = 8 * 1024 * 1024
+
+
+@dataclass(frozen=True, slots=True)
+class ItemCap:
+    """At most ``limit`` entries in the msgpack array of argument ``arg`` (0-based),
+    read from the array's header before its entries are decoded.  ``what`` names an
+    entry in the error reply."""
+
+    arg: int
+    limit: int
+    what: str
+
 
 @dataclass(frozen=True, slots=True)
 class AfterReply:
@@ -99,6 +125,25 @@ class OpSpec:
     # The connection is done with the server after this op (it unregistered): the
     # server may forget what it keeps per connection once its queued work has run.
     farewell: bool = False
+    # All argument frames together may carry at most this many bytes (None: no cap, for
+    # ops carrying token lists or KV data).  Checked before decoding; every INLINE op has one.
+    max_arg_bytes: int | None = None
+    # Array arguments with a cap on their entry count (checked before decoding).
+    item_caps: tuple[ItemCap, ...] = ()
+    # Limits inside decoded arguments: returns why they are over one, None when within.
+    over_limit: Callable[[list[Any]], str | None] | None = None
+
+
+def _registration_over_limit(args: list[Any]) -> str | None:
+    """A ``register_kv_cache`` engine group naming more layers than a registration may have."""
+    groups: list[t.EngineGroupInfo] = args[6]
+    for g in groups:
+        if len(g.layer_indices) > MAX_REGISTRATION_LAYERS:
+            return (
+                f"an engine group lists {len(g.layer_indices)} layers; at most "
+                f"{MAX_REGISTRATION_LAYERS} per registration"
+            )
+    return None
 
 
 _SPECS = [
@@ -107,8 +152,14 @@ _SPECS = [
         (int, "descriptors", str, int, str, dict, list[t.EngineGroupInfo]),
         Pool.AFFINITY,
         has_soft=False,
+        max_arg_bytes=_REGISTRATION_BYTES,
+        item_caps=(
+            ItemCap(1, MAX_REGISTRATION_LAYERS, "KV cache layers (descriptors)"),
+            ItemCap(6, MAX_REGISTRATION_LAYERS, "engine groups"),
+        ),
+        over_limit=_registration_over_limit,
     ),
-    OpSpec("unregister_kv_cache", (int,), Pool.AFFINITY, farewell=True),
+    OpSpec("unregister_kv_cache", (int,), Pool.AFFINITY, farewell=True, max_arg_bytes=16),
     OpSpec(
         "store", (t.CacheKey, int, list[list[int]], bytes), Pool.AFFINITY, SOFT_TRANSFER_FAILURE
     ),
@@ -120,17 +171,24 @@ _SPECS = [
     ),
     OpSpec("lookup", (t.CacheKey, int), Pool.CPU, inline_max_bytes=SMALL_LOOKUP_BYTES),
     # The job it reads is published before the lookup is acknowledged: O(1), never waits.
-    OpSpec("query_prefetch_status", (str,), Pool.INLINE, 0),
-    OpSpec("wait_prefetch_status", (str, float), Pool.CPU, 0),
+    OpSpec("query_prefetch_status", (str,), Pool.INLINE, 0, max_arg_bytes=_ID_BYTES),
+    OpSpec("wait_prefetch_status", (str, float), Pool.CPU, 0, max_arg_bytes=_ID_BYTES + 16),
     OpSpec("free_lookup_locks", (t.CacheKey, int), Pool.CPU),
-    OpSpec("end_session", (str,), Pool.CPU),
+    OpSpec("end_session", (str,), Pool.CPU, max_arg_bytes=_ID_BYTES),
     OpSpec(
         "register_kv_cache_engine_driven_context",
         (t.EngineDrivenPayload,),
         Pool.AFFINITY,
         has_soft=False,
+        max_arg_bytes=64 * 1024,
     ),
-    OpSpec("unregister_kv_cache_engine_driven_context", (int,), Pool.AFFINITY, farewell=True),
+    OpSpec(
+        "unregister_kv_cache_engine_driven_context",
+        (int,),
+        Pool.AFFINITY,
+        farewell=True,
+        max_arg_bytes=16,
+    ),
     OpSpec("prepare_store", (t.CacheKey, int), Pool.AFFINITY, t.PrepareStoreResponse()),
     OpSpec("commit_store", (t.CacheKey, int, bytes), Pool.AFFINITY, False),
     OpSpec(
@@ -140,12 +198,24 @@ _SPECS = [
         t.PrepareRetrieveResponse(success=False),
     ),
     OpSpec("commit_retrieve", (t.CacheKey, int), Pool.AFFINITY, False),
-    OpSpec("clear", (bool,), Pool.CPU),
-    OpSpec("get_chunk_size", (), Pool.INLINE, has_soft=False),
-    OpSpec("ping", (int | None,), Pool.INLINE, True),
+    OpSpec("clear", (bool,), Pool.CPU, max_arg_bytes=16),
+    OpSpec("get_chunk_size", (), Pool.INLINE, has_soft=False, max_arg_bytes=0),
+    OpSpec("ping", (int | None,), Pool.INLINE, True, max_arg_bytes=16),
     OpSpec("report_block_allocation", (int, str, list[t.BlockAllocationRecord]), Pool.CPU),
-    OpSpec("noop", (), Pool.INLINE, "OK"),
-    OpSpec("get_experimental", (), Pool.INLINE, []),
+    OpSpec("noop", (), Pool.INLINE, "OK", max_arg_bytes=0),
+    OpSpec("get_experimental", (), Pool.INLINE, [], max_arg_bytes=0),
 ]
+
+
+def _check_inline_caps(specs: list[OpSpec]) -> None:
+    """The loop thread decodes INLINE ops' arguments: each must be capped small."""
+    for s in specs:
+        if s.pool is Pool.INLINE and (
+            s.max_arg_bytes is None or s.max_arg_bytes > MAX_INLINE_ARG_BYTES
+        ):
+            raise ValueError(f"INLINE op {s.name} needs max_arg_bytes <= {MAX_INLINE_ARG_BYTES}")
+
+
+_check_inline_caps(_SPECS)
 
 OPS: MappingProxyType[str, OpSpec] = MappingProxyType({s.name: s for s in _SPECS})

@@ -208,7 +208,7 @@ def test_small_lookup_never_overtakes_the_same_clients_pooled_ops(server):
         handlers.gate.set()
         assert [c.recv()[0], c.recv()[0]] == [first, second]
         assert c.call("lookup", key(0), 1) is None
-    assert disp._cpu_pending == {}  # every pooled job was counted out
+    assert disp._pending == {}  # every pooled job was counted out
 
 
 def test_pooled_op_with_bad_arguments_gets_error_reply(server):
@@ -247,3 +247,44 @@ def test_unregister_forgets_the_connection_binding(server):
         while len(disp._affinity) and time.monotonic() < deadline:
             time.sleep(0.01)
         assert len(disp._affinity) == 0
+
+
+def test_too_many_outstanding_requests_get_an_immediate_error(server):
+    """A connection past the outstanding limit gets error replies at once instead of more
+    queued work; other connections are unaffected, and the count drains as jobs end."""
+    srv, handlers, disp = server
+    disp._max_outstanding = 4
+    with (
+        KvhiveClient(srv.endpoints[0], timeout=5) as c,
+        KvhiveClient(srv.endpoints[0], timeout=5) as other,
+    ):
+        queued = [c.send("clear", True) for _ in range(4)]  # the first blocks the CPU pool
+        over = [c.send("clear", True), c.send("store", key(0), 1, [[1]], b"")]
+        for _ in over:  # answered while the four still wait
+            with pytest.raises(RemoteError, match="too many outstanding requests") as err:
+                c.recv()
+            assert err.value.detail["code"] == "too_many_outstanding"
+        assert c.call("ping", 1) is True  # inline ops are never refused
+        assert other.call("store", key(0), 1, [[1]], b"") == [b"", True]
+        out = disp.outstanding()
+        assert out == {"limit": 4, "max": 4, "peak": 4, "connections": 1, "refused": 2}
+        handlers.gate.set()
+        assert [c.recv()[0] for _ in queued] == queued
+        assert c.call("store", key(256), 1, [[1]], b"") == [b"", True]
+    assert disp.outstanding()["max"] == 0 and disp._pending == {}
+
+
+def test_exceptions_outside_handlers_still_get_a_reply(server, monkeypatch):
+    """Nothing leaves the request path without a reply: a decoder that raises something
+    no check foresaw becomes an internal error reply, on the loop thread and on the pools."""
+    srv, _, disp = server
+
+    def broken(spec, frames):
+        raise RuntimeError("decoder bug")
+
+    monkeypatch.setattr("kvhive.wire.codec.decode_args", broken)
+    with KvhiveClient(srv.endpoints[0], timeout=2) as c:
+        for op, args in [("ping", [1]), ("clear", [True]), ("store", [key(0), 1, [[1]], b""])]:
+            with pytest.raises(RemoteError, match="decoder bug"):
+                c.call(op, *args)
+    assert disp.errors["internal"] == 3

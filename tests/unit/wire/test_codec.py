@@ -1,9 +1,10 @@
 import msgspec
 import pytest
 
-from kvhive.errors import ProtocolError, UnknownOperation
+from kvhive.errors import ProtocolError, RequestTooLarge, UnknownOperation
 from kvhive.wire import codec
 from kvhive.wire import types as t
+from kvhive.wire.ops import MAX_INLINE_ARG_BYTES, MAX_REGISTRATION_LAYERS, OPS, Pool
 from support.descriptors import cpu_shm_payload, ipc_ext
 
 enc = msgspec.msgpack.encode
@@ -100,3 +101,82 @@ def test_error_frames_fail_client_op_match():
     op, payload = codec.error_frames("protocol", "bad")
     assert msgspec.msgpack.decode(op).startswith("error: protocol")
     assert msgspec.msgpack.decode(payload) == {"code": "protocol", "message": "bad"}
+
+
+# ---- limits and nesting (issue 10, fault 5) ---------------------------------------------
+
+
+def nested(depth):
+    return b"\x91" * depth + b"\x01"
+
+
+@pytest.mark.parametrize(
+    "frame", [nested(3000), nested(40), enc([22]), b"\x81\xa1a" * 30 + b"\x01"]
+)
+def test_op_frames_of_the_wrong_shape_never_recurse(frame):
+    with pytest.raises(ProtocolError):
+        codec.decode_op(frame)
+
+
+def test_long_op_frame_is_refused_undecoded():
+    with pytest.raises(RequestTooLarge, match="operation frame of"):
+        codec.decode_op(enc("x" * 100))
+    with pytest.raises(RequestTooLarge):
+        codec.decode_op(b"\xc1" * 1000)  # not even valid msgpack: never looked at
+
+
+def test_every_inline_op_has_a_small_argument_cap():
+    for spec in OPS.values():
+        if spec.pool is Pool.INLINE:
+            assert spec.max_arg_bytes is not None and spec.max_arg_bytes <= MAX_INLINE_ARG_BYTES
+
+
+def test_argument_size_cap_is_checked_before_decoding():
+    ping = OPS["ping"]
+    with pytest.raises(RequestTooLarge, match="17 bytes of arguments, at most 16"):
+        codec.decode_args(ping, [b"\xc1" * 17])  # undecodable, but refused on size first
+    assert codec.decode_args(ping, [enc(2**63 - 1)]) == [2**63 - 1]
+    with pytest.raises(ProtocolError, match="takes 0"):
+        codec.decode_args(OPS["noop"], [b"x"])
+
+
+def test_nesting_past_the_recursion_limit_is_a_protocol_error():
+    key = dict(KEY, request_configs={"x": 1})
+    frame = enc(key).replace(enc({"x": 1}), b"\x81" + enc("x") + nested(5000))
+    for op in ("lookup", "free_lookup_locks"):
+        with pytest.raises(RequestTooLarge, match="argument 1 is nested too deeply"):
+            codec.decode_args(OPS[op], [frame, enc(1)])
+    # typed positions stop at the first value of the wrong shape
+    with pytest.raises(ProtocolError, match="argument 2 is invalid"):
+        codec.decode_args(OPS["lookup"], [enc(KEY), nested(5000)])
+    # within the limit, Any positions still decode
+    (key, _) = codec.decode_args(
+        OPS["lookup"], [enc(dict(KEY, request_configs={"x": [[1]]})), enc(1)]
+    )
+    assert key.request_configs == {"x": [[1]]}
+
+
+def test_registration_caps_layers_before_decoding_them():
+    spec = OPS["register_kv_cache"]
+    n = MAX_REGISTRATION_LAYERS + 1
+    descs = b"\xdc" + n.to_bytes(2, "big") + b"\xc1" * n  # entries never decoded
+    rest = [enc("m"), enc(1), enc("vllm"), enc({}), enc([])]
+    with pytest.raises(RequestTooLarge, match=f"{n} KV cache layers .descriptors., at most"):
+        codec.decode_args(spec, [enc(1), descs, *rest])
+    groups = enc([{"engine_group_id": 0, "layer_indices": list(range(n))}])
+    with pytest.raises(RequestTooLarge, match=f"lists {n} layers"):
+        codec.decode_args(spec, [enc(1), enc([]), *rest[:-1], groups])
+    many_groups = b"\xdd" + n.to_bytes(4, "big")
+    with pytest.raises(RequestTooLarge, match="engine groups"):
+        codec.decode_args(spec, [enc(1), enc([]), *rest[:-1], many_groups])
+    assert codec.decode_args(spec, [enc(1), enc([]), *rest])[2] == "m"
+
+
+def test_array_header_reader():
+    assert codec._array_len(enc([])) == 0
+    assert codec._array_len(enc([1] * 15)) == 15
+    assert codec._array_len(enc([1] * 16)) == 16
+    assert codec._array_len(enc([1] * 70_000)) == 70_000
+    assert codec._array_len(enc({"a": 1})) is None
+    assert codec._array_len(b"") is None
+    assert codec._array_len(b"\xdc\x01") is None  # truncated header: left to the decoder
