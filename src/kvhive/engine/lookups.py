@@ -16,6 +16,9 @@ Lock contract (owners are the records of :mod:`kvhive.storage.owners`)::
                               (the engine decided not to load them).
     end_session(request)      drops whatever the request still holds (all ranks).
     reap_sessions()           the same for sessions idle past the session TTL.
+    session evicted           the same when the session table is full (``MAX_SESSIONS``)
+                              and a new request needs room: the least recently used
+                              session is ended early (counted in ``sessions_evicted``).
     a newer lookup            for the same request frees the older one's locks (now, or
                               when its prefetch finishes).
     instance dropped          (unregister, reaped, replaced) drops its WriterOwner and
@@ -68,6 +71,7 @@ class LookupService:
         self.telemetry = telemetry
         self.stats = stats
         self.prefetcher = prefetcher
+        sessions.on_evict(self._evicted)
 
     # ---- lookup ----------------------------------------------------------------------
 
@@ -232,8 +236,19 @@ class LookupService:
         """The request is over: touch what it looked up, release everything it holds."""
         session = self.sessions.pop(request_id)
         self.telemetry.request_end(request_id)
-        if session is None:
-            return
+        if session is not None:
+            self._end(session)
+
+    def _evicted(self, session: Session) -> None:
+        """The session table was full and ``session`` its least recently used: end it as
+        ``end_session`` does (runs on the thread whose new session made room)."""
+        self.stats.add(sessions_evicted=1)
+        self.telemetry.request_end(session.request_id)
+        self._end(session)
+
+    def _end(self, session: Session) -> None:
+        """A session left the table: touch what it looked up, release all it holds."""
+        request_id = session.request_id
         if session.job is not None:
             session.job.orphaned = True  # a still-running prefetch frees its own locks
         state = session.lookup or (session.job.state if session.job else None)

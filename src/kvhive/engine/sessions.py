@@ -5,19 +5,49 @@ retrieve of a long prompt hash each chunk once.  Unlike the reference, the cache
 is checked against every new token list (a rewritten list rehashes, §23 item 14),
 the TTL counts from last use (item 15), and a second lookup for the same request
 releases the locks of the first instead of orphaning them (item 16).
+
+Memory is bounded (issue 10, fault 8): the cached tokens are kept as one native
+uint32 array (4 bytes per token, not a list of Python ints at ~38), and the table holds
+at most ``max_sessions`` sessions (:data:`MAX_SESSIONS` by default).  Creating one more
+evicts the least recently used session; the eviction listener (the
+:class:`~kvhive.engine.lookups.LookupService`) ends it as ``end_session`` would, releasing
+its locks, and counts it (``sessions_evicted``).  A flood of requests that never end their
+sessions therefore costs at most ``max_sessions`` token lists, not one per request until
+the session TTL.
 """
 
 from __future__ import annotations
 
+import array
 import threading
 import time
+from collections import OrderedDict
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import cast
 
 from kvhive.errors import BadRequest
-from kvhive.hashing import TokenHasher
+from kvhive.hashing import U32_MAX, TokenHasher
 from kvhive.keys import ChunkHash, ObjectKey
+
+MAX_SESSIONS = 8192
+"""Most request sessions kept at once (kvhive's bound; the reference keeps every session
+until its TTL).  A session lives from a request's first call to its ``end_session``, so
+this is the number of requests in flight across all engines that kvhive tracks; beyond
+it the least recently used session is ended early (its locks go back, a later retrieve of
+it fails cleanly and is recomputed).  Memory: about 4.6 bytes per token of each session's
+longest token list (tokens, chunk hashes and lookup keys)."""
+
+_U32 = next(code for code in "IL" if array.array(code).itemsize == 4)
+
+
+def compact_tokens(tokens: Sequence[int], n: int) -> array.array[int]:
+    """The first ``n`` token ids as one native uint32 array; BadRequest for a token that
+    is not an integer in 0..2**32-1 (the hasher's rule)."""
+    try:
+        return array.array(_U32, tokens[:n] if len(tokens) > n else tokens)
+    except (OverflowError, TypeError, ValueError):
+        raise BadRequest(f"token ids must be integers in 0..{U32_MAX}") from None
 
 
 @dataclass(slots=True)
@@ -76,7 +106,7 @@ class LookupJob:
 @dataclass(slots=True)
 class Session:
     request_id: str
-    tokens: list[int] = field(default_factory=list)
+    tokens: array.array[int] = field(default_factory=lambda: array.array(_U32))
     hashes: list[ChunkHash] = field(default_factory=list)
     last_used: float = 0.0
     lookup: LookupState | None = None  # consumed result (hit length known)
@@ -84,27 +114,59 @@ class Session:
 
 
 class Sessions:
+    """The session table: LRU ordered, bounded, with an idle TTL (module docstring).
+
+    Thread-safe.  ``get`` may evict; the listener runs on the caller's thread after the
+    table lock is released.
+    """
+
     def __init__(
-        self, hasher: TokenHasher, *, ttl: float, clock: Callable[[], float] = time.monotonic
+        self,
+        hasher: TokenHasher,
+        *,
+        ttl: float,
+        clock: Callable[[], float] = time.monotonic,
+        max_sessions: int = MAX_SESSIONS,
     ) -> None:
+        if max_sessions < 1:
+            raise ValueError(f"max_sessions must be >= 1, got {max_sessions}")
         self._hasher = hasher
         self._ttl = ttl
         self._clock = clock
-        self._sessions: dict[str, Session] = {}
+        self._max = max_sessions
+        self._sessions: OrderedDict[str, Session] = OrderedDict()  # least recently used first
         self._lock = threading.Lock()
+        self._on_evict: Callable[[Session], None] = lambda session: None
 
     @property
     def chunk_size(self) -> int:
         return self._hasher.chunk_size
 
+    @property
+    def max_sessions(self) -> int:
+        return self._max
+
+    def on_evict(self, listener: Callable[[Session], None]) -> None:
+        """Call ``listener(session)`` for each session evicted to make room (it must end
+        the session: release its locks).  Runs outside the table lock."""
+        self._on_evict = listener
+
     def get(self, request_id: str, create: bool = True) -> Session | None:
+        """The request's session (created when ``create``), marked as just used."""
+        evicted: list[Session] = []
         with self._lock:
             s = self._sessions.get(request_id)
-            if s is None and create:
+            if s is not None:
+                self._sessions.move_to_end(request_id)
+            elif create:
                 s = self._sessions[request_id] = Session(request_id)
+                while len(self._sessions) > self._max:
+                    evicted.append(self._sessions.popitem(last=False)[1])
             if s is not None:
                 s.last_used = self._clock()
-            return s
+        for old in evicted:
+            self._on_evict(old)
+        return s
 
     def pop(self, request_id: str) -> Session | None:
         with self._lock:
@@ -126,28 +188,35 @@ class Sessions:
             raise BadRequest(f"range ends at token {n_chunks * c} beyond {len(tokens)} tokens")
         with self._lock:
             cached, seen = session.hashes, session.tokens
+        if n_chunks == 0:
+            return []
         usable = min(len(cached), n_chunks)
+        ids = compact_tokens(tokens, n_chunks * c)  # one C-level conversion, reused below
         if usable:
-            head = seen if usable == len(cached) else seen[: usable * c]
-            if tokens[: usable * c] != head:  # the request's token list was rewritten
+            n = usable * c
+            head = seen if n == len(seen) else seen[:n]
+            if (ids if n == len(ids) else ids[:n]) != head:  # the token list was rewritten
                 usable = 0
         if usable == n_chunks:
             return cached[:n_chunks]
         known = cached[:usable]
         # The hasher's digests are this server's chunk hashes.
-        fresh = known + cast(list[ChunkHash], self._hasher.extend(known, tokens, n_chunks))
-        kept = tokens[: n_chunks * c]
+        fresh = known + cast(list[ChunkHash], self._hasher.extend(known, ids, n_chunks))
         with self._lock:
             if session.hashes is cached or len(fresh) > len(session.hashes):
                 session.hashes = fresh
-                session.tokens = kept if isinstance(kept, list) else list(kept)
+                session.tokens = ids
         return fresh
 
     def expired(self) -> list[Session]:
-        """Remove and return sessions idle longer than the TTL."""
+        """Remove and return sessions idle longer than the TTL (the oldest are first)."""
         limit = self._clock() - self._ttl
+        dead: list[Session] = []
         with self._lock:
-            dead = [s for s in self._sessions.values() if s.last_used < limit]
+            for s in self._sessions.values():
+                if s.last_used >= limit:
+                    break
+                dead.append(s)
             for s in dead:
                 del self._sessions[s.request_id]
         return dead

@@ -26,6 +26,7 @@ COUNTERS = (
     "lookups",
     "lookup_hit_chunks",
     "lookup_chunks",
+    "sessions_evicted",  # ended early to keep the session table bounded (MAX_SESSIONS)
 )
 
 
