@@ -146,9 +146,10 @@ def test_cache_objects_errors(http: TestClient) -> None:
     assert http.get("/cache/objects", params={"page_size": 0}).status_code == 422
     bad = {"keys": [{"chunk_hash_hex": "zz", "model_name": "m", "kv_rank": 0}], "tier": "l1"}
     r = http.request("DELETE", "/cache/objects", json=bad, headers=AUTH)
-    assert r.status_code == 400 and r.json()["detail"].startswith("keys[0]:")
+    assert r.status_code == 422 and r.json()["error"].startswith("keys[0].chunk_hash_hex:")
     many = {"keys": [{"chunk_hash_hex": "00", "model_name": "m", "kv_rank": 0}] * 10001}
-    assert http.request("DELETE", "/cache/objects", json=many, headers=AUTH).status_code == 400
+    r = http.request("DELETE", "/cache/objects", json=many, headers=AUTH)
+    assert r.status_code == 422 and r.json()["error"].startswith("keys:")
     r = http.request("DELETE", "/cache/objects", json={"keys": []}, headers=AUTH)
     assert r.status_code == 503  # tier l2 without adapters
     r = http.request("DELETE", "/cache/objects", json={"keys": [], "tier": "all"}, headers=AUTH)

@@ -22,6 +22,11 @@ from kvhive.server.core import KvhiveServer
 router = APIRouter(tags=["cache"])
 
 MAX_DELETE_KEYS = 10_000
+MAX_CHECKSUM_BLOCKS = 16_384
+"""Block ids one ``POST /cache/checksums`` may name: it hashes every block's KV on the
+server's CPU (100,000 ids took ~10 s); 16,384 covers a 256k-token prompt of 16-token
+blocks."""
+MAX_PAGE_START = 2**31  # a page_token decodes to a position in the listing
 
 
 class ClearRequest(BaseModel):
@@ -30,7 +35,7 @@ class ClearRequest(BaseModel):
 
 
 class ChecksumRequest(BaseModel):
-    block_ids: list[int]
+    block_ids: list[int] = Field(max_length=MAX_CHECKSUM_BLOCKS)
     chunk_size: int = Field(description="blocks per chunk (> 0)")
     instance_id: int = 0
     layerwise: bool = False
@@ -51,7 +56,7 @@ def checksums(req: ChecksumRequest, server: ServerDep) -> dict[str, Any]:
     if not req.block_ids:
         raise HTTPException(400, "block_ids is required")
     if req.chunk_size <= 0:
-        raise HTTPException(400, "chunk_size must be positive")
+        raise HTTPException(400, f"chunk_size must be positive (got {req.chunk_size})")
     try:
         sums = inst.mapping.checksums(req.block_ids, req.chunk_size, req.layerwise)
     except KvhiveError as exc:  # a bad block range or a closed registration: the caller's error
@@ -95,16 +100,21 @@ def _checksum_instance(server: KvhiveServer, instance_id: int) -> Any:
 # ---- /cache/objects -------------------------------------------------------------------------
 
 
+U32 = 2**32 - 1
+
+
 class EncodedKey(BaseModel):
-    chunk_hash_hex: str
-    model_name: str
-    kv_rank: int
-    object_group_id: int = 0
+    """One object key as ``GET /cache/objects`` lists it; out-of-range fields are 422s."""
+
+    chunk_hash_hex: str = Field(pattern=r"^(?:[0-9a-fA-F]{2}){1,64}$")  # 1..64 bytes
+    model_name: str = Field(max_length=4096)
+    kv_rank: int = Field(ge=0, le=U32)  # packed world/rank bytes
+    object_group_id: int = Field(0, ge=0, le=U32)
     cache_salt: str = ""
 
 
 class DeleteRequest(BaseModel):
-    keys: list[EncodedKey]
+    keys: list[EncodedKey] = Field(max_length=MAX_DELETE_KEYS)  # refused before parsing all
     tier: Literal["l1", "l2", "all"] = "l2"
     force: bool = False
     adapter: str | None = None
@@ -134,12 +144,16 @@ def decode_key(i: int, k: EncodedKey) -> ObjectKey:
 
 
 def _page_token(token: str | None) -> int:
+    """The listing position a ``next_page_token`` encodes; 400 naming the field otherwise."""
     if not token:
         return 0
     try:
-        return int(base64.urlsafe_b64decode(token.encode()).decode())
+        start = int(base64.urlsafe_b64decode(token.encode()).decode())
     except (ValueError, binascii.Error, UnicodeDecodeError):
-        raise HTTPException(400, "invalid page_token") from None
+        raise HTTPException(400, "page_token: not a token this server handed out") from None
+    if not 0 <= start <= MAX_PAGE_START:
+        raise HTTPException(400, "page_token: not a token this server handed out")
+    return start
 
 
 def _has_l2(server: Any) -> bool:
@@ -198,9 +212,8 @@ def list_objects(
 
 @router.delete("/cache/objects")
 def delete_objects(req: DeleteRequest, server: ServerDep) -> dict[str, Any]:
-    """Delete keys from L1 (locks respected unless ``force``), L2 or both."""
-    if len(req.keys) > MAX_DELETE_KEYS:
-        raise HTTPException(400, f"at most {MAX_DELETE_KEYS} keys per call (got {len(req.keys)})")
+    """Delete keys from L1 (locks respected unless ``force``: then what a copy still reads
+    is removed at once but freed when the copy ends), L2 or both."""
     keys = [decode_key(i, k) for i, k in enumerate(req.keys)]
     out: dict[str, Any] = {"deleted": 0, "skipped": 0, "ok": True}
     if req.tier in ("l1", "all"):

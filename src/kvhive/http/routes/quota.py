@@ -14,10 +14,13 @@ from typing import Any
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse
 
+from kvhive.keys import validate_salt
+
 router = APIRouter()
 
 DEFAULT_SALT = "_default"
 GiB = 1024**3
+MAX_LIMIT_GB = float(2**30)  # 1 EiB: far above any tier, and int(limit * GiB) stays exact
 
 
 def _unescape(salt: str) -> str:
@@ -56,15 +59,22 @@ async def set_quota(cache_salt: str, request: Request) -> Any:
         return _bad("invalid JSON body")
     if not isinstance(body, dict) or "limit_gb" not in body:
         return _bad("body must be {'limit_gb': <float>}")
+    raw = body["limit_gb"]
     try:
-        limit_gb = float(body["limit_gb"])
-    except (TypeError, ValueError):
+        if isinstance(raw, bool):
+            raise TypeError(raw)
+        limit_gb = float(raw)
+    except (TypeError, ValueError, OverflowError):
         return _bad("limit_gb must be numeric")
     if not math.isfinite(limit_gb):
         return _bad("limit_gb must be finite")
-    if limit_gb < 0:
-        return _bad("limit_gb must be non-negative")
+    if not 0 <= limit_gb <= MAX_LIMIT_GB:
+        return _bad(f"limit_gb must be in 0..{MAX_LIMIT_GB:.0f} (GiB)")
     salt = _unescape(cache_salt)
+    try:
+        validate_salt(salt)
+    except ValueError as exc:
+        return _bad(f"cache_salt: {exc}")
     server.quotas.set(salt, int(limit_gb * GiB))
     return {"cache_salt": _escape(salt), "limit_gb": limit_gb, "status": "ok"}
 
