@@ -6,6 +6,12 @@ An instance is one engine worker process, named by the random 63-bit
 on CPU); engine-driven instances own only a chunk geometry.  Replacing or
 dropping a registration closes its mappings at once (the reference keeps stale
 mappings and leaks them, protocol.md §23 items 6-7).
+
+Dropping a registration also hands its segments' proven creators (``segment_owners``)
+to a :class:`~kvhive.transfer.shm.SegmentReaper`: a segment whose creator is gone (a
+SIGKILLed worker never unlinks its own) is unlinked then, or at a later reaper tick once
+the creator dies.  Segments kvhive did not record, or whose creator it cannot see (another
+PID namespace), are never touched.
 """
 
 from __future__ import annotations
@@ -21,6 +27,7 @@ from kvhive.keys import InstanceId
 from kvhive.observability import events as ev
 from kvhive.observability.bus import DISABLED, EventBus
 from kvhive.transfer.backend import CopyBackend
+from kvhive.transfer.shm import SegmentReaper
 
 log = logging.getLogger(__name__)
 
@@ -82,8 +89,10 @@ class Registry:
         registration_grace: float,
         clock: Callable[[], float] = time.monotonic,
         bus: EventBus = DISABLED,
+        segments: SegmentReaper | None = None,
     ) -> None:
         self._instances: dict[int, Instance] = {}
+        self.segments = segments if segments is not None else SegmentReaper()
         self._bus = bus
         self._lock = threading.Lock()
         self._clock = clock
@@ -191,6 +200,10 @@ class Registry:
                 inst.mapping.close()
             except Exception:  # unmapping must not stop the drop
                 log.exception("closing mapping of instance %d failed", inst.instance_id)
+            try:
+                self.segments.adopt(inst.mapping.segment_owners)
+            except Exception:  # nor may freeing dead workers' segments
+                log.exception("segment cleanup of instance %d failed", inst.instance_id)
         for fn in self._listeners:
             try:
                 fn(inst, reason)
@@ -206,6 +219,10 @@ class Registry:
     def _run(self) -> None:
         while not self._stop.wait(max(self._reap_timeout / 4, 0.05)):
             self.reap()
+            try:
+                self.segments.poll()
+            except Exception:  # the reaper thread must keep running
+                log.exception("segment cleanup failed")
 
     def close(self) -> None:
         self._stop.set()
@@ -221,4 +238,6 @@ class Registry:
             "registration_grace_seconds": self._grace,
             "tracked_instances": len(self._instances),
             "reaped": self.reaped,
+            "segments_watched": self.segments.watched,
+            "segments_unlinked": self.segments.removed,
         }

@@ -19,6 +19,11 @@ Contracts the engine relies on:
 * ``scatter`` leaves the first ``skip_tokens`` tokens of the chunk untouched.
 * Calls may run on several threads at once (one per connection); ``close`` waits for
   calls in flight, unmaps everything and makes later calls raise ``RegistrationError``.
+* Whatever the client does to its own memory (it may truncate a shared segment after
+  registering it), a call fails with ``TransferFailed`` instead of crashing the server.
+* ``segment_owners`` are the host segments whose creator was proven at registration; the
+  registry hands them to a :class:`~kvhive.transfer.shm.SegmentReaper` when it drops the
+  registration (empty for backends without host segments).
 """
 
 from __future__ import annotations
@@ -27,6 +32,8 @@ from collections.abc import Sequence
 from typing import Protocol, runtime_checkable
 
 import numpy as np
+
+from kvhive.transfer.shm import SegmentOwner
 
 
 @runtime_checkable
@@ -48,5 +55,8 @@ class CopyBackend(Protocol):
     def gather(self, block_ids: Sequence[int], out: np.ndarray) -> None: ...
 
     def scatter(self, src: np.ndarray, block_ids: Sequence[int], skip_tokens: int = 0) -> None: ...
+
+    @property
+    def segment_owners(self) -> Sequence[SegmentOwner]: ...
 
     def close(self) -> None: ...

@@ -10,21 +10,23 @@ Copy plan.  Each (layer, kv) plane of a chunk object is ``[B, BS, NH, HS]``
 elements, contiguous.  The engine side is some strided view; we find the
 longest run of elements that is contiguous on both sides (a whole block for
 NHD-style layouts, one head row of ``HS`` elements for HND) and cut it into
-"rows" of ``r`` elements, ``r`` dividing every stride involved.  The segment
-is then a 2-D array ``rows[n, r * itemsize]`` of bytes and a chunk is::
+"rows" of ``r`` elements, ``r`` dividing every stride involved.  A chunk is
+then, in byte offsets into the segment::
 
-    object plane (kv, layer) = rows[idx]      idx[b, q] = static[kv, layer, q]
-                                                        + block_ids[b] * block_rows
+    object plane (kv, layer) = rows at   off[b, q] = static[kv, layer, q]
+                                                    + block_ids[b] * block_step[layer]
 
-so a gather is one ``np.take(rows, idx, axis=0, out=..., mode="clip")`` per
-(kv, layer) -- or per chunk when all layers share one segment -- and a
-scatter the matching fancy-index assignment.  Both run in C, without the
-GIL, at memcpy speed; there is no Python loop per token or block.
+so a gather is one row batch per (kv, layer) -- or per chunk when all layers
+share one segment -- and a scatter the matching batch the other way.  numpy
+computes the offsets; the rows are moved by the SIGBUS-safe native helper
+(:mod:`kvhive.transfer.safecopy`), in C, without the GIL, at memcpy speed: a
+worker that shrinks its segment gets a failed store or retrieve, never a
+crashed server.  There is no Python loop per token or block.
 
 Large chunks are copied by two threads at once (the caller and one helper, see
 ``COPY_THREADS``): on the 2-core dev box one thread copies ~9.5 GB/s and two
 ~14 GB/s, so a 32 MiB chunk is gathered ~1.5x faster.  Each thread copies
-whole (layer, kv) planes, or for one all-layers ``np.take`` half of its rows.
+whole (layer, kv) planes, or for one all-layers batch half of its rows.
 """
 
 from __future__ import annotations
@@ -43,32 +45,31 @@ from typing import Any
 import numpy as np
 
 from kvhive.errors import BadRequest, LayoutError, RegistrationError, UnsupportedError
+from kvhive.transfer import safecopy
 from kvhive.transfer.descriptors import TensorDesc
 from kvhive.transfer.layouts import DEFAULT_KV_LAYOUT, KVFormat, KVLayout, LayerView, plan_layout
-from kvhive.transfer.shm import SegmentTable, ShmMapping, tensor_view
+from kvhive.transfer.shm import SegmentOwner, SegmentTable, ShmMapping, tensor_view
 
 
 @dataclass(frozen=True, slots=True)
 class _Run:
-    """Consecutive object layers ``[j0, j1)`` whose pages share one ``rows`` array."""
+    """Consecutive object layers ``[j0, j1)`` whose pages are rows of one segment."""
 
-    rows: np.ndarray = field(repr=False)  # [n_rows, row_bytes] uint8 over one segment
+    seg: np.ndarray = field(repr=False)  # flat uint8 view of the whole segment mapping
+    name: str  # the segment's name (for errors)
+    row_bytes: int
     j0: int
     j1: int
-    static: np.ndarray  # [kv_size, j1 - j0, rows_per_block] intp: rows of block 0
-    block_rows: np.ndarray  # [j1 - j0] intp: row step per block id
-
-    @property
-    def row_bytes(self) -> int:
-        return self.rows.shape[1]
+    static: np.ndarray  # [kv_size, j1 - j0, rows_per_block] int64: byte offsets in block 0
+    block_step: np.ndarray  # [j1 - j0] int64: bytes per block id
 
 
-# Gathers read the engine's shared pages with np.take: one memmove per row.
-# From 4 KiB rows up glibc's memmove uses "rep movsb", which read these
-# 4 KiB-paged shared-memory pages at ~2.5 GB/s on the 2-core dev box against
-# ~8-10 GB/s for rows of 128-512 bytes (bench_paged.py), so gather rows are
-# cut to at most this many bytes.  Scatters write the pages through numpy's
-# own copy loop, which prefers long rows; they are not cut.
+# Gathers read the engine's shared pages one memcpy per row.  From 4 KiB rows
+# up glibc's memcpy uses "rep movsb", which reads these 4 KiB-paged
+# shared-memory pages at ~2.5 GB/s on the 2-core dev box against ~8-10 GB/s
+# for rows of 128-512 bytes (bench_paged.py), so gather rows are cut to at
+# most this many bytes.  Scatters write the pages, which prefers long rows;
+# they are not cut.
 GATHER_ROW_CAP = 256
 
 
@@ -165,35 +166,38 @@ def _plan_runs(
 ) -> list[_Run]:
     """Row plans of the transferred layers, consecutive layers on one segment merged."""
     runs: list[_Run] = []
-    rows_cache: dict[tuple[str, int], np.ndarray] = {}
     # Layers with the same geometry share one ``static`` array, so a copy computes each
-    # distinct row index once per chunk (see PagedKV._indices).
+    # distinct row offset once per chunk (see PagedKV._indices).
     statics: dict[tuple[bytes, tuple[int, ...]], np.ndarray] = {}
     for j, i in enumerate(layout.layer_indices):
         lv = layout.layers[i]
         assert lv is not None
-        r, static, block_rows = _row_plan(lv, max_row_elems)
+        r, static_rows, block_rows = _row_plan(lv, max_row_elems)
+        rb = r * layout.itemsize
+        static = (static_rows * rb).astype(np.int64)
         static = statics.setdefault((static.tobytes(), static.shape), static)
-        key = (lv.desc.shm_name, r * layout.itemsize)
-        rows = rows_cache.get(key)
-        if rows is None:
-            arr = maps[lv.desc.shm_name].array
-            rows = rows_cache[key] = arr[: (arr.size // key[1]) * key[1]].reshape(-1, key[1])
-        last = int(static.max()) + (lv.num_blocks - 1) * block_rows
-        if last >= rows.shape[0]:  # cannot happen after the span check; never clip
+        block_step = block_rows * rb
+        seg = maps[lv.desc.shm_name].array
+        end = int(static.max()) + (lv.num_blocks - 1) * block_step + rb
+        if end > seg.size:  # cannot happen after the span check; the helper checks again
             raise RegistrationError(f"layer {i} pages exceed segment {lv.desc.shm_name!r}")
         prev = runs[-1] if runs else None
-        if prev is not None and prev.rows is rows and prev.static.shape[2] == static.shape[1]:
-            runs[-1] = _Run(
-                rows,
-                prev.j0,
-                j + 1,
-                np.concatenate([prev.static, static[:, None, :]], axis=1),
-                np.append(prev.block_rows, block_rows).astype(np.intp),
+        if (
+            prev is not None
+            and prev.seg is seg
+            and prev.row_bytes == rb
+            and prev.static.shape[2] == static.shape[1]
+        ):
+            runs[-1] = dataclasses.replace(
+                prev,
+                j1=j + 1,
+                static=np.concatenate([prev.static, static[:, None, :]], axis=1),
+                block_step=np.append(prev.block_step, block_step).astype(np.int64),
             )
         else:
-            blocks = np.array([block_rows], np.intp)
-            runs.append(_Run(rows, j, j + 1, _interned(statics, static[:, None, :]), blocks))
+            steps = np.array([block_step], np.int64)
+            static3 = _interned(statics, static[:, None, :])
+            runs.append(_Run(seg, lv.desc.shm_name, rb, j, j + 1, static3, steps))
     return runs
 
 
@@ -229,12 +233,16 @@ class PagedKV:
         self.blocks_per_chunk: int = chunk_size // layout.block_size
         self.object_shape: tuple[int, ...] = layout.object_shape(chunk_size)
         self.object_nbytes: int = math.prod(self.object_shape) * layout.itemsize
+        safecopy.require()  # no copy of an engine page without the SIGBUS-safe helper
         self._segments = segments
+        # Who created the segments, as proven now (the registry's reaper may unlink them
+        # once that process is gone, see kvhive.transfer.shm.SegmentReaper).
+        self._owners: tuple[SegmentOwner, ...] = segments.owners()
         self._cond = threading.Condition()
         self._active = 0
         self._closed = False
-        # Normalised engine views of every registered layer (checksums), by index.
-        self._views: list[np.ndarray | None] = []
+        # Where every registered layer's elements are (checksums), by index.
+        self._layers: list[_LayerBytes | None] = []
         self._gather_runs: list[_Run] = []
         self._scatter_runs: list[_Run] = []
         self._build(layout)
@@ -261,10 +269,12 @@ class PagedKV:
         for d in descs:  # map each segment once, at the largest size any view declares
             if d.numel:
                 sizes[d.shm_name] = max(sizes.get(d.shm_name, 0), d.nbytes)
+        safecopy.require()
         table = SegmentTable()
         try:
             for name, nbytes in sizes.items():
                 table.acquire(name, nbytes)
+            table.record_owners()
             return cls(layout, table, chunk_size)
         except BaseException:
             table.close()
@@ -274,13 +284,24 @@ class PagedKV:
         maps: dict[str, ShmMapping] = {}
         for lv in layout.layers:
             if lv is None or lv.desc.numel == 0:
-                self._views.append(None)
+                self._layers.append(None)
                 continue
             m = maps.get(lv.desc.shm_name)
             if m is None:
                 m = maps[lv.desc.shm_name] = self._segments.get(lv.desc.shm_name)
             norm = dataclasses.replace(lv.desc, shape=lv.shape, stride=lv.stride)
-            self._views.append(tensor_view(m, norm))
+            tensor_view(m, norm)  # checks that the view lies inside the mapping
+            isz = norm.itemsize
+            self._layers.append(
+                _LayerBytes(
+                    m.array,
+                    m.name,
+                    norm.storage_offset * isz,
+                    norm.shape,
+                    tuple(st * isz for st in norm.stride),
+                    isz,
+                )
+            )
         self._gather_runs = _plan_runs(layout, maps, GATHER_ROW_CAP // layout.itemsize)
         self._scatter_runs = _plan_runs(layout, maps, None)
 
@@ -306,7 +327,7 @@ class PagedKV:
                 self._cond.wait()
             self._gather_runs = []
             self._scatter_runs = []
-            self._views = []
+            self._layers = []
         self._segments.close()
 
     @property
@@ -317,6 +338,11 @@ class PagedKV:
     def segment_names(self) -> list[str]:
         """Names of the segments this registration maps."""
         return self._segments.names()
+
+    @property
+    def segment_owners(self) -> tuple[SegmentOwner, ...]:
+        """The segments whose creator kvhive proved at registration (kept after close)."""
+        return self._owners
 
     def __enter__(self) -> PagedKV:
         return self
@@ -375,20 +401,19 @@ class PagedKV:
             for run in self._gather_runs:
                 rb = run.row_bytes
                 if run.j0 == 0 and run.j1 == nl:  # every layer: the whole object at once
-                    idx = (
+                    offs = (
                         run.static[:, :, None, :]
-                        + ids[None, None, :, None] * run.block_rows[None, :, None, None]
+                        + ids[None, None, :, None] * run.block_step[None, :, None, None]
                     ).reshape(-1)
-                    rows_out = dst.reshape(-1, rb)
                     k = COPY_THREADS if self.object_nbytes >= PARALLEL_MIN_BYTES else 1
-                    cuts = [idx.size * i // k for i in range(k + 1)]
+                    cuts = [offs.size * i // k for i in range(k + 1)]
                     for a, b in itertools.pairwise(cuts):
-                        tasks.append(_take(run.rows, idx[a:b], rows_out[a:b]))
+                        tasks.append(_copy(dst[a * rb : b * rb], None, run, offs[a:b]))
                     continue
                 for kv in range(kv_size):
-                    idx = _indices(memo, run, kv, ids)
+                    offs = _indices(memo, run, kv, ids).reshape(-1)
                     part = dst[(kv * nl + run.j0) * plane : (kv * nl + run.j1) * plane]
-                    tasks.append(_take(run.rows, idx.reshape(-1), part.reshape(-1, rb)))
+                    tasks.append(_copy(part, None, run, offs))
             _run_parts(_split(tasks, self.object_nbytes))
         finally:
             self._exit()
@@ -413,12 +438,18 @@ class PagedKV:
             tasks: list[Callable[[], None]] = []
             memo: dict[tuple[int, int, int], np.ndarray] = {}
             for run in self._scatter_runs:
-                rb, nlr = run.row_bytes, run.j1 - run.j0
-                m = run.static.shape[2]
+                src_offs = None  # the object's rows back to back...
+                if skip:  # ...but for the skipped blocks of each layer
+                    rb, nlr, m = run.row_bytes, run.j1 - run.j0, run.static.shape[2]
+                    src_offs = (
+                        (np.arange(nlr)[:, None, None] * nb + np.arange(skip, nb)[None, :, None])
+                        * m
+                        + np.arange(m)[None, None, :]
+                    ).reshape(-1).astype(np.int64) * rb
                 for kv in range(kv_size):
-                    idx = _indices(memo, run, kv, ids[skip:])
+                    offs = _indices(memo, run, kv, ids[skip:]).reshape(-1)
                     part = flat[(kv * nl + run.j0) * plane : (kv * nl + run.j1) * plane]
-                    tasks.append(_put(run.rows, idx, part.reshape(nlr, nb, m, rb)[:, skip:]))
+                    tasks.append(_copy_in(run, offs, part, src_offs))
             _run_parts(_split(tasks, self.object_nbytes))
         finally:
             self._exit()
@@ -447,10 +478,10 @@ class PagedKV:
         self._enter()
         try:
             layers = []
-            for li, (lv, view) in enumerate(zip(self.layout.layers, self._views, strict=True)):
-                if lv is None or view is None:
+            for li, (lv, where) in enumerate(zip(self.layout.layers, self._layers, strict=True)):
+                if lv is None or where is None:
                     raise UnsupportedError(f"checksum not supported: layer {li} has no usable KV")
-                layers.append((view, lv.checksum_axis, lv.desc.dtype))
+                layers.append((where, lv.checksum_axis, lv.desc.dtype))
             starts = range(0, len(ids), blocks_per_chunk)
             if layerwise:
                 return {
@@ -479,41 +510,75 @@ def _indices(
     key = (
         id(run.static),
         kv,
-        id(run.block_rows) if len(run.block_rows) > 1 else -int(run.block_rows[0]),
+        id(run.block_step) if len(run.block_step) > 1 else -int(run.block_step[0]),
     )
     idx = memo.get(key)
     if idx is None:
         idx = memo[key] = (
-            run.static[kv][:, None, :] + ids[None, :, None] * run.block_rows[:, None, None]
+            run.static[kv][:, None, :] + ids[None, :, None] * run.block_step[:, None, None]
         )
     return idx
 
 
-def _take(rows: np.ndarray, idx: np.ndarray, out: np.ndarray) -> Callable[[], None]:
-    def take() -> None:
-        np.take(rows, idx, axis=0, out=out, mode="clip")
+def _copy(
+    dst: np.ndarray, dst_offs: np.ndarray | None, run: _Run, src_offs: np.ndarray
+) -> Callable[[], None]:
+    """A gather task: rows of ``run``'s segment at ``src_offs`` into ``dst``."""
 
-    return take
+    def copy() -> None:
+        safecopy.copy_rows(dst, dst_offs, run.seg, src_offs, run.row_bytes, segment=run.name)
+
+    return copy
 
 
-def _put(rows: np.ndarray, idx: np.ndarray, src: np.ndarray) -> Callable[[], None]:
-    def put() -> None:
-        rows[idx] = src
+def _copy_in(
+    run: _Run, dst_offs: np.ndarray, src: np.ndarray, src_offs: np.ndarray | None
+) -> Callable[[], None]:
+    """A scatter task: rows of ``src`` (at ``src_offs``) into ``run``'s segment."""
 
-    return put
+    def copy() -> None:
+        safecopy.copy_rows(run.seg, dst_offs, src, src_offs, run.row_bytes, segment=run.name)
+
+    return copy
 
 
 def _md5(data: bytes) -> str:
     return hashlib.md5(data, usedforsecurity=False).hexdigest()
 
 
-def _chunk_bytes(view: np.ndarray, axis: int, dtype: str, ids: np.ndarray) -> bytes:
-    # Fancy indexing copies only the selected blocks (np.take would first copy
-    # a non-contiguous view whole).
-    try:
-        sel = view[(slice(None),) * axis + (ids,)]
-    except IndexError:  # a layer outside the group with fewer blocks
-        raise BadRequest(f"block ids exceed a layer's {view.shape[axis]} blocks") from None
+@dataclass(frozen=True, slots=True)
+class _LayerBytes:
+    """Where one registered layer's elements lie in its segment, in bytes."""
+
+    seg: np.ndarray = field(repr=False)  # flat uint8 view of the whole segment mapping
+    name: str
+    offset: int
+    shape: tuple[int, ...]
+    strides: tuple[int, ...]
+    itemsize: int
+
+
+def _chunk_bytes(layer: _LayerBytes, axis: int, dtype: str, ids: np.ndarray) -> bytes:
+    """C-order bytes of ``layer``'s view with only blocks ``ids`` along ``axis``, read
+    through the SIGBUS-safe helper (rows: the innermost dims contiguous in the segment)."""
+    shape = list(layer.shape)
+    if ids.size and int(ids.max()) >= shape[axis]:  # a layer outside the group, fewer blocks
+        raise BadRequest(f"block ids exceed a layer's {shape[axis]} blocks")
+    shape[axis] = ids.size
+    if math.prod(shape) == 0:
+        return b""
+    run, cut = layer.itemsize, len(shape)
+    for d in range(len(shape) - 1, axis, -1):
+        if shape[d] != 1 and layer.strides[d] != run:
+            break
+        run *= shape[d]
+        cut = d
+    offs = np.full(1, layer.offset, np.int64)
+    for d in range(cut):
+        idx = ids.astype(np.int64) if d == axis else np.arange(shape[d], dtype=np.int64)
+        offs = (offs[:, None] + idx[None, :] * layer.strides[d]).reshape(-1)
+    out = np.empty(offs.size * run, np.uint8)
+    safecopy.copy_rows(out, None, layer.seg, offs, run, segment=layer.name)
     if dtype == "bfloat16":  # the reference hashes bf16 widened to fp32: bits << 16
-        sel = sel.astype("<u4") << np.uint32(16)
-    return np.ascontiguousarray(sel).tobytes()
+        return (out.view("<u2").astype("<u4") << np.uint32(16)).tobytes()
+    return out.tobytes()

@@ -161,6 +161,11 @@ def test_attach_does_not_involve_the_resource_tracker(shm_segment: Segment) -> N
     assert seg.buf[0] == 5
 
 
+# The pid-visibility rule runs only when the caller asserts one shared PID namespace
+# (test_transfer_segment_owners.py: by default nothing is removed).
+ONE_NS = {"assume_shared_pid_namespace": True}
+
+
 def _dead_pid() -> int:
     proc = subprocess.Popen([sys.executable, "-c", "pass"])
     proc.wait()
@@ -187,17 +192,19 @@ def test_cleanup_stale_segments_in_a_directory(tmp_path: os.PathLike[str]) -> No
     (tmp_path / f"lmcache_kv_{dead}_9").mkdir()  # type: ignore[operator]  # not a file
 
     want = sorted(n for n, gone in names.items() if gone)
-    assert cleanup_stale_segments(shm_dir=str(tmp_path), keep={kept}, dry_run=True) == want
+    assert (
+        cleanup_stale_segments(shm_dir=str(tmp_path), keep={kept}, dry_run=True, **ONE_NS) == want
+    )
     assert all((tmp_path / n).exists() for n in names)  # type: ignore[operator]
-    assert cleanup_stale_segments(shm_dir=str(tmp_path), keep={kept}) == want
+    assert cleanup_stale_segments(shm_dir=str(tmp_path), keep={kept}, **ONE_NS) == want
     for n, gone in names.items():
         assert (tmp_path / n).exists() != gone  # type: ignore[operator]
     assert (tmp_path / kept).exists()  # type: ignore[operator]
-    assert cleanup_stale_segments(shm_dir=str(tmp_path), keep={kept}) == []
+    assert cleanup_stale_segments(shm_dir=str(tmp_path), keep={kept}, **ONE_NS) == []
 
 
 def test_cleanup_missing_directory(tmp_path: os.PathLike[str]) -> None:
-    assert cleanup_stale_segments(shm_dir=str(tmp_path / "nope")) == []  # type: ignore[operator]
+    assert cleanup_stale_segments(shm_dir=str(tmp_path / "nope"), **ONE_NS) == []  # type: ignore[operator]
 
 
 def test_cleanup_real_posix_segments() -> None:
@@ -205,7 +212,7 @@ def test_cleanup_real_posix_segments() -> None:
     stale = ShmSegment(64, name=f"{prefix}{_dead_pid()}_0")
     alive = ShmSegment(64, name=f"{prefix}{os.getppid()}_1")
     try:
-        assert cleanup_stale_segments(prefix) == [stale.name]
+        assert cleanup_stale_segments(prefix, **ONE_NS) == [stale.name]
         assert not os.path.exists(f"/dev/shm/{stale.name}")
         assert os.path.exists(f"/dev/shm/{alive.name}")
     finally:
