@@ -96,7 +96,10 @@ class Client:
         self.num_blocks = self.eng.kv.num_blocks
         self.docs = [make_tokens(args.seed * 1_000_003 + d, args.chunks * self.C)
                      for d in range(args.docs)]  # fmt: skip
-        self.bad_doc = make_tokens(args.seed ^ 0xBAD, 2 * self.C)
+        # One hostile document per client: a store that another client's concurrent
+        # (failing) store of the same chunk holds a reservation for is answered as skipped
+        # (the first writer provides it), which is not a claim of this store's own data.
+        self.bad_doc = make_tokens((args.seed ^ 0xBAD) * 1_000_003 + slot, 2 * self.C)
         shape = self.eng.kv.layers[0][:, : self.bpc].shape
         rng = np.random.default_rng(args.seed)  # the same in every client
         self._base = [rng.integers(0, 1 << 16, size=shape, dtype=np.uint16)
