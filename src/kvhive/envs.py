@@ -62,6 +62,24 @@ ENV_VARS: dict[str, EnvVar[Any]] = {
             )
             for what in ("HOST", "PORT", "USERNAME", "PASSWORD")
         ),
+        *(
+            EnvVar(
+                name,
+                None,
+                _optional_str,
+                f"HTTP API {what} (as in lmcache 0.5.7; see --api-key-file){legacy}.",
+            )
+            for name, what, legacy in (
+                ("LMCACHE_API_KEY", "key", ""),
+                ("LMCACHE_API_KEY_FILE", "key file", ""),
+                ("LMCACHE_HTTP_API_KEY", "key", ", legacy name read when LMCACHE_API_KEY is unset"),
+                (
+                    "LMCACHE_HTTP_API_KEY_FILE",
+                    "key file",
+                    ", legacy name read when LMCACHE_API_KEY_FILE is unset",
+                ),
+            )
+        ),
         EnvVar(
             "PYTHONHASHSEED",
             None,
@@ -79,6 +97,10 @@ if TYPE_CHECKING:  # declared for type checkers; values come from __getattr__
     LMCACHE_RESP_PORT: str | None
     LMCACHE_RESP_USERNAME: str | None
     LMCACHE_RESP_PASSWORD: str | None
+    LMCACHE_API_KEY: str | None
+    LMCACHE_API_KEY_FILE: str | None
+    LMCACHE_HTTP_API_KEY: str | None
+    LMCACHE_HTTP_API_KEY_FILE: str | None
 
 
 def __getattr__(name: str) -> Any:

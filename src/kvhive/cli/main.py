@@ -1,7 +1,9 @@
 """The ``kvhive`` console script: ``kvhive server ...``, ``kvhive bench ...`` and ``kvhive version``.
 
 Only this module exits: bad flags and invalid values print one line
-``kvhive server: error: --flag must be ... (got X)`` and return 2.
+``kvhive server: error: --flag must be ... (got X)`` and return 2; a flag of ``lmcache server``
+whose feature kvhive lacks prints ``kvhive server: error: --flag: not supported by kvhive:
+<why>`` (also 2).
 """
 
 from __future__ import annotations
@@ -14,7 +16,7 @@ from typing import NoReturn
 
 import kvhive
 from kvhive.bench.cli import add_bench_arguments
-from kvhive.config import add_server_arguments, config_from_namespace
+from kvhive.config import FlagRefused, add_server_arguments, config_from_namespace
 from kvhive.config.parse import argparse_error_to_config_error
 from kvhive.errors import ConfigError
 from kvhive.log import configure_logging
@@ -26,7 +28,14 @@ EXIT_INTERRUPTED = 130
 
 
 def _error_line(prog: str, error: ConfigError) -> str:
-    message = f"{error.flag} {error.message}" if error.flag else error.message
+    """``prog: error: --flag must be ...``; a refused flag reads ``--flag: not supported by
+    kvhive: <why>``."""
+    if not error.flag:
+        message = error.message
+    elif isinstance(error, FlagRefused):
+        message = f"{error.flag}: {error.message}"
+    else:
+        message = f"{error.flag} {error.message}"
     return f"{prog}: error: {message}"
 
 

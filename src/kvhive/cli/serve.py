@@ -16,8 +16,9 @@ import threading
 
 import uvicorn
 
+from kvhive.cli.diagnostics import Diagnostics
 from kvhive.config import ServerConfig
-from kvhive.http.app import create_app
+from kvhive.http.app import create_app, load_api_keys
 from kvhive.server.core import KvhiveServer
 
 log = logging.getLogger(__name__)
@@ -31,10 +32,18 @@ GC_THRESHOLDS = (50_000, 20, 100)
 
 
 def serve(config: ServerConfig) -> int:
+    api_keys = load_api_keys(config.http_admin)  # a bad key file exits 2 before anything binds
+    for note in config.compat.notes():
+        log.info("%s", note)
     server = KvhiveServer(config)
+    diagnostics = Diagnostics(config.observability, server.status)
     try:
         server.start()
-        app = create_app(server)
+        diagnostics.start()
+        app = create_app(server, api_keys=api_keys)
+        if api_keys.enabled:
+            log.info("HTTP API keys: %d accepted; every path but / and /healthcheck needs one",
+                     len(api_keys.keys))  # fmt: skip
         gc.collect()
         gc.freeze()  # start-up objects live for the whole run: never scan them again
         gc.set_threshold(*GC_THRESHOLDS)
@@ -66,6 +75,7 @@ def serve(config: ServerConfig) -> int:
                 signal.signal(signal.SIGTERM, previous)
         return 0 if uv.started else 1
     finally:
+        diagnostics.stop()
         server.close()
 
 

@@ -4,13 +4,14 @@ The ``kvhive server`` flags are generated from these dataclasses (:mod:`kvhive.c
 every invalid value raises :class:`kvhive.errors.ConfigError` naming its flag.
 """
 
-from kvhive.config.deferred import DEFERRED_FLAGS, DEFERRED_VALUES
+from kvhive.config.compat import CompatConfig
+from kvhive.config.deferred import REFUSALS, FlagRefused, Refusal
 from kvhive.config.eviction import EvictionConfig, EvictionPolicy
 from kvhive.config.http import HTTPConfig
 from kvhive.config.l1 import L1Config
 from kvhive.config.l2 import L2Config, PrefetchPolicy, StorePolicy
 from kvhive.config.l2_adapters import AdapterSpec
-from kvhive.config.mp import EngineType, HashAlgorithm, MPConfig, TransferMode
+from kvhive.config.mp import EngineType, HashAlgorithm, MPConfig, TransferMode, Transport
 from kvhive.config.observability import (
     HTTPAdminConfig,
     LookupHashLogConfig,
@@ -25,11 +26,12 @@ from kvhive.config.parse import (
 from kvhive.config.server import ServerConfig
 
 __all__ = [
-    "DEFERRED_FLAGS",
-    "DEFERRED_VALUES",
+    "REFUSALS",
+    "CompatConfig",
     "EngineType",
     "EvictionConfig",
     "EvictionPolicy",
+    "FlagRefused",
     "HTTPAdminConfig",
     "HTTPConfig",
     "HashAlgorithm",
@@ -37,6 +39,7 @@ __all__ = [
     "L2Config",
     "AdapterSpec",
     "PrefetchPolicy",
+    "Refusal",
     "StorePolicy",
     "LookupHashLogConfig",
     "MPConfig",
@@ -44,6 +47,7 @@ __all__ = [
     "RuntimePluginConfig",
     "ServerConfig",
     "TransferMode",
+    "Transport",
     "add_server_arguments",
     "config_from_namespace",
     "parse_server_args",

@@ -36,7 +36,7 @@ from kvhive.config.checks import (
     positive,
     power_of_two,
 )
-from kvhive.config.deferred import check_deferred_value
+from kvhive.config.deferred import check_refused_value
 from kvhive.errors import ConfigError
 
 _META_KEY = "kvhive"
@@ -54,6 +54,9 @@ class FlagSpec:
     repeat: bool = False
     """tuple[str, ...] fields: one value per occurrence (``--flag A --flag B``), not nargs."""
     metavar: str | None = None
+    aliases: tuple[str, ...] = ()
+    """Other spellings of the flag (the reference's, e.g. ``--instance-id``); errors name
+    ``flag``."""
 
 
 def flag_field(
@@ -65,9 +68,10 @@ def flag_field(
     default_text: str | None = None,
     repeat: bool = False,
     metavar: str | None = None,
+    aliases: tuple[str, ...] = (),
 ) -> Any:
     """Declare a config field bound to a command-line flag.  Omit ``default`` for a required flag."""
-    spec = FlagSpec(flag, help, check, default_text, repeat, metavar)
+    spec = FlagSpec(flag, help, check, default_text, repeat, metavar, aliases)
     return dataclasses.field(default=default, metadata={_META_KEY: spec})
 
 
@@ -227,7 +231,7 @@ def validate_fields(obj: Any) -> None:
         complaint = info.spec.check(value) if value is not None and info.spec.check else None
         if complaint:
             raise ConfigError(info.spec.flag, f"{complaint} (got {value!r})")
-        check_deferred_value(info.spec.flag, value)
+        check_refused_value(info.spec.flag, value)
 
 
 __all__ = [

@@ -15,7 +15,11 @@ class HTTPConfig:
     TITLE: ClassVar[str] = "HTTP frontend"
 
     host: str = flag_field(
-        "--http-host", default="0.0.0.0", check=non_empty, help="Host the HTTP server binds."
+        "--http-host",
+        default="127.0.0.1",
+        check=non_empty,
+        help="Host the HTTP server binds (the reference's default: loopback only; bind a "
+        "routable address on a trusted network, or with --api-key-file).",
     )
     port: int = flag_field(
         "--http-port", default=8080, check=PORT, help="Port the HTTP server binds."

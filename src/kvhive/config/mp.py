@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import ClassVar, Literal
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Any, ClassVar, Literal
 
 from kvhive.config.fields import (
     PORT,
@@ -15,11 +16,13 @@ from kvhive.config.fields import (
     positive,
     validate_fields,
 )
+from kvhive.config.server_modules import ServerModuleSpec, parse_server_modules
 from kvhive.errors import ConfigError
 
 HashAlgorithm = Literal["builtin", "sha256_cbor", "blake3"]
 EngineType = Literal["default", "blend"]
 TransferMode = Literal["lmcache_driven", "engine_driven", "auto"]
+Transport = Literal["zmq", "grpc"]
 
 MIN_REAP_TIMEOUT_S = 30.0
 """Smallest non-zero reap timeout: clients ping every 10 s, so a few lost pings must not reap."""
@@ -45,6 +48,11 @@ class MPConfig:
 
     TITLE: ClassVar[str] = "MP server"
 
+    transport: Transport = flag_field(
+        "--transport",
+        default="zmq",
+        help="Request transport: LMCache's ZMQ protocol ('grpc' is refused: not built).",
+    )
     host: str = flag_field(
         "--host", default="localhost", check=non_empty, help="Host address the ZMQ server binds."
     )
@@ -125,15 +133,35 @@ class MPConfig:
         check=positive,
         help="Age (from creation) at which a request session is reaped.",
     )
+    kv_event_log_size: int = flag_field(
+        "--kv-event-log-size",
+        default=32768,
+        check=at_least(0),
+        help="L1 store/eviction records kept for KV-event subscribers (subscribe_kv_events); "
+        "0 disables the channel.",
+    )
+    server_modules: tuple[str, ...] = flag_field(
+        "--server-module",
+        default=(),
+        repeat=True,
+        metavar="JSON",
+        help='A server module: {"module_path": "pkg.mod", "factory_name": '
+        '"build_server_modules", "config": {...}} (or just pkg.mod), served by '
+        "server_module_call and server_module_affinity_call; repeatable "
+        "(docs/server-modules.md).",
+    )
     ipc_path: str = flag_field(
         "--ipc-path",
         default="",
         check=_ipc_path,
         help="kvhive only: also bind ipc://PATH next to the TCP endpoint; empty disables.",
     )
+    server_module_specs: tuple[ServerModuleSpec, ...] = field(init=False, repr=False, compare=False)
+    """``server_modules`` parsed, in flag order (filled at construction)."""
 
     def __post_init__(self) -> None:
         validate_fields(self)
+        object.__setattr__(self, "server_module_specs", parse_server_modules(self.server_modules))
         # None = "not given": the pool inherits --max-workers, so after construction both are ints.
         if self.max_gpu_workers is None:
             object.__setattr__(self, "max_gpu_workers", self.max_workers)
@@ -159,3 +187,11 @@ class MPConfig:
                 flag_of(MPConfig, "worker_registration_grace_seconds"),
                 f"must be >= --worker-reap-timeout-seconds ({reap:g}) (got {grace!r})",
             )
+
+    def to_dict(self) -> dict[str, Any]:
+        """The /config view: every flag field, ``--server-module`` values as parsed specs."""
+        out: dict[str, Any] = {
+            f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.init
+        }
+        out["server_modules"] = [spec.to_dict() for spec in self.server_module_specs]
+        return out

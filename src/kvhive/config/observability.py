@@ -86,8 +86,39 @@ class ObservabilityConfig:
         "--service-instance-id",
         default=None,
         default_text="a random UUID4",
-        help="OTel service.instance.id of this server, on every span and in target_info; an "
-        "explicit empty string is kept.",
+        aliases=("--instance-id",),
+        help="OTel service.instance.id of this server, on every span, in target_info and in "
+        "/status; an explicit empty string is kept.  --instance-id is the reference's name.",
+    )
+    enable_gc_monitor: bool = flag_field(
+        "--enable-gc-monitor",
+        default=False,
+        help="Time every garbage collection and log the slow ones at INFO.",
+    )
+    gc_monitor_min_pause_ms: float = flag_field(
+        "--gc-monitor-min-pause-ms",
+        default=1.0,
+        check=at_least(0),
+        help="Collections shorter than this (milliseconds) are not logged; 0 logs every one.",
+    )
+    gc_monitor_top_objects: int = flag_field(
+        "--gc-monitor-top-objects",
+        default=0,
+        check=at_least(0),
+        help="Add the N most common object types of the collected generation to each logged "
+        "collection (walks the generation: costly on a big cache; 0 = off).",
+    )
+    enable_extra_logging: bool = flag_field(
+        "--enable-extra-logging",
+        default=False,
+        help="Log stored/retrieved chunks (and their rate) and L1 usage every "
+        "--extra-logging-interval seconds.",
+    )
+    extra_logging_interval: float = flag_field(
+        "--extra-logging-interval",
+        default=10.0,
+        check=positive,
+        help="Seconds between extra-logging lines (at least 1 s apart, as in the reference).",
     )
 
     def __post_init__(self) -> None:
@@ -223,6 +254,17 @@ class HTTPAdminConfig:
         help="kvhive only: when set, mutating endpoints (POST/PUT/DELETE, /loglevel changes) "
         "require 'Authorization: Bearer TOKEN'; empty leaves the API open.",
     )
+    api_key_files: tuple[str, ...] = flag_field(
+        "--api-key-file",
+        default=(),
+        repeat=True,
+        metavar="PATH",
+        aliases=("--http-api-key-file",),
+        help="A file holding one API key (one line); repeatable (key rotation).  With any key "
+        "(also from $LMCACHE_API_KEY_FILE / $LMCACHE_API_KEY, or the legacy "
+        "$LMCACHE_HTTP_API_KEY_FILE / $LMCACHE_HTTP_API_KEY), every HTTP path but / and "
+        "/healthcheck needs 'Authorization: Bearer KEY' or 'X-LMCache-API-Key: KEY'.",
+    )
     health_copy_deadline_seconds: float = flag_field(
         "--health-copy-deadline-seconds",
         default=60.0,
@@ -238,5 +280,6 @@ class HTTPAdminConfig:
         """The /config view: the token is never shown, only whether one is set."""
         return {
             "api_token": "***" if self.api_token else "",
+            "api_key_files": list(self.api_key_files),
             "health_copy_deadline_seconds": self.health_copy_deadline_seconds,
         }

@@ -12,7 +12,7 @@ import re
 from collections.abc import Sequence
 from typing import Any, NoReturn, get_origin
 
-from kvhive.config.deferred import DEFERRED_FLAGS, dest_of
+from kvhive.config.deferred import REFUSED_FLAGS, check_refused, check_refused_value, dest_of
 from kvhive.config.fields import FieldInfo, choices_of, from_text, section_fields, unwrap_optional
 from kvhive.config.server import ServerConfig, server_sections
 from kvhive.errors import ConfigError
@@ -52,7 +52,7 @@ def _add_field(group: Any, dest: str, info: FieldInfo) -> None:
     else:
         choices = choices_of(base)
         kwargs["metavar"] = "{" + ",".join(choices) + "}" if choices else _METAVARS[base]
-    group.add_argument(info.spec.flag, **kwargs)
+    group.add_argument(info.spec.flag, *info.spec.aliases, **kwargs)
 
 
 def add_server_arguments(parser: argparse.ArgumentParser) -> None:
@@ -63,17 +63,17 @@ def add_server_arguments(parser: argparse.ArgumentParser) -> None:
         for info in section_fields(cls):
             _add_field(group, f"{name}.{info.name}", info)
     group = parser.add_argument_group(
-        "Not supported yet",
-        "Accepted for command-line compatibility with `lmcache server`; using one of these flags "
-        "is an error for now.",
+        "Not supported by kvhive",
+        "Flags of `lmcache server` whose feature kvhive does not have: recognised, and refused "
+        "(exit status 2) unless given their default or off value.",
     )
-    for deferred in DEFERRED_FLAGS:
+    for row in REFUSED_FLAGS:
         group.add_argument(
-            deferred.flag,
-            dest=dest_of(deferred),
+            row.flag,
+            dest=dest_of(row),
             default=argparse.SUPPRESS,
-            help=f"[{deferred.feature}] {deferred.help}",
-            **deferred.argparse_kwargs,
+            help=f"Refused: {row.why}.".replace("%", "%%"),
+            **(row.parse or {}),
         )
 
 
@@ -83,9 +83,14 @@ def add_server_arguments(parser: argparse.ArgumentParser) -> None:
 def config_from_namespace(namespace: argparse.Namespace) -> ServerConfig:
     """Build and validate the configuration from a namespace filled by :func:`add_server_arguments`."""
     given = vars(namespace)
-    for deferred in DEFERRED_FLAGS:
-        if dest_of(deferred) in given:
-            raise ConfigError(deferred.flag, "is not supported yet")
+    for row in REFUSED_FLAGS:
+        if dest_of(row) in given:
+            check_refused(row, given[dest_of(row)])
+    for name, cls in server_sections():  # refused values, before their type is checked
+        for info in section_fields(cls):
+            dest = f"{name}.{info.name}"
+            if dest in given:
+                check_refused_value(info.spec.flag, given[dest])
     sections: dict[str, Any] = {}
     for name, cls in server_sections():
         kwargs: dict[str, Any] = {}
@@ -148,7 +153,8 @@ def new_server_parser(prog: str = "kvhive server") -> ConfigArgumentParser:
 def parse_server_args(argv: Sequence[str]) -> ServerConfig:
     """Parse ``kvhive server`` arguments into a validated :class:`ServerConfig`.
 
-    Raises :class:`ConfigError` for every bad, unknown, missing or not-yet-supported flag;
+    Raises :class:`ConfigError` for every bad, unknown or missing flag
+    (:class:`~kvhive.config.deferred.FlagRefused` for a refused one);
     ``--help`` prints help and raises ``SystemExit(0)`` as argparse does.
     """
     return config_from_namespace(new_server_parser().parse_args(list(argv)))

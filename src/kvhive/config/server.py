@@ -7,6 +7,7 @@ import functools
 from dataclasses import dataclass, field
 from typing import Any, ClassVar, Protocol, get_type_hints
 
+from kvhive.config.compat import CompatConfig
 from kvhive.config.eviction import EvictionConfig
 from kvhive.config.http import HTTPConfig
 from kvhive.config.l1 import L1Config
@@ -33,6 +34,7 @@ class ServerConfig:
     observability: ObservabilityConfig = field(default_factory=ObservabilityConfig)
     lookup_hash_log: LookupHashLogConfig = field(default_factory=LookupHashLogConfig)
     plugins: RuntimePluginConfig = field(default_factory=RuntimePluginConfig)
+    compat: CompatConfig = field(default_factory=CompatConfig)
 
     def __post_init__(self) -> None:
         for name, cls in server_sections():

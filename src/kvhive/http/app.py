@@ -9,6 +9,9 @@ Bad input is the caller's error, never a 500 and never a long wait:
 * a request body over :data:`MAX_BODY_BYTES` is refused with 413 before it is parsed (the
   largest legitimate body, 10,000 keys to delete, is a few MB; a 56 MB key list used to
   keep a worker parsing for 14 s).
+
+Authentication (``routes/_auth.py``): with API keys configured every path but ``/`` and
+``/healthcheck`` needs one (lmcache 0.5.7); ``--http-api-token`` guards changes.
 """
 
 from __future__ import annotations
@@ -23,17 +26,22 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from kvhive import __version__
 from kvhive.http.routes import ROUTERS
+from kvhive.http.routes._auth import ApiKeyAuth, ApiKeys, load_api_keys
 from kvhive.server.core import KvhiveServer
 
 MAX_BODY_BYTES = 16 << 20
 """Largest request body the admin API reads (bytes)."""
 
 
-def create_app(server: KvhiveServer) -> FastAPI:
+def create_app(server: KvhiveServer, *, api_keys: ApiKeys | None = None) -> FastAPI:
+    """The admin app for ``server``.  ``api_keys``: as :func:`load_api_keys` gives them
+    (``kvhive server`` loads them before it starts, to fail early); None loads them here."""
     app = FastAPI(title="kvhive HTTP API", version=__version__)
     app.state.server = server
+    app.state.api_keys = load_api_keys(server.config.http_admin) if api_keys is None else api_keys
     app.add_exception_handler(RequestValidationError, invalid_request)  # type: ignore[arg-type]
     app.add_middleware(BodyLimit, limit=MAX_BODY_BYTES)
+    app.add_middleware(ApiKeyAuth)  # outermost: a request without a key reads nothing
     for router in ROUTERS:
         app.include_router(router)
     return app

@@ -24,6 +24,7 @@ from kvhive.observability.setup import Observability, Sources
 from kvhive.plugins import PluginLauncher
 from kvhive.server.dispatch import Dispatcher
 from kvhive.server.handlers import build_routes
+from kvhive.server.modules import load_server_modules
 from kvhive.server.pools import AffinityPool, CpuPool
 from kvhive.server.transport import ZmqServer
 from kvhive.storage.controllers import L2Layer
@@ -47,6 +48,8 @@ class KvhiveServer:
     def __init__(self, config: ServerConfig) -> None:
         self.config = config
         self.started_at = time.time()
+        # --server-module: imported first, so a module that fails to load costs nothing else.
+        self.modules = load_server_modules(config.mp.server_module_specs, config)
         # Observability first: producers capture the bus when they are built.
         self.obs = Observability(config)
         bus = self.obs.bus
@@ -105,7 +108,7 @@ class KvhiveServer:
         self.affinity = AffinityPool(mp.max_gpu_workers or mp.max_workers)
         self.cpu = CpuPool(mp.max_cpu_workers or mp.max_workers)
         self.dispatcher = Dispatcher(
-            build_routes(self.engine), affinity=self.affinity, cpu=self.cpu
+            build_routes(self.engine, self.modules), affinity=self.affinity, cpu=self.cpu
         )
         urls = [f"tcp://{mp.host}:{mp.port}"]
         if mp.ipc_path:
@@ -168,6 +171,7 @@ class KvhiveServer:
         # In-flight copies finish (bounded: a copy stuck in a worker's memory is abandoned).
         self.affinity.shutdown(timeout=SHUTDOWN_POOL_TIMEOUT_S)
         self.cpu.shutdown(timeout=SHUTDOWN_POOL_TIMEOUT_S)
+        self.modules.close()  # no handler runs any more
         self.obs.stop()  # flush the bus and its subscribers before the engine goes
         self.l2.close()  # prefetches end, write-behind drains, adapters close
         self.registry.close()
@@ -240,4 +244,5 @@ class KvhiveServer:
             "inflight_copies": len(self.inflight),
             "event_bus": self.obs.bus.stats(),
             "runtime_plugins": self.plugins.status(),
+            "server_modules": self.modules.status(),
         }

@@ -13,6 +13,7 @@ from types import MappingProxyType
 from typing import Any
 
 from kvhive.engine.engine import CacheEngine
+from kvhive.server.modules import ServerModules
 from kvhive.wire.ops import TRANSFER_OK
 
 Handler = Callable[..., Any]
@@ -35,9 +36,11 @@ class Route:
     reply: Callable[[Any], Any] = _same
 
 
-def build_routes(engine: CacheEngine) -> Mapping[str, Route]:
-    """Every protocol operation kvhive serves, and what serves it."""
+def build_routes(engine: CacheEngine, modules: ServerModules | None = None) -> Mapping[str, Route]:
+    """Every protocol operation kvhive serves, and what serves it (``modules``: the loaded
+    ``--server-module`` handlers; none loaded when omitted)."""
     lk, tx, ed = engine.lookups, engine.transfers, engine.engine_driven
+    mods = modules if modules is not None else ServerModules()
     return MappingProxyType(
         {
             # registration and lmcache-driven transfers (affinity threads)
@@ -69,5 +72,8 @@ def build_routes(engine: CacheEngine) -> Mapping[str, Route]:
             "report_block_allocation": Route(engine.report_block_allocation),
             "noop": Route(engine.noop),
             "get_experimental": Route(engine.get_experimental),
+            # server modules (--server-module)
+            "server_module_call": Route(mods.call),
+            "server_module_affinity_call": Route(mods.affinity_call),
         }
     )

@@ -204,6 +204,15 @@ _SPECS = [
     OpSpec("report_block_allocation", (int, str, list[t.BlockAllocationRecord]), Pool.CPU),
     OpSpec("noop", (), Pool.INLINE, "OK", max_arg_bytes=0),
     OpSpec("get_experimental", (), Pool.INLINE, [], max_arg_bytes=0),
+    # Server modules (--server-module): by name only, no legacy id.  The affinity variant
+    # (0.5.7) runs in order with the caller's store/retrieve.
+    OpSpec("server_module_call", (t.ServerModuleCallRequest,), Pool.CPU, has_soft=False),
+    OpSpec(
+        "server_module_affinity_call",
+        (t.ServerModuleCallRequest,),
+        Pool.AFFINITY,
+        has_soft=False,
+    ),
 ]
 
 

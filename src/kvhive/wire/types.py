@@ -95,3 +95,20 @@ class OtherDescriptor(msgspec.Struct, frozen=True):
     enough to say which one it is, so registration can refuse it with a clear reason."""
 
     type: str
+
+
+class ServerModuleCallRequest(msgspec.Struct, frozen=True):
+    """``ServerModuleCallRequest`` of ``server_module_call`` / ``server_module_affinity_call``:
+    a namespaced method (``"pkg.echo"``) and its opaque payload."""
+
+    method: str
+    payload: bytes
+
+
+class ServerModuleCallResponse(msgspec.Struct, frozen=True):
+    """``ServerModuleCallResponse``: the handler's opaque answer, or ``success=False`` with a
+    readable ``error`` (unknown method, a handler that raised)."""
+
+    success: bool
+    payload: bytes = b""
+    error: str = ""

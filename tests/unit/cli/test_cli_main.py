@@ -78,7 +78,8 @@ def test_a_failing_command_exits_1_with_a_logged_traceback(
         (["--port", "x"], "kvhive server: error: --port must be an integer (got 'x')"),
         (["--eviction-policy", "FIFO"], "kvhive server: error: --eviction-policy must be one of LRU, IsolatedLRU, noop (got 'FIFO')"),
         (["--hash-algorithm", "xxhash"], "kvhive server: error: --hash-algorithm must be one of builtin, sha256_cbor, blake3 (got 'xxhash')"),
-        (["--engine-type", "blend"], "kvhive server: error: --engine-type blend is not supported yet"),
+        (["--engine-type", "blend"], "kvhive server: error: --engine-type: not supported by kvhive: --engine-type blend (the CacheBlend engine and its cb_* operations) is not built; use --engine-type default"),
+        (["--transport", "grpc"], "kvhive server: error: --transport: not supported by kvhive: --transport grpc is not built; kvhive serves LMCache's ZMQ protocol only (--transport zmq, the default)"),
         (["--l2-adapter", '{"type": "nixl_store"}'], "kvhive server: error: --l2-adapter #0 (nixl_store): adapter type 'nixl_store' is not supported yet (later issue)"),
         (["--l2-adapter", '{"type": "fs"}'], "kvhive server: error: --l2-adapter #0 (fs): field 'base_path' is required"),
         (["--enable-tracing"], "kvhive server: error: --enable-tracing requires --otlp-endpoint"),
@@ -128,7 +129,7 @@ def test_unknown_command_exits_2(capsys: pytest.CaptureFixture[str]) -> None:
 def test_server_help_exits_0(capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["server", "--help"]) == 0
     out = capsys.readouterr().out
-    assert "--l1-size-gb" in out and "--http-port" in out and "Not supported yet" in out
+    assert "--l1-size-gb" in out and "--http-port" in out and "Not supported by kvhive" in out
 
 
 def run_module(*args: str) -> subprocess.CompletedProcess[str]:
@@ -146,8 +147,9 @@ def test_python_dash_m_version() -> None:
     ("argv", "flag"),
     [
         (["--http-port", "70000"], "--http-port"),
-        (["--eviction-policy", "ARC"], "--eviction-policy"),
+        (["--eviction-policy", "FIFO"], "--eviction-policy"),
         (["--prometheus-port", "0"], "--prometheus-port"),
+        (["--eviction-policy", "ARC"], "--eviction-policy:"),  # refused: "--flag: not supported"
     ],
 )
 def test_python_dash_m_server_rejects_bad_flags(argv: list[str], flag: str) -> None:

@@ -8,7 +8,7 @@ from typing import Any
 
 import pytest
 
-from kvhive.config import DEFERRED_FLAGS, MPConfig, ServerConfig, parse_server_args
+from kvhive.config import REFUSALS, MPConfig, ServerConfig, parse_server_args
 from kvhive.config.fields import section_fields
 from kvhive.config.parse import new_server_parser
 from kvhive.config.server import server_sections
@@ -93,6 +93,48 @@ VALID: list[tuple[list[str], str, str, Any]] = [
     (["--l2-prefetch-policy", "retain"], "l2", "prefetch_policy", "retain"),
     (["--l2-prefetch-max-in-flight", "3"], "l2", "prefetch_max_in_flight", 3),
     (["--l2-adapter", '{"type": "fs", "base_path": "/tmp/l2"}', "--l2-adapter", '{"type": "mock", "max_size_gb": 1, "mock_bandwidth_gb": 2}'], "l2", "adapters", ('{"type": "fs", "base_path": "/tmp/l2"}', '{"type": "mock", "max_size_gb": 1, "mock_bandwidth_gb": 2}')),
+    # issue 11: the rest of the reference's flags
+    (["--transport", "zmq"], "mp", "transport", "zmq"),
+    (["--kv-event-log-size", "0"], "mp", "kv_event_log_size", 0),
+    (["--server-module", "pkg.mod", "--server-module", '{"module_path": "b.c"}'], "mp", "server_modules", ("pkg.mod", '{"module_path": "b.c"}')),
+    (["--instance-id", "inst-7"], "observability", "service_instance_id", "inst-7"),
+    (["--enable-gc-monitor"], "observability", "enable_gc_monitor", True),
+    (["--gc-monitor-min-pause-ms", "0"], "observability", "gc_monitor_min_pause_ms", 0.0),
+    (["--gc-monitor-top-objects", "5"], "observability", "gc_monitor_top_objects", 5),
+    (["--enable-extra-logging"], "observability", "enable_extra_logging", True),
+    (["--extra-logging-interval", "2.5"], "observability", "extra_logging_interval", 2.5),
+    (["--api-key-file", "/k1", "--http-api-key-file", "/k2"], "http_admin", "api_key_files", ("/k1", "/k2")),
+    (["--grpc-server-workers", "4"], "compat", "grpc_server_workers", 4),
+    (["--grpc-server-mode", "aio"], "compat", "grpc_server_mode", "aio"),
+    (["--disable-grpc-metrics"], "compat", "disable_grpc_metrics", True),
+    (["--isolated-ipc"], "compat", "isolated_ipc", True),
+    (["--script-allowed-imports", "numpy", "pandas"], "compat", "script_allowed_imports", ("numpy", "pandas")),
+    (["--enable-segmented-prefix"], "compat", "enable_segmented_prefix", True),
+    (["--enable-dedup-content"], "compat", "enable_dedup_content", True),
+    (["--enable-blend-reorder"], "compat", "enable_blend_reorder", True),
+    (["--p2p-listen-url", "h:1"], "compat", "p2p_listen_url", "h:1"),
+    (["--p2p-lookup-timeout", "5"], "compat", "p2p_lookup_timeout", 5.0),
+    (["--p2p-load-timeout", "6"], "compat", "p2p_load_timeout", 6.0),
+    (["--p2p-transfer-engine", "mooncake"], "compat", "p2p_transfer_engine", "mooncake"),
+    (["--no-gds-l1-use-direct-io"], "compat", "gds_l1_use_direct_io", False),
+    (["--gds-l1-use-direct-io"], "compat", "gds_l1_use_direct_io", True),
+    (["--gds-l1-backend", "cufile"], "compat", "gds_l1_backend", "cufile"),
+    (["--l1-devdax-offset-gb", "1.5"], "compat", "l1_devdax_offset_gb", 1.5),
+    (["--periodic-notifier-interval-ms", "10"], "compat", "periodic_notifier_interval_ms", 10),
+    (["--trace-output", "/tmp/t"], "compat", "trace_output", "/tmp/t"),
+    (["--kv-load-policy", "DEFAULT"], "compat", "kv_load_policy", "DEFAULT"),
+    (["--coordinator-advertise-ip", "10.0.0.1"], "compat", "coordinator_advertise_ip", "10.0.0.1"),
+    (["--coordinator-heartbeat-interval", "3"], "compat", "coordinator_heartbeat_interval", 3.0),
+    (["--coordinator-event-reporting"], "compat", "coordinator_event_reporting", True),
+    (["--coordinator-event-flush-interval", "2"], "compat", "coordinator_event_flush_interval", 2.0),
+    (["--coordinator-event-transport", "kafka"], "compat", "coordinator_event_transport", "kafka"),
+    (["--coordinator-kafka-bootstrap-servers", "k:9092"], "compat", "coordinator_kafka_bootstrap_servers", "k:9092"),
+    (["--coordinator-kafka-topic", "t"], "compat", "coordinator_kafka_topic", "t"),
+    (["--coordinator-kafka-delivery-timeout", "30"], "compat", "coordinator_kafka_delivery_timeout", 30.0),
+    (["--coordinator-blend-timeout", "0.5"], "compat", "coordinator_blend_timeout", 0.5),
+    (["--coordinator-blend-match-concurrency", "2"], "compat", "coordinator_blend_match_concurrency", 2),
+    (["--coordinator-l2-event-reporting"], "compat", "coordinator_l2_event_reporting", True),
+    (["--coordinator-l2-event-flush-interval", "4"], "compat", "coordinator_l2_event_flush_interval", 4.0),
 ]  # fmt: skip
 
 
@@ -140,7 +182,7 @@ INVALID: list[tuple[list[str], str, str]] = [
     (["--max-cpu-workers", "0"], "--max-cpu-workers", ">= 1"),
     (["--hash-algorithm", "sha256"], "--hash-algorithm", "must be one of builtin, sha256_cbor, blake3 (got 'sha256')"),
     (["--none-hash-seed", "1"], "--none-hash-seed", "only applies to --hash-algorithm sha256_cbor"),
-    (["--engine-type", "blend"], "--engine-type", "blend is not supported yet"),
+    (["--engine-type", "blend"], "--engine-type", "not supported by kvhive: --engine-type blend"),
     (["--engine-type", "x"], "--engine-type", "default, blend"),
     (["--supported-transfer-mode", "x"], "--supported-transfer-mode", "lmcache_driven, engine_driven, auto"),
     (["--shm-name", "a/b"], "--shm-name", "'/'"),
@@ -158,7 +200,26 @@ INVALID: list[tuple[list[str], str, str]] = [
     (["--l1-align-bytes", "3000"], "--l1-align-bytes", "power of two"),
     (["--l1-write-ttl-seconds", "0"], "--l1-write-ttl-seconds", "> 0"),
     (["--l1-read-ttl-seconds", "2.5"], "--l1-read-ttl-seconds", "must be an integer"),
-    (["--eviction-policy", "ARC"], "--eviction-policy", "must be one of LRU, IsolatedLRU, noop (got 'ARC')"),
+    (["--eviction-policy", "ARC"], "--eviction-policy", "not supported by kvhive: --eviction-policy ARC"),
+    (["--eviction-policy", "FIFO"], "--eviction-policy", "must be one of LRU, IsolatedLRU, noop (got 'FIFO')"),
+    (["--transport", "grpc"], "--transport", "not supported by kvhive: --transport grpc"),
+    (["--transport", "udp"], "--transport", "must be one of zmq, grpc"),
+    (["--kv-event-log-size", "-1"], "--kv-event-log-size", ">= 0"),
+    (["--server-module", '{"module_path": "a"'], "--server-module", "#0: must be valid JSON"),
+    (["--server-module", '{"module_path": "a", "cfg": {}}'], "--server-module", "#0: unknown field(s) cfg"),
+    (["--server-module", '{"module_path": "a b"}'], "--server-module", "field 'module_path' must be a dotted module path"),
+    (["--server-module", '[{"module_path": "a"}, {"module_path": "b", "config": []}]'], "--server-module", "#0[1]: field 'config' must be a JSON object"),
+    (["--server-module", '{"module_path": "a", "factory_name": "1x"}'], "--server-module", "field 'factory_name' must be a Python name"),
+    (["--gc-monitor-min-pause-ms", "-1"], "--gc-monitor-min-pause-ms", ">= 0"),
+    (["--extra-logging-interval", "0"], "--extra-logging-interval", "> 0"),
+    (["--grpc-server-workers", "0"], "--grpc-server-workers", ">= 1"),
+    (["--grpc-server-mode", "fast"], "--grpc-server-mode", "sync, aio, native"),
+    (["--kv-load-policy", "my_pkg.mod:Policy"], "--kv-load-policy", "not supported by kvhive: custom KVLoadPolicy"),
+    (["--kv-load-policy", "FAST"], "--kv-load-policy", "must be DEFAULT or 'package.module:ClassName'"),
+    (["--coordinator-heartbeat-interval", "0"], "--coordinator-heartbeat-interval", "> 0"),
+    (["--l2-prefetch-inflight-watermark", "0.3"], "--l2-prefetch-inflight-watermark", "not supported by kvhive: admitting"),
+    (["--l2-prefetch-inflight-watermark", "x"], "--l2-prefetch-inflight-watermark", "must be a number (got 'x')"),
+    (["--trace-level", "all"], "--trace-level", "invalid choice"),
     (["--eviction-trigger-watermark", "1.2"], "--eviction-trigger-watermark", "(0, 1]"),
     (["--eviction-ratio", "0"], "--eviction-ratio", "(0, 1]"),
     (["--http-host", ""], "--http-host", "must not be empty"),
@@ -192,15 +253,15 @@ def test_required_flags(flag: str) -> None:
     assert (error.flag, error.message) == (flag, "is required")
 
 
-DEFERRED_ARGV: dict[str, list[str]] = {}  # the L2 flags are live now (see VALID)
-SWITCHES: list[str] = []
+def test_refusal_rows_name_flags_once() -> None:
+    # a flag is either read by the parser's refusal group or is a section field, never both
+    own = [r.flag for r in REFUSALS if r.parse is not None]
+    fields = {info.spec.flag for _, cls in server_sections() for info in section_fields(cls)}
+    assert len(own) == len(set(own)) and not set(own) & fields
+    assert all(r.flag in fields for r in REFUSALS if r.parse is None)
 
 
-def test_deferred_table_covers_the_brief() -> None:
-    assert {d.flag for d in DEFERRED_FLAGS} == set(DEFERRED_ARGV) | set(SWITCHES)
-
-
-def test_repeated_deferred_flag_and_empty_plugin_list() -> None:
+def test_repeated_adapter_flag_and_empty_plugin_list() -> None:
     assert config_error("--l2-adapter", "{}", "--l2-adapter", "{}").flag == "--l2-adapter"
     assert parse("--runtime-plugin-locations").plugins.locations == ()
 
@@ -229,7 +290,7 @@ def test_help_shows_defaults_and_choices(monkeypatch: pytest.MonkeyPatch) -> Non
         "{LRU,IsolatedLRU,noop}",
         "--l1-use-lazy, --no-l1-use-lazy",
         "(default: --max-workers)",
-        "Not supported yet",
+        "Not supported by kvhive",
         "--l2-adapter JSON",
     ):
         assert fragment in text

@@ -36,7 +36,7 @@ def test_storage_and_http_defaults_equal_the_seed() -> None:
     ev = EvictionConfig(policy="LRU")
     assert (ev.trigger_watermark, ev.ratio) == (0.8, 0.2)
     http = HTTPConfig()
-    assert (http.host, http.port) == ("0.0.0.0", 8080)
+    assert (http.host, http.port) == ("127.0.0.1", 8080)  # lmcache 0.5.6/0.5.7 (the seed: 0.0.0.0)
 
 
 def test_required_fields_have_no_default() -> None:
@@ -92,7 +92,11 @@ INVALID: list[tuple[type, dict[str, Any], str, str]] = [
     (MPConfig, {"hash_algorithm": "md5"}, "--hash-algorithm", "builtin, sha256_cbor, blake3"),
     (MPConfig, {"none_hash_seed": "x"}, "--none-hash-seed", "only applies to --hash-algorithm sha256_cbor"),
     (MPConfig, {"hash_algorithm": "sha256_cbor", "none_hash_seed": 3}, "--none-hash-seed", "must be a string"),
-    (MPConfig, {"engine_type": "blend"}, "--engine-type", "blend is not supported yet"),
+    (MPConfig, {"engine_type": "blend"}, "--engine-type", "not supported by kvhive: --engine-type blend"),
+    (MPConfig, {"transport": "grpc"}, "--transport", "not supported by kvhive: --transport grpc"),
+    (MPConfig, {"transport": "http"}, "--transport", "must be one of zmq, grpc"),
+    (MPConfig, {"kv_event_log_size": -1}, "--kv-event-log-size", "must be >= 0"),
+    (MPConfig, {"server_modules": ("{",)}, "--server-module", "#0: must be valid JSON"),
     (MPConfig, {"engine_type": "blend_legacy"}, "--engine-type", "default, blend"),
     (MPConfig, {"supported_transfer_mode": "both"}, "--supported-transfer-mode", "lmcache_driven, engine_driven, auto"),
     (MPConfig, {"shm_name": "a/b"}, "--shm-name", "must not contain '/'"),
@@ -164,7 +168,7 @@ def test_server_config_to_dict_is_json_and_grouped() -> None:
     assert data["mp"]["max_gpu_workers"] == 1
     assert data["l1"]["size_gb"] == 1.0
     assert data["eviction"]["policy"] == "LRU"
-    assert data["http"] == {"host": "0.0.0.0", "port": 8080}
+    assert data["http"] == {"host": "127.0.0.1", "port": 8080}
     assert json.loads(json.dumps(data)) == data
 
 

@@ -151,7 +151,33 @@ class MultiSlotStore(ObjectStore):
 
 
 def _raw_block(cfg: RawBlockAdapterConfig) -> SlotStore:
-    io = FileIO(cfg.device_path, cfg.capacity_bytes, direct=cfg.use_odirect, align=cfg.block_align)
+    """The slot store on ``cfg.device_path``.  A device or file that cannot be opened, or is
+    too small for the metadata area and one slot, is a ConfigError naming the adapter and the
+    field (``kvhive server`` exits 2), not a traceback."""
+    try:
+        io = FileIO(
+            cfg.device_path, cfg.capacity_bytes, direct=cfg.use_odirect, align=cfg.block_align
+        )
+    except CapacityExceeded as exc:  # a missing file and no capacity_bytes to create it
+        raise cfg.fail(f"field 'capacity_bytes': {exc}") from None
+    except OSError as exc:
+        raise cfg.fail(f"field 'device_path': cannot open {cfg.device_path!r}: {exc}") from None
+    need = cfg.meta_total_bytes + cfg.slot_bytes
+    if io.size() < need:
+        io.close()
+        raise cfg.fail(
+            f"field 'meta_total_bytes' ({cfg.meta_total_bytes}) and one slot of slot_bytes "
+            f"({cfg.slot_bytes}) need {need} bytes, but {cfg.device_path!r} holds {io.size()} "
+            "(raise capacity_bytes or lower meta_total_bytes)"
+        )
+    try:
+        return _slot_store(cfg, io)
+    except CapacityExceeded as exc:  # e.g. a metadata area too small for its two copies
+        io.close()
+        raise cfg.fail(f"field 'meta_total_bytes': {exc}") from None
+
+
+def _slot_store(cfg: RawBlockAdapterConfig, io: FileIO) -> SlotStore:
     return SlotStore(
         io,
         device_path=cfg.device_path,
