@@ -94,7 +94,7 @@ def test_env_contract_output_exit_and_stop(
     assert f"[plugin envdump.py] EXE {sys.executable}" in msgs  # the server's interpreter
     full = json.loads(env["LMCACHE_RUNTIME_PLUGIN_CONFIG"])
     assert set(full) >= {"mp_config", "storage_manager_config", "obs_config", "http_config"}
-    assert full["http_config"] == {"http_host": "127.0.0.1", "http_port": 8123}
+    assert full["http_config"] == {"http_host": "0.0.0.0", "http_port": 8123}
     assert full["runtime_plugin_extra_config"] == {"plugin.frontend.heartbeat_url": "http://x/hb"}
     assert full["kvhive_config"]["http_admin"]["api_token"] == "***"  # masked in the JSON
     assert json.loads(env["LMCACHE_RUNTIME_PLUGIN_EXTRA_CONFIG"]) == {

@@ -16,10 +16,10 @@ class HTTPConfig:
 
     host: str = flag_field(
         "--http-host",
-        default="127.0.0.1",
+        default="0.0.0.0",
         check=non_empty,
-        help="Host the HTTP server binds (the reference's default: loopback only; bind a "
-        "routable address on a trusted network, or with --api-key-file).",
+        help="Host the HTTP server binds (the seed's default, all interfaces; in production "
+        "bind 127.0.0.1, or protect the API with --api-key-file / --http-api-token).",
     )
     port: int = flag_field(
         "--http-port", default=8080, check=PORT, help="Port the HTTP server binds."

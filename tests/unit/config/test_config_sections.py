@@ -36,7 +36,7 @@ def test_storage_and_http_defaults_equal_the_seed() -> None:
     ev = EvictionConfig(policy="LRU")
     assert (ev.trigger_watermark, ev.ratio) == (0.8, 0.2)
     http = HTTPConfig()
-    assert (http.host, http.port) == ("127.0.0.1", 8080)  # lmcache 0.5.6/0.5.7 (the seed: 0.0.0.0)
+    assert (http.host, http.port) == ("0.0.0.0", 8080)  # the seed (the packages bind 127.0.0.1)
 
 
 def test_required_fields_have_no_default() -> None:
@@ -168,7 +168,7 @@ def test_server_config_to_dict_is_json_and_grouped() -> None:
     assert data["mp"]["max_gpu_workers"] == 1
     assert data["l1"]["size_gb"] == 1.0
     assert data["eviction"]["policy"] == "LRU"
-    assert data["http"] == {"host": "127.0.0.1", "port": 8080}
+    assert data["http"] == {"host": "0.0.0.0", "port": 8080}
     assert json.loads(json.dumps(data)) == data
 
 
