@@ -16,6 +16,11 @@ builtin        Python hash() of the tuple (int, 8 bytes)   hash((0, (0,), None))
 Chunk hashes are ``bytes``: 32 for blake3/sha256_cbor, 8 (big-endian, signed) for builtin.
 Token ids must be integers in 0..2**32-1 for every algorithm (real vocabularies are far
 smaller); anything else raises :class:`~kvhive.errors.BadRequest`, never a crash.
+
+Tokens arrive as ints (a 0.5.6 key's ``token_ids``, a numpy array) or packed
+(:class:`~kvhive.wire.types.PackedTokens`, a 0.5.7 key's ``token_bytes``: big-endian uint32,
+exactly the bytes blake3 hashes).  blake3 hashes packed tokens as they are, without
+making ints; sha256_cbor and builtin hash Python ints, read from the bytes by numpy.
 """
 
 from __future__ import annotations
@@ -33,6 +38,7 @@ from blake3 import blake3
 
 from kvhive import envs
 from kvhive.errors import BadRequest
+from kvhive.wire.types import PackedTokens
 
 logger = logging.getLogger(__name__)
 
@@ -44,8 +50,9 @@ U32_MAX = 0xFFFF_FFFF
 _U32_CODE = next(code for code in "IL" if array.array(code).itemsize == 4)
 _SWAP_TO_BIG_ENDIAN = sys.byteorder == "little"
 
-# A chain step: (parent hash in the algorithm's native form, validated chunk tokens) -> hashes.
-_Chain = Callable[[Any, "array.array[int]", int], list[bytes]]
+# A chain step: (parent hash in the algorithm's native form, the tokens -- big-endian
+# uint32 bytes for blake3, Python ints for the others --, chunk size) -> hashes.
+_Chain = Callable[[Any, Any, int], list[bytes]]
 
 
 def default_none_hash_seed() -> str:
@@ -87,10 +94,25 @@ def _bad_token(token_ids: Any) -> BadRequest:
 # -- the three algorithms ----------------------------------------------------------------------
 
 
-def _chain_blake3(parent: bytes, tokens: array.array[int], chunk_size: int) -> list[bytes]:
+def _big_endian(tokens: Sequence[int] | np.ndarray | PackedTokens) -> memoryview:
+    """The tokens as big-endian uint32 bytes: a packed key's own bytes, else one validated
+    C-level conversion (BadRequest for an id outside 0..2**32-1)."""
+    if isinstance(tokens, PackedTokens):
+        return tokens.data
+    words = _u32_tokens(tokens)
     if _SWAP_TO_BIG_ENDIAN:
-        tokens.byteswap()  # in place; the array is our private copy
-    data = memoryview(tokens).cast("B")
+        words.byteswap()  # in place; the array is our private copy
+    return memoryview(words).cast("B")
+
+
+def _ints(tokens: Sequence[int] | np.ndarray | PackedTokens) -> list[int]:
+    """The tokens as validated Python ints (sha256_cbor and builtin hash ints)."""
+    if isinstance(tokens, PackedTokens):
+        return np.frombuffer(tokens.data, dtype=">u4").tolist()
+    return _u32_tokens(tokens).tolist()
+
+
+def _chain_blake3(parent: bytes, data: memoryview, chunk_size: int) -> list[bytes]:
     step = 4 * chunk_size
     out: list[bytes] = []
     for offset in range(0, len(data), step):
@@ -106,8 +128,7 @@ def _sha256_cbor(obj: Any) -> bytes:
     return hashlib.sha256(cbor2.dumps(obj, canonical=True)).digest()
 
 
-def _chain_sha256_cbor(parent: bytes, tokens: array.array[int], chunk_size: int) -> list[bytes]:
-    ints = tokens.tolist()
+def _chain_sha256_cbor(parent: bytes, ints: list[int], chunk_size: int) -> list[bytes]:
     out: list[bytes] = []
     for start in range(0, len(ints), chunk_size):
         parent = _sha256_cbor((parent, tuple(ints[start : start + chunk_size]), None))
@@ -115,8 +136,7 @@ def _chain_sha256_cbor(parent: bytes, tokens: array.array[int], chunk_size: int)
     return out
 
 
-def _chain_builtin(parent: int, tokens: array.array[int], chunk_size: int) -> list[bytes]:
-    ints = tokens.tolist()
+def _chain_builtin(parent: int, ints: list[int], chunk_size: int) -> list[bytes]:
     out: list[bytes] = []
     for start in range(0, len(ints), chunk_size):
         parent = hash((parent, tuple(ints[start : start + chunk_size]), None))
@@ -147,6 +167,7 @@ class TokenHasher:
         "none_hash_seed",
         "digest_size",
         "_chain",
+        "_tokens",
         "_none_parent",
     )
 
@@ -158,6 +179,8 @@ class TokenHasher:
         self.algorithm = algorithm
         self.chunk_size = chunk_size
         self._chain = _CHAINS[algorithm]
+        # What the chain hashes: big-endian bytes (blake3) or ints (the others).
+        self._tokens: Callable[[Any], Any] = _big_endian if algorithm == "blake3" else _ints
         self.none_hash_seed: str | None = None
         if algorithm == "blake3":
             # H((0, (0,), None)): the int prefix 0 as 8 bytes, then the single token 0 as 4 bytes.
@@ -190,7 +213,7 @@ class TokenHasher:
 
     def chunk_hashes(
         self,
-        token_ids: Sequence[int] | np.ndarray,
+        token_ids: Sequence[int] | np.ndarray | PackedTokens,
         end: int | None = None,
         start_hash: bytes | None = None,
     ) -> list[bytes]:
@@ -212,12 +235,12 @@ class TokenHasher:
             return []
         if length < len(token_ids):
             token_ids = token_ids[:length]  # slice only when needed: copying 100k ids costs ~0.1 ms
-        return self._chain(parent, _u32_tokens(token_ids), self.chunk_size)
+        return self._chain(parent, self._tokens(token_ids), self.chunk_size)
 
     def extend(
         self,
         prev_hashes: Sequence[bytes],
-        token_ids: Sequence[int] | np.ndarray,
+        token_ids: Sequence[int] | np.ndarray | PackedTokens,
         upto_chunks: int,
     ) -> list[bytes]:
         """The hashes of chunks ``len(prev_hashes) .. upto_chunks-1`` of ``token_ids``.

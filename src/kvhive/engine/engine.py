@@ -29,6 +29,7 @@ from kvhive.engine.registry import Registry
 from kvhive.engine.sessions import Sessions
 from kvhive.engine.stats import EngineStats, TransferBrackets
 from kvhive.engine.transfers import TransferService
+from kvhive.errors import BadRequest
 from kvhive.observability.bus import DISABLED, EventBus
 from kvhive.observability.health import InFlight
 from kvhive.observability.publish import EngineTelemetry
@@ -95,6 +96,25 @@ class CacheEngine:
 
     def get_chunk_size(self) -> int:
         return self.chunk_size
+
+    def negotiate_chunk_size(self, required_chunk_alignment: int) -> int:
+        """0.5.7: the chunk size, when it is a multiple of the engine's alignment (the LCM
+        of its KV groups' tokens per block).  Unlike the reference, which rounds its size
+        up to the alignment before the first session, kvhive never changes the size at
+        runtime: chunk hashes, stored objects and L2 contents all depend on it, so a
+        mismatch is refused (BadRequest: an error reply naming the flag to change)."""
+        a = required_chunk_alignment
+        if a < 1:
+            raise BadRequest(f"required_chunk_alignment must be >= 1, got {a}")
+        c = self.chunk_size
+        if c % a:
+            raise BadRequest(
+                f"--chunk-size {c} is not a multiple of the engine's required chunk "
+                f"alignment {a}; kvhive does not change its chunk size at runtime (chunk "
+                f"hashes and stored objects depend on it): restart it with --chunk-size "
+                f"{-(-c // a) * a} (or another multiple of {a})"
+            )
+        return c
 
     def get_experimental(self) -> list[str]:
         return []

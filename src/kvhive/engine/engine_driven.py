@@ -4,8 +4,18 @@ Two strategies, chosen at registration:
 * shared L1 pool (``--shm-name``): the whole L1 arena is a POSIX segment the worker
   maps; prepare_* hand out ``{offset, length, shape, dtype}`` slots in it and
   commit_* publish (store) or unlock (retrieve).  Zero copies in the server.
-* pickle: chunk tensors travel as torch pickles inside commit_store/prepare_retrieve
-  (needs torch in the server; a restricted unpickler guards the decode).
+* inline: chunk tensors travel inside commit_store/prepare_retrieve, in one of two forms:
+  torch pickles from 0.5.6 workers (needs torch in the server; a restricted unpickler
+  guards the decode) or 0.5.7's msgpack tensor envelopes (no torch:
+  :mod:`kvhive.transfer.tensor_envelope`), checked against the registered layout.
+
+Which inline form an instance speaks: a commit says it by its first byte; a retrieve is
+answered in the form of the registration, which says it by its field set (a 0.5.7
+worker always sends ``group_layouts``, a 0.5.6 one never does); a commit in the other
+form switches the instance to it.  kvhive stores one LMCache group per worker: a 0.5.7
+registration with several ``group_layouts`` (hybrid KV) is refused, one layout must
+describe the top-level object.  0.5.7's ``skipped_chunks`` (chunks whose blocks are all
+the null block) get no reservation on the shared pool.
 
 Locks (see :mod:`kvhive.engine.lookups` for the whole contract): prepare_store reserves
 under the instance's ``WriterOwner`` until commit_store; prepare_retrieve pins the chunks
@@ -22,8 +32,12 @@ from __future__ import annotations
 
 import logging
 import threading
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
+
+import msgspec
+import numpy as np
 
 from kvhive.engine import keys as k
 from kvhive.engine.lookups import LookupService
@@ -35,8 +49,9 @@ from kvhive.keys import InstanceId, ObjectKey
 from kvhive.storage.l1.manager import L1Manager
 from kvhive.storage.l1.records import Slot
 from kvhive.storage.owners import WorkerCopyPin, WriterOwner
-from kvhive.transfer import pickle_codec
-from kvhive.transfer.descriptors import itemsize
+from kvhive.transfer import pickle_codec, tensor_envelope
+from kvhive.transfer.descriptors import canonical_dtype, itemsize
+from kvhive.transfer.tensor_envelope import PayloadForm, TensorLayout
 from kvhive.wire import types as t
 
 log = logging.getLogger(__name__)
@@ -91,6 +106,7 @@ class EngineDriven:
         self.pool_size = pool_size
         self._pending_stores: dict[PendingKey, list[Slot | None]] = {}
         self._pending_reads: dict[PendingKey, list[ObjectKey]] = {}
+        self._forms: dict[int, PayloadForm] = {}  # inline payload form per instance
         self._lock = threading.Lock()
         registry.on_drop(self._forget)
 
@@ -99,9 +115,11 @@ class EngineDriven:
     ) -> t.EngineDrivenResponse:
         if MODE not in self.transfers.transfer_modes:
             raise UnsupportedError("this server runs with --supported-transfer-mode lmcache_driven")
-        if not self.pool_name and not pickle_codec.torch_available():
+        v057 = p.group_layouts is not msgspec.UNSET  # module docstring
+        form: PayloadForm = "envelope" if v057 else "pickle"
+        if not self.pool_name and form == "pickle" and not pickle_codec.torch_available():
             raise UnsupportedError(
-                "engine-driven pickle transfer needs torch in the server "
+                "engine-driven pickle transfer (a 0.5.6 worker) needs torch in the server "
                 "(pip install 'kvhive[torch]') or a shared L1 pool (--shm-name)"
             )
         for name, v in (
@@ -112,6 +130,8 @@ class EngineDriven:
             if v < 1:
                 raise BadRequest(f"{name} must be >= 1, got {v}")
         slots = p.num_physical_slots or self.transfers.chunk_size
+        if isinstance(p.group_layouts, list):
+            self._check_group_layouts(p, p.group_layouts, slots)
         shape = (
             (p.num_layers, slots, p.hidden_dim_size)
             if p.use_mla
@@ -135,21 +155,63 @@ class EngineDriven:
                 shm_pool=bool(self.pool_name),
             )
         )
+        with self._lock:  # after add(): replacing drops the old registration's entry
+            self._forms[p.instance_id] = form
         log.info(
             "registered engine-driven instance %d (%s, object %s %s, %s)",
             p.instance_id,
             p.model_name,
             shape,
             p.dtype_str,
-            "shm pool" if self.pool_name else "pickle",
+            "shm pool" if self.pool_name else f"inline {form}",
         )
-        return t.EngineDrivenResponse(shm_name=self.pool_name, pool_size=self.pool_size)
+        return t.EngineDrivenResponse(
+            shm_name=self.pool_name,
+            pool_size=self.pool_size,
+            null_block_id=self.transfers.null_block_id if v057 else msgspec.UNSET,
+        )
+
+    @staticmethod
+    def _check_group_layouts(
+        p: t.EngineDrivenPayload, layouts: list[t.GroupLayout], slots: int
+    ) -> None:
+        """A 0.5.7 registration's ``group_layouts``: none (one group, the top-level fields
+        describe it) or one that describes the same object; several are refused."""
+        if len(layouts) > 1:
+            raise UnsupportedError(
+                f"group_layouts lists {len(layouts)} LMCache groups: kvhive serves one group "
+                "per engine-driven worker (hybrid-KV models with sliding-window or recurrent "
+                "groups are not supported)"
+            )
+        if not layouts:
+            return
+        g = layouts[0]
+        planes = 1 if p.use_mla else 2
+        try:
+            same_dtype = canonical_dtype(g.dtype_str) == canonical_dtype(p.dtype_str)
+        except RegistrationError:
+            same_dtype = False
+        for field, ok in (
+            ("num_layers", g.num_layers == p.num_layers),
+            ("hidden_dim_size", g.hidden_dim_size == p.hidden_dim_size),
+            ("dtype_str", same_dtype),
+            ("window_tokens", g.window_tokens in (0, slots)),
+            ("kv_size", g.kv_size in (0, planes)),
+            ("window_chunks", g.window_chunks == 0),
+            ("recurrent", not g.recurrent),
+        ):
+            if not ok:
+                raise UnsupportedError(
+                    f"group_layouts[0].{field} = {getattr(g, field)!r} does not describe the "
+                    "registered full-attention object (kvhive serves one full-attention group)"
+                )
 
     def unregister_kv_cache_engine_driven_context(self, instance_id: int) -> None:
         self.registry.remove(instance_id)
 
     def _forget(self, inst: Instance, reason: str) -> None:
         with self._lock:
+            self._forms.pop(inst.instance_id, None)
             for table in (self._pending_stores, self._pending_reads):
                 for pk in [pk for pk in table if pk.instance_id == inst.instance_id]:
                     del table[pk]
@@ -174,15 +236,26 @@ class EngineDriven:
 
     # ---- store ---------------------------------------------------------------------
 
-    def prepare_store(self, key: t.CacheKey, instance_id: int) -> t.PrepareStoreResponse:
-        """Shared pool: reserve L1 slots for the range and hand out where they are."""
+    def prepare_store(
+        self, key: t.CacheKey, instance_id: int, skipped_chunks: Sequence[Sequence[int]] = ()
+    ) -> t.PrepareStoreResponse:
+        """Shared pool: reserve L1 slots for the range and hand out where they are; no
+        slot for the chunks ``skipped_chunks`` names (0.5.7: per group, the positions in
+        the range whose blocks are all the null block; one group here)."""
         inst = self._inst(instance_id)
         kv_rank = k.kv_rank_of(key)
         inst.kv_ranks.add(kv_rank)
+        skip = self._skipped(key, skipped_chunks)
         if not inst.shm_pool:
             return t.PrepareStoreResponse(context={})
         keys = self.transfers.chunk_keys(key, kv_rank)
-        slots = self.l1.reserve(keys, inst.geometry.nbytes, WriterOwner(inst.instance_id))
+        todo = [i for i in range(len(keys)) if i not in skip]
+        slots: list[Slot | None] = [None] * len(keys)
+        reserved = self.l1.reserve(
+            [keys[i] for i in todo], inst.geometry.nbytes, WriterOwner(inst.instance_id)
+        )
+        for i, slot in zip(todo, reserved, strict=True):
+            slots[i] = slot
         pk = PendingKey.of(instance_id, key)
         with self._lock:
             old = self._pending_stores.pop(pk, None)
@@ -197,11 +270,31 @@ class EngineDriven:
             }
         )
 
+    def _skipped(self, key: t.CacheKey, skipped_chunks: Sequence[Sequence[int]]) -> set[int]:
+        """The chunk positions of ``key``'s range not to reserve; BadRequest unless there is
+        one entry per registered group (here: one) and each position is in the range."""
+        if not skipped_chunks:
+            return set()
+        if len(skipped_chunks) != 1:
+            raise BadRequest(
+                f"skipped_chunks has {len(skipped_chunks)} groups; the worker registered 1"
+            )
+        first, end = k.chunk_range(key, self.transfers.chunk_size, aligned=True)
+        skip = set(skipped_chunks[0])
+        if any(not 0 <= i < end - first for i in skip):
+            raise BadRequest(f"skipped_chunks[0] names a chunk outside the {end - first} in range")
+        return skip
+
     def commit_store(self, key: t.CacheKey, instance_id: int, data: bytes) -> bool:
-        """Publish what the worker wrote (shared pool), or decode and store its pickled
-        chunk tensors.  True when every reserved chunk was committed."""
+        """Publish what the worker wrote (shared pool), or decode and store its inline
+        chunk tensors (a pickle or a tensor envelope).  True when every reserved chunk
+        was committed."""
         inst = self._inst(instance_id)
         if data:
+            form = tensor_envelope.payload_form(data)
+            self._note_form(inst.instance_id, form)
+            if form == "envelope":
+                return self._commit_envelope(inst, key, data)
             return self._commit_pickle(inst, key, data)
         with self._lock:
             slots = self._pending_stores.pop(PendingKey.of(instance_id, key), None)
@@ -217,6 +310,28 @@ class EngineDriven:
             raise TransferFailed(f"{len(taken) - tally.stored} reservations expired before commit")
         return True
 
+    def _note_form(self, instance_id: int, form: PayloadForm) -> None:
+        """Retrieves are answered in the form the instance's commits use."""
+        with self._lock:
+            old = self._forms.get(instance_id)
+            self._forms[instance_id] = form
+        if old is not None and old != form:
+            log.info("engine-driven instance %d commits %s payloads now", instance_id, form)
+
+    def _layout(self, inst: Instance) -> TensorLayout:
+        return TensorLayout.of(inst.geometry.shape, inst.geometry.dtype)
+
+    def _commit_envelope(self, inst: Instance, key: t.CacheKey, data: bytes) -> bool:
+        """A 0.5.7 tensor envelope (flat, or grouped with the one registered group, whose
+        ``chunk_indices`` name the chunks it carries), checked against the layout."""
+        keys = self.transfers.chunk_keys(key, k.kv_rank_of(key))
+        layout = self._layout(inst)
+        if tensor_envelope.is_grouped(data):
+            [(indices, tensors)] = tensor_envelope.decode_grouped(data, [(layout, len(keys))])
+            return self._write(inst, key, [keys[i] for i in indices], tensors)
+        tensors = tensor_envelope.decode_tensors(data, layout, len(keys))
+        return self._write(inst, key, keys, tensors)
+
     def _commit_pickle(self, inst: Instance, key: t.CacheKey, data: bytes) -> bool:
         tensors = pickle_codec.decode_tensors(data)
         keys = self.transfers.chunk_keys(key, k.kv_rank_of(key))
@@ -227,13 +342,20 @@ class EngineDriven:
             raise TransferFailed(
                 f"commit_store: chunk tensor size differs from the object layout ({nbytes})"
             )
+        return self._write(inst, key, keys, tensors)
+
+    def _write(
+        self, inst: Instance, key: t.CacheKey, keys: list[ObjectKey], tensors: Sequence[Any]
+    ) -> bool:
+        """Reserve ``keys``, copy each one's tensor (``geometry.nbytes`` bytes) in, commit."""
+        nbytes = inst.geometry.nbytes
         with self.brackets.storing(key, inst.instance_id, object_nbytes=nbytes) as tally:
             slots = self.l1.reserve(keys, nbytes, WriterOwner(inst.instance_id))
             taken = [s for s in slots if s is not None]
             try:
                 for slot, arr in zip(slots, tensors, strict=True):
                     if slot is not None:
-                        self.l1.view(slot)[:] = arr.reshape(-1)
+                        self.l1.view(slot)[:] = np.frombuffer(arr, np.uint8)
             except BaseException:
                 self.l1.abort(taken)
                 raise
@@ -271,10 +393,15 @@ class EngineDriven:
                 success=True, context={"slots": [self._slot_desc(s, inst) for s in held]}
             )
         g = inst.geometry
+        with self._lock:
+            form = self._forms.get(inst.instance_id, "pickle")
         try:
             with self.brackets.retrieving(key, instance_id, keys, object_nbytes=g.nbytes) as tally:
                 views = [self.l1.view(s) for s in held]
-                data = pickle_codec.encode_tensors(views, g.shape, g.dtype)
+                if form == "envelope":
+                    data = tensor_envelope.encode_tensors(views, self._layout(inst))
+                else:
+                    data = pickle_codec.encode_tensors(views, g.shape, g.dtype)
                 tally.ok = True
         finally:
             self.l1.unlock(keys, pin)

@@ -7,20 +7,33 @@ Lock contract (owners are the records of :mod:`kvhive.storage.owners`)::
         owner LookupOwner(request, model, r).  Ranks that found a longer prefix than the
         shortest give the extra back at once, so every rank holds the same prefix.
         With L2, the prefetch adds loaded chunks under the same owners and counts.
+        A 0.5.7 key (``token_bytes``) with ``start`` > 0 starts past the engine's own
+        prefix-cache hit: chunks below ``start`` are touched, not locked, and count as
+        hit (the reported hit is absolute); 0.5.6 keys always look up from chunk 0.
     retrieve / prepare_retrieve (one worker of rank r)
         returns ONE of the N locks of rank r on the chunks it read, on every way out:
         copied, failed, or instance unknown.  That is why ``retrieve`` builds the chunk
         keys before it checks the instance: the lock must go back even when the worker
         is gone.  (Its copy runs under a CopyPin / WorkerCopyPin of its own.)
     free_lookup_locks(key)    returns all N locks of every rank on the chunks in range
-                              (the engine decided not to load them).
+                              (the engine decided not to load them), never below the
+                              lookup's first locked chunk.
+      + extra_ranges (0.5.7)  each (start, hit_end) names an abandoned lookup: a reported
+                              lookup that a newer one of the request replaced (a
+                              ``RetiredLookup``; its locks stay until named).  Its chunks
+                              from ``start`` up are given back once: a range that matches
+                              no retired lookup, or one already given back, releases
+                              nothing (all lookups of a request share its owners, so a
+                              guessed range would take the current lookup's locks).
     end_session(request)      drops whatever the request still holds (all ranks).
     reap_sessions()           the same for sessions idle past the session TTL.
     session evicted           the same when the session table is full (``MAX_SESSIONS``)
                               and a new request needs room: the least recently used
                               session is ended early (counted in ``sessions_evicted``).
     a newer lookup            for the same request frees the older one's locks (now, or
-                              when its prefetch finishes).
+                              when its prefetch finishes) if that one was never reported;
+                              a reported one is retired (see extra_ranges): the client may
+                              be loading from it.
     instance dropped          (unregister, reaped, replaced) drops its WriterOwner and
                               WorkerCopyPin holds; if no other live worker serves one of
                               its ranks, also that rank's LookupOwner locks.
@@ -33,12 +46,14 @@ thread for small lookups); status queries inline; the rest on the CPU pool.
 from __future__ import annotations
 
 import logging
+import threading
+from collections.abc import Sequence
 from functools import partial
 
 from kvhive.engine import keys as k
 from kvhive.engine.prefetch import Prefetcher
 from kvhive.engine.registry import ChunkGeometry, Instance, Registry
-from kvhive.engine.sessions import LookupJob, LookupState, Session, Sessions
+from kvhive.engine.sessions import LookupJob, LookupState, RetiredLookup, Session, Sessions
 from kvhive.engine.stats import EngineStats
 from kvhive.errors import BadRequest, KvhiveError
 from kvhive.keys import ObjectKey, RequestId
@@ -49,6 +64,10 @@ from kvhive.wire import types as t
 from kvhive.wire.ops import AfterReply
 
 log = logging.getLogger(__name__)
+
+MAX_RETIRED = 4
+"""Replaced reported lookups remembered per session for ``extra_ranges``; beyond, the
+oldest is forgotten (its locks then go back at ``end_session`` or the read TTL)."""
 
 
 class LookupService:
@@ -71,6 +90,7 @@ class LookupService:
         self.telemetry = telemetry
         self.stats = stats
         self.prefetcher = prefetcher
+        self._retired_lock = threading.Lock()  # retired-lookup records (CPU pool threads)
         sessions.on_evict(self._evicted)
 
     # ---- lookup ----------------------------------------------------------------------
@@ -87,6 +107,9 @@ class LookupService:
         old, session.job = session.job, None
         if old is not None:  # replaced before consumed: free its locks (now or when it ends)
             self._orphan(key.request_id, old)
+        if session.lookup is not None:  # replaced after it was reported: keep its locks
+            self._retire(session, session.lookup)
+            session.lookup = None
         state = LookupState(
             key.model_name, key.world_size, key.cache_salt, key.num_kv_readers, [], 0
         )
@@ -132,8 +155,13 @@ class LookupService:
         per_rank = state.keys = {
             rank: k.object_keys(key, state.hashes, rank) for rank in k.all_ranks(key)
         }
+        first = state.first_chunk = self._first_chunk(key, n_chunks)
+        if first:  # the engine holds these itself: keep their recency, lock nothing
+            for keys in per_rank.values():
+                self.l1.touch(keys[:first])
         hits = {
-            rank: self.l1.lock_prefix(zip(keys), key.num_kv_readers, k.lookup_owner(key, rank))
+            rank: first
+            + self.l1.lock_prefix(zip(keys[first:]), key.num_kv_readers, k.lookup_owner(key, rank))
             for rank, keys in per_rank.items()
         }
         state.hit_chunks = min(hits.values())
@@ -145,6 +173,14 @@ class LookupService:
                     key.num_kv_readers,
                 )
         return [[per_rank[r][i] for r in per_rank] for i in range(state.hit_chunks, n_chunks)]
+
+    def _first_chunk(self, key: t.CacheKey, n_chunks: int) -> int:
+        """The first chunk a lookup locks: 0.5.7 keys (packed tokens) start at ``start``,
+        past the engine's prefix-cache hit; 0.5.6 keys always start at chunk 0 (as the
+        0.5.6 server, which ignores a lookup's ``start``)."""
+        if not isinstance(key.token_ids, t.PackedTokens) or key.start <= 0:
+            return 0
+        return min(key.start // self.chunk_size, n_chunks)
 
     def _geometry(self, key: t.CacheKey) -> ChunkGeometry | None:
         for inst in self.registry.snapshot():
@@ -158,7 +194,7 @@ class LookupService:
         self.telemetry.lookup_end(
             request_id,
             job.state,
-            l1_chunks=job.state.hit_chunks,
+            l1_chunks=max(0, job.state.hit_chunks - job.state.first_chunk),
             l2_chunks=max(0, extra_chunks),
             early_exit=early_exit,
         )
@@ -208,10 +244,17 @@ class LookupService:
         """A retrieve of ``kv_rank`` is over (copied or not): one lookup lock per chunk back."""
         self.l1.unlock(keys, k.lookup_owner(key, kv_rank))
 
-    def free_lookup_locks(self, key: t.CacheKey, tp_size: int) -> None:
-        """Return every rank's locks on the chunks of ``key``'s range."""
+    def free_lookup_locks(
+        self, key: t.CacheKey, tp_size: int, extra_ranges: Sequence[tuple[int, int]] = ()
+    ) -> None:
+        """Return every rank's locks on the chunks of ``key``'s range, and those of the
+        abandoned lookups ``extra_ranges`` names (0.5.7; module docstring)."""
         session = self.sessions.get(key.request_id, create=False)
-        if session is None or key.start >= key.end:
+        if session is None:
+            return
+        for start, end in extra_ranges:
+            self._release_abandoned(session, start, end)
+        if key.start >= key.end:
             return
         if session.job is not None and session.job.is_done():
             self._take(session)
@@ -219,11 +262,61 @@ class LookupService:
         if state is None:
             log.debug("free_lookup_locks for %s without a lookup result", key.request_id)
             return
+        # Whole chunks only, as both references: a chunk that ``end`` cuts is still to be
+        # retrieved (from its start, skipping what the engine has), and that gives it back.
         first = key.start // self.chunk_size
-        end = min(-(-key.end // self.chunk_size), state.hit_chunks)
+        end = min(key.end // self.chunk_size, state.hit_chunks)
         self._release_range(key.request_id, state, first, end)
 
+    def _retire(self, session: Session, state: LookupState) -> None:
+        """Keep a replaced reported lookup for ``extra_ranges`` (bounded)."""
+        if state.hit_chunks <= state.first_chunk:
+            return  # it locked nothing
+        with self._retired_lock:
+            session.retired.append(RetiredLookup(state, state.hit_chunks))
+            if len(session.retired) > MAX_RETIRED:
+                dropped = session.retired.pop(0)
+                log.debug(
+                    "%s: forgetting an abandoned lookup of %d chunks (its locks go back at "
+                    "end_session)",
+                    session.request_id,
+                    dropped.held_end - dropped.state.first_chunk,
+                )
+
+    def _release_abandoned(self, session: Session, start: int, end: int) -> None:
+        """Give back the locks of the abandoned lookup whose hit ended at token ``end``,
+        from token ``start`` up; each chunk once (module docstring)."""
+        c = self.chunk_size
+        if start >= end:
+            return
+        hit_end = end // c
+        with self._retired_lock:
+            rec = next(
+                (
+                    r
+                    for r in reversed(session.retired)
+                    if r.state.hit_chunks == hit_end
+                    and r.held_end > max(start // c, r.state.first_chunk)
+                ),
+                None,
+            )
+            if rec is None:
+                log.debug(
+                    "free_lookup_locks %s: extra range [%d, %d) matches no abandoned lookup "
+                    "holding locks; nothing to release",
+                    session.request_id,
+                    start,
+                    end,
+                )
+                return
+            lo, hi = max(start // c, rec.state.first_chunk), rec.held_end
+            rec.held_end = lo
+            if lo <= rec.state.first_chunk:
+                session.retired.remove(rec)
+        self._release_range(session.request_id, rec.state, lo, hi)
+
     def _release_range(self, request_id: str, state: LookupState, first: int, end: int) -> None:
+        first = max(first, state.first_chunk)  # nothing below it was locked
         if end <= first:
             return
         rid = RequestId(request_id)

@@ -29,6 +29,7 @@ from typing import cast
 from kvhive.errors import BadRequest
 from kvhive.hashing import U32_MAX, TokenHasher
 from kvhive.keys import ChunkHash, ObjectKey
+from kvhive.wire.types import PackedTokens
 
 MAX_SESSIONS = 8192
 """Most request sessions kept at once (kvhive's bound; the reference keeps every session
@@ -43,7 +44,10 @@ _U32 = next(code for code in "IL" if array.array(code).itemsize == 4)
 
 def compact_tokens(tokens: Sequence[int], n: int) -> array.array[int]:
     """The first ``n`` token ids as one native uint32 array; BadRequest for a token that
-    is not an integer in 0..2**32-1 (the hasher's rule)."""
+    is not an integer in 0..2**32-1 (the hasher's rule).  Packed tokens (a 0.5.7 key) are
+    copied and byte-swapped in C, never turned into Python ints."""
+    if isinstance(tokens, PackedTokens):
+        return (tokens[:n] if len(tokens) > n else tokens).native()
     try:
         return array.array(_U32, tokens[:n] if len(tokens) > n else tokens)
     except (OverflowError, TypeError, ValueError):
@@ -52,9 +56,11 @@ def compact_tokens(tokens: Sequence[int], n: int) -> array.array[int]:
 
 @dataclass(slots=True)
 class LookupState:
-    """What a finished lookup locked: ``hit_chunks`` prefix chunks for every rank.
-    ``keys[rank]`` are that rank's object keys for ``hashes`` (kept to release and touch
-    them without building them again)."""
+    """What a finished lookup locked: chunks ``first_chunk .. hit_chunks-1`` for every
+    rank (``first_chunk`` > 0 only for a 0.5.7 lookup that starts past the engine's own
+    prefix-cache hit: those chunks are reported as hits but not locked).  ``keys[rank]``
+    are that rank's object keys for ``hashes`` (kept to release and touch them without
+    building them again)."""
 
     model_name: str
     world_size: int
@@ -63,6 +69,18 @@ class LookupState:
     hashes: list[ChunkHash]
     hit_chunks: int
     keys: dict[int, list[ObjectKey]] = field(default_factory=dict)
+    first_chunk: int = 0
+
+
+@dataclass(slots=True)
+class RetiredLookup:
+    """A reported lookup that a newer lookup of the same request replaced (0.5.7 calls it
+    abandoned): its locks on chunks ``state.first_chunk .. held_end-1`` are still held
+    until the client names its range in ``free_lookup_locks``' ``extra_ranges`` (or the
+    session ends).  ``held_end`` starts at ``state.hit_chunks`` and only moves down."""
+
+    state: LookupState
+    held_end: int
 
 
 _EVENT_LOCK = threading.Lock()
@@ -111,6 +129,7 @@ class Session:
     last_used: float = 0.0
     lookup: LookupState | None = None  # consumed result (hit length known)
     job: LookupJob | None = None  # running, or finished but not yet reported
+    retired: list[RetiredLookup] = field(default_factory=list)  # replaced reported lookups
 
 
 class Sessions:
@@ -200,8 +219,10 @@ class Sessions:
         if usable == n_chunks:
             return cached[:n_chunks]
         known = cached[:usable]
+        # Packed tokens are hashed from their own bytes (blake3 hashes exactly those).
+        source = tokens if isinstance(tokens, PackedTokens) else ids
         # The hasher's digests are this server's chunk hashes.
-        fresh = known + cast(list[ChunkHash], self._hasher.extend(known, ids, n_chunks))
+        fresh = known + cast(list[ChunkHash], self._hasher.extend(known, source, n_chunks))
         with self._lock:
             if session.hashes is cached or len(fresh) > len(session.hashes):
                 session.hashes = fresh

@@ -68,6 +68,7 @@ def build_routes(engine: CacheEngine, modules: ServerModules | None = None) -> M
             # small ops
             "clear": Route(engine.clear),
             "get_chunk_size": Route(engine.get_chunk_size),
+            "negotiate_chunk_size": Route(engine.negotiate_chunk_size),
             "ping": Route(engine.ping),
             "report_block_allocation": Route(engine.report_block_allocation),
             "noop": Route(engine.noop),

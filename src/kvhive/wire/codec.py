@@ -12,6 +12,9 @@ Bounds (every way out is a :class:`ProtocolError`, never another exception):
   ``max_arg_bytes`` and arrays over an ``ItemCap`` are refused before decoding
   (:func:`check_frames`), so the loop thread never decodes more than a few bytes for an
   INLINE op and a 10,000-layer registration costs a header read;
+- count: a request carries the op's argument frames, or fewer by the trailing arguments
+  that have defaults (0.5.6 clients do not send what 0.5.7 appended); the missing ones take
+  their defaults, and any other count is refused naming the op and the counts it takes;
 - depth: op frames and typed positions are decoded by typed decoders, which stop at the
   first value of the wrong shape (a nested array where an int belongs is one error, not
   2,000 levels of recursion); only ``Any`` positions (``request_configs``, layout hints,
@@ -52,6 +55,14 @@ _DESCRIPTOR_DECODER = msgspec.msgpack.Decoder(list[Any], ext_hook=_descriptor_fr
 _BOOL_OR_INT = msgspec.msgpack.Decoder(bool | int)
 
 
+_KEY_DECODER = msgspec.msgpack.Decoder(t.KeyFrame)
+
+
+def _decode_key(frame: bytes) -> t.CacheKey:
+    """A key in either version's form (``token_ids`` or ``token_bytes``, by field name)."""
+    return t.key_from_frame(_KEY_DECODER.decode(frame))
+
+
 def _make_decoder(arg_type: Any) -> Any:
     """A callable bytes -> value for one argument type (typed: msgspec never takes a
     bool for an int, and stops at the first value of the wrong shape)."""
@@ -59,6 +70,8 @@ def _make_decoder(arg_type: Any) -> Any:
         return _DESCRIPTOR_DECODER.decode
     if arg_type is bool:
         return _coerce_bool
+    if arg_type is t.CacheKey:
+        return _decode_key
     return msgspec.msgpack.Decoder(arg_type).decode
 
 
@@ -110,9 +123,10 @@ def decode_op(frame: bytes) -> OpSpec:
 def check_frames(spec: OpSpec, frames: list[bytes]) -> None:
     """The checks that need no decoding: argument count, total size, array entry counts.
     O(number of frames); safe on the loop thread for any request."""
-    expected = len(spec.args)
-    if len(frames) != expected:
-        raise ProtocolError(f"{spec.name} takes {expected} argument frame(s), got {len(frames)}")
+    most, least = len(spec.args), spec.min_args
+    if not least <= len(frames) <= most:
+        takes = f"{most}" if least == most else f"{least} (0.5.6) or {most} (0.5.7)"
+        raise ProtocolError(f"{spec.name} takes {takes} argument frame(s), got {len(frames)}")
     if spec.max_arg_bytes is not None:
         size = sum(map(len, frames))
         if size > spec.max_arg_bytes:
@@ -120,6 +134,8 @@ def check_frames(spec: OpSpec, frames: list[bytes]) -> None:
                 f"{spec.name}: {size} bytes of arguments, at most {spec.max_arg_bytes} accepted"
             )
     for cap in spec.item_caps:
+        if cap.arg >= len(frames):
+            continue  # an optional argument that was not sent
         n = _array_len(frames[cap.arg])
         if n is not None and n > cap.limit:
             raise RequestTooLarge(f"{spec.name}: {n} {cap.what}, at most {cap.limit} accepted")
@@ -130,7 +146,7 @@ def decode_args(spec: OpSpec, frames: list[bytes]) -> list[Any]:
     (``RequestTooLarge`` for a limit, nesting past the recursion limit included)."""
     check_frames(spec, frames)
     args = []
-    for i, (decode, frame) in enumerate(zip(_ARG_DECODERS[spec.name], frames, strict=True)):
+    for i, (decode, frame) in enumerate(zip(_ARG_DECODERS[spec.name], frames, strict=False)):
         try:
             args.append(decode(frame))
         except (msgspec.DecodeError, msgspec.ValidationError, ProtocolError) as exc:
@@ -139,6 +155,8 @@ def decode_args(spec: OpSpec, frames: list[bytes]) -> list[Any]:
             raise RequestTooLarge(f"{spec.name}: argument {i + 1} is nested too deeply") from None
         except MemoryError:
             raise RequestTooLarge(f"{spec.name}: argument {i + 1} is too large to decode") from None
+    if len(args) < len(spec.args):  # trailing arguments the client's version does not send
+        args.extend(spec.defaults[len(args) - spec.min_args :])
     if spec.over_limit is not None and (reason := spec.over_limit(args)) is not None:
         raise RequestTooLarge(f"{spec.name}: {reason}")
     return args

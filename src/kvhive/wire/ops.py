@@ -3,6 +3,11 @@ request limits checked before a frame is decoded (sizes, array entry counts).
 
 The ids are frozen by the protocol (protocol.md §3); new kvhive operations travel
 by name only and never take a number.
+
+Both protocol versions are served from this one table: 0.5.7 appended arguments to two
+ops (``free_lookup_locks``' ``extra_ranges``, ``prepare_store``'s ``skipped_chunks``) and
+its client always sends them, while a 0.5.6 client never does.  Such trailing arguments
+are declared with their defaults (``OpSpec.defaults``), so either frame count decodes.
 """
 
 from __future__ import annotations
@@ -79,6 +84,11 @@ _ID_BYTES = 4096
 MAX_REGISTRATION_LAYERS = 4096
 # A registration's frames: 4096 descriptors of ~250 bytes are 1 MiB; group infos are small.
 _REGISTRATION_BYTES = 8 * 1024 * 1024
+# LMCache groups of one worker (0.5.7's tensor envelopes carry at most 64).
+MAX_GROUPS = 64
+# Abandoned lookups' lock ranges in one free_lookup_locks (a client adds one per shrunk
+# prefix-cache hit of a request; a handful at most).
+MAX_EXTRA_RANGES = 1024
 
 
 @dataclass(frozen=True, slots=True)
@@ -132,6 +142,14 @@ class OpSpec:
     item_caps: tuple[ItemCap, ...] = ()
     # Limits inside decoded arguments: returns why they are over one, None when within.
     over_limit: Callable[[list[Any]], str | None] | None = None
+    # Values of the LAST len(defaults) arguments when the client did not send their frames
+    # (arguments a later protocol version appended): a request may carry from
+    # ``min_args`` to ``len(args)`` argument frames.
+    defaults: tuple[Any, ...] = ()
+
+    @property
+    def min_args(self) -> int:
+        return len(self.args) - len(self.defaults)
 
 
 def _registration_over_limit(args: list[Any]) -> str | None:
@@ -173,7 +191,15 @@ _SPECS = [
     # The job it reads is published before the lookup is acknowledged: O(1), never waits.
     OpSpec("query_prefetch_status", (str,), Pool.INLINE, 0, max_arg_bytes=_ID_BYTES),
     OpSpec("wait_prefetch_status", (str, float), Pool.CPU, 0, max_arg_bytes=_ID_BYTES + 16),
-    OpSpec("free_lookup_locks", (t.CacheKey, int), Pool.CPU),
+    # 0.5.7 appends extra_ranges: (start, hit_end) token pairs of the request's abandoned
+    # earlier lookups, released with this call.
+    OpSpec(
+        "free_lookup_locks",
+        (t.CacheKey, int, list[tuple[int, int]]),
+        Pool.CPU,
+        defaults=((),),
+        item_caps=(ItemCap(2, MAX_EXTRA_RANGES, "extra lock ranges"),),
+    ),
     OpSpec("end_session", (str,), Pool.CPU, max_arg_bytes=_ID_BYTES),
     OpSpec(
         "register_kv_cache_engine_driven_context",
@@ -189,7 +215,15 @@ _SPECS = [
         farewell=True,
         max_arg_bytes=16,
     ),
-    OpSpec("prepare_store", (t.CacheKey, int), Pool.AFFINITY, t.PrepareStoreResponse()),
+    # 0.5.7 appends skipped_chunks: per LMCache group, chunk positions not to reserve.
+    OpSpec(
+        "prepare_store",
+        (t.CacheKey, int, list[list[int]]),
+        Pool.AFFINITY,
+        t.PrepareStoreResponse(),
+        defaults=((),),
+        item_caps=(ItemCap(2, MAX_GROUPS, "groups of skipped chunks"),),
+    ),
     OpSpec("commit_store", (t.CacheKey, int, bytes), Pool.AFFINITY, False),
     OpSpec(
         "prepare_retrieve",
@@ -200,6 +234,9 @@ _SPECS = [
     OpSpec("commit_retrieve", (t.CacheKey, int), Pool.AFFINITY, False),
     OpSpec("clear", (bool,), Pool.CPU, max_arg_bytes=16),
     OpSpec("get_chunk_size", (), Pool.INLINE, has_soft=False, max_arg_bytes=0),
+    # By name only (0.5.7): the configured chunk size, or an error reply when it is not a
+    # multiple of the engine's required alignment (kvhive cannot change it at runtime).
+    OpSpec("negotiate_chunk_size", (int,), Pool.INLINE, has_soft=False, max_arg_bytes=16),
     OpSpec("ping", (int | None,), Pool.INLINE, True, max_arg_bytes=16),
     OpSpec("report_block_allocation", (int, str, list[t.BlockAllocationRecord]), Pool.CPU),
     OpSpec("noop", (), Pool.INLINE, "OK", max_arg_bytes=0),
@@ -223,6 +260,8 @@ def _check_inline_caps(specs: list[OpSpec]) -> None:
             s.max_arg_bytes is None or s.max_arg_bytes > MAX_INLINE_ARG_BYTES
         ):
             raise ValueError(f"INLINE op {s.name} needs max_arg_bytes <= {MAX_INLINE_ARG_BYTES}")
+        if len(s.defaults) > len(s.args):
+            raise ValueError(f"op {s.name} declares more defaults than arguments")
 
 
 _check_inline_caps(_SPECS)

@@ -1,29 +1,188 @@
-"""Wire structs of LMCache 0.5.6's multiprocess protocol (protocol.md §4, §8.3).
+"""Wire structs of LMCache's multiprocess protocol, 0.5.6 and 0.5.7 (protocol.md §4, §8.3;
+upstream-0.5.7.md §2.3).
 
 Structs travel as msgpack maps keyed by field name; the decoder matches by name
-and ignores unknown keys, so order does not matter on input.
+and ignores unknown keys, so order does not matter on input.  Both protocol versions
+share one decoder: where 0.5.7 changed a struct, what arrives decides (a key carries
+``token_ids`` or ``token_bytes``; a registration carries ``group_layouts`` or not).
 """
 
 from __future__ import annotations
 
-from typing import Any
+import array
+import sys
+from collections.abc import Iterator, Sequence
+from typing import Any, overload
 
 import msgspec
 
+TOKEN_STRIDE = 4
+"""Bytes per packed token id in a 0.5.7 key (big-endian uint32)."""
+_U32 = next(code for code in "IL" if array.array(code).itemsize == TOKEN_STRIDE)
+_SWAP = sys.byteorder == "little"
+
+
+class PackedTokens(Sequence[int]):
+    """Token ids as a 0.5.7 key packs them (``token_bytes``): big-endian uint32, one
+    4-byte word per token -- the very bytes blake3 hashes, so the server hashes them as
+    they are and never makes Python ints for them.  A read-only view over the request's
+    frame: slicing is zero-copy (whole tokens, step 1); ints are made only for those who
+    ask (:meth:`native`, iteration: the sha256_cbor/builtin hashers, the KV-event log).
+    """
+
+    __slots__ = ("_buf",)
+
+    def __init__(self, data: bytes | bytearray | memoryview) -> None:
+        buf = memoryview(data).cast("B")
+        if len(buf) % TOKEN_STRIDE:
+            raise ValueError(
+                f"token_bytes: {len(buf)} bytes is not a whole number of "
+                f"{TOKEN_STRIDE}-byte token ids"
+            )
+        self._buf = buf
+
+    @property
+    def data(self) -> memoryview:
+        """The packed bytes (big-endian uint32 words)."""
+        return self._buf
+
+    def __len__(self) -> int:
+        return len(self._buf) // TOKEN_STRIDE
+
+    @overload
+    def __getitem__(self, index: int) -> int: ...
+    @overload
+    def __getitem__(self, index: slice) -> PackedTokens: ...
+    def __getitem__(self, index: int | slice) -> int | PackedTokens:
+        n = len(self)
+        if isinstance(index, slice):
+            start, stop, step = index.indices(n)
+            if step != 1:
+                raise ValueError("PackedTokens slices take whole runs of tokens (step 1)")
+            stop = max(start, stop)
+            return PackedTokens(self._buf[start * TOKEN_STRIDE : stop * TOKEN_STRIDE])
+        i = index + n if index < 0 else index
+        if not 0 <= i < n:
+            raise IndexError(f"token index {index} out of range for {n} tokens")
+        return int.from_bytes(self._buf[i * TOKEN_STRIDE : (i + 1) * TOKEN_STRIDE], "big")
+
+    def native(self) -> array.array[int]:
+        """The tokens as one native uint32 array (a copy and a byte swap, both in C)."""
+        out = array.array(_U32)
+        out.frombytes(self._buf)
+        if _SWAP:
+            out.byteswap()
+        return out
+
+    def tolist(self) -> list[int]:
+        return self.native().tolist()
+
+    def __iter__(self) -> Iterator[int]:
+        return iter(self.native())
+
+    def __eq__(self, other: object) -> bool:
+        if isinstance(other, PackedTokens):
+            return self._buf == other._buf
+        return NotImplemented
+
+    __hash__ = None  # type: ignore[assignment]  # mutable-looking sequence, like list
+
+    def __repr__(self) -> str:
+        return f"PackedTokens({len(self)} tokens)"
+
+
+def pack_tokens(token_ids: Sequence[int]) -> PackedTokens:
+    """``token_ids`` packed as a 0.5.7 key carries them (for kvhive's own clients and tests)."""
+    words = array.array(_U32, token_ids)
+    if _SWAP:
+        words.byteswap()
+    return PackedTokens(words.tobytes())
+
 
 class CacheKey(msgspec.Struct, frozen=True):
-    """``IPCCacheServerKey``: a token range of one request, as the client sends it."""
+    """``IPCCacheServerKey``: a token range of one request, as the client sent it.
+
+    ``token_ids`` holds the request's tokens in the form they arrived: a list of ints
+    (0.5.6's ``token_ids``) or :class:`PackedTokens` (0.5.7's ``token_bytes``).  Both are
+    sequences of ints; the hasher and the session cache take the packed form without
+    making ints.  Requests are decoded through :class:`KeyFrame` (:func:`key_from_frame`).
+    """
 
     model_name: str
     world_size: int
     worker_id: int | None
-    token_ids: list[int]
+    token_ids: list[int] | PackedTokens
     start: int
     end: int
     request_id: str
     cache_salt: str = ""
     request_configs: dict[str, Any] | None = None
     num_kv_readers: int = 0
+
+    @property
+    def num_tokens(self) -> int:
+        return len(self.token_ids)
+
+
+class KeyFrame(msgspec.Struct, frozen=True, kw_only=True):
+    """A key as it travels: 0.5.6 sends ``token_ids`` (array of ints), 0.5.7 sends
+    ``token_bytes`` (packed big-endian uint32, decoded zero-copy); exactly one of them.
+    A 0.5.7 key's ``end`` may not pass its tokens.  Any violation fails the decode with
+    a message naming the field (the request gets an error reply)."""
+
+    model_name: str
+    world_size: int
+    worker_id: int | None
+    token_ids: list[int] | None = None
+    token_bytes: memoryview | None = None
+    start: int
+    end: int
+    request_id: str
+    cache_salt: str = ""
+    request_configs: dict[str, Any] | None = None
+    num_kv_readers: int = 0
+
+    def __post_init__(self) -> None:
+        if self.token_bytes is None:
+            if self.token_ids is None:
+                raise ValueError(
+                    "the key carries no tokens: `token_ids` (0.5.6) or `token_bytes` "
+                    "(0.5.7) is required"
+                )
+            return
+        if self.token_ids is not None:
+            raise ValueError("the key carries both `token_ids` and `token_bytes`; send one")
+        n = len(self.token_bytes)
+        if n % TOKEN_STRIDE:
+            raise ValueError(
+                f"`token_bytes` of {n} bytes is not a whole number of {TOKEN_STRIDE}-byte token ids"
+            )
+        if self.end > n // TOKEN_STRIDE:
+            raise ValueError(
+                f"`end` {self.end} is beyond the {n // TOKEN_STRIDE} tokens of `token_bytes`"
+            )
+
+
+def key_from_frame(frame: KeyFrame) -> CacheKey:
+    """The decoded key of a :class:`KeyFrame` (already checked by its ``__post_init__``)."""
+    tokens: list[int] | PackedTokens
+    if frame.token_bytes is not None:
+        tokens = PackedTokens(frame.token_bytes)
+    else:
+        assert frame.token_ids is not None  # __post_init__
+        tokens = frame.token_ids
+    return CacheKey(
+        frame.model_name,
+        frame.world_size,
+        frame.worker_id,
+        tokens,
+        frame.start,
+        frame.end,
+        frame.request_id,
+        frame.cache_salt,
+        frame.request_configs,
+        frame.num_kv_readers,
+    )
 
 
 class EngineGroupInfo(msgspec.Struct, frozen=True):
@@ -35,8 +194,26 @@ class EngineGroupInfo(msgspec.Struct, frozen=True):
     recurrent_state: bool = False
 
 
+class GroupLayout(msgspec.Struct, frozen=True):
+    """0.5.7 ``GroupLayout``: one LMCache group of a multi-group (hybrid-KV) worker.
+    ``window_tokens`` 0 = the whole chunk; ``kv_size`` 0 = unreported (use the payload's
+    ``use_mla``); ``window_chunks`` 0 = full attention (the whole prefix)."""
+
+    num_layers: int
+    hidden_dim_size: int
+    dtype_str: str
+    tokens_per_block: int
+    window_tokens: int = 0
+    kv_size: int = 0
+    window_chunks: int = 0
+    recurrent: bool = False
+
+
 class EngineDrivenPayload(msgspec.Struct, frozen=True):
-    """``RegisterEngineDrivenContextPayload``."""
+    """``RegisterEngineDrivenContextPayload``.  ``group_layouts`` is 0.5.7's field: a 0.5.7
+    worker always sends it (``[]`` for a single group), a 0.5.6 worker never does, so
+    ``UNSET`` names a 0.5.6 worker (pickle payloads) and a list a 0.5.7 one (tensor
+    envelopes)."""
 
     instance_id: int
     model_name: str
@@ -47,13 +224,18 @@ class EngineDrivenPayload(msgspec.Struct, frozen=True):
     dtype_str: str
     use_mla: bool
     num_physical_slots: int | None = None
+    group_layouts: list[GroupLayout] | msgspec.UnsetType = msgspec.UNSET
 
 
 class EngineDrivenResponse(msgspec.Struct):
-    """``RegisterEngineDrivenContextResponse``: ""/0 selects the pickle path."""
+    """``RegisterEngineDrivenContextResponse``: ""/0 selects the worker's inline path
+    (pickle for 0.5.6, tensor envelopes for 0.5.7).  ``null_block_id`` is 0.5.7's field,
+    sent to 0.5.7 registrations only (``UNSET`` fields are not encoded), so a 0.5.6
+    worker gets the reply it always got."""
 
     shm_name: str = ""
     pool_size: int = 0
+    null_block_id: int | msgspec.UnsetType = msgspec.UNSET
 
 
 class PrepareStoreResponse(msgspec.Struct):
