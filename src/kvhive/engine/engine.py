@@ -5,7 +5,8 @@
     CacheEngine (small ops, status)
       ├── lookups        LookupService    lookups, read locks, sessions  (engine/lookups.py)
       ├── transfers      TransferService  registration, store, retrieve   (engine/transfers.py)
-      └── engine_driven  EngineDriven     worker-copied transfers         (engine/engine_driven.py)
+      ├── engine_driven  EngineDriven     worker-copied transfers         (engine/engine_driven.py)
+      └── kv_events      KVEventLog       subscribe_kv_events records     (observability/kv_events.py)
            shared: Registry (instances), Sessions, EngineStats + TransferBrackets
 
 Thread model: registration, store, retrieve and the engine-driven prepare/commit run on
@@ -25,13 +26,14 @@ from typing import Any
 from kvhive.engine.engine_driven import EngineDriven
 from kvhive.engine.lookups import LookupService
 from kvhive.engine.prefetch import Prefetcher
-from kvhive.engine.registry import Registry
+from kvhive.engine.registry import Instance, Registry
 from kvhive.engine.sessions import Sessions
 from kvhive.engine.stats import EngineStats, TransferBrackets
 from kvhive.engine.transfers import TransferService
 from kvhive.errors import BadRequest
 from kvhive.observability.bus import DISABLED, EventBus
 from kvhive.observability.health import InFlight
+from kvhive.observability.kv_events import DEFAULT_LOG_SIZE, KVEventLog, KVEventSubscription
 from kvhive.observability.publish import EngineTelemetry
 from kvhive.storage.l1.manager import L1Manager
 from kvhive.wire import types as t
@@ -55,6 +57,7 @@ class CacheEngine:
         inflight: InFlight,
         pool_name: str = "",
         pool_size: int = 0,
+        kv_event_log_size: int = DEFAULT_LOG_SIZE,
     ) -> None:
         self.l1 = l1
         self.sessions = sessions
@@ -91,6 +94,9 @@ class CacheEngine:
             pool_size=pool_size,
         )
         registry.on_drop(self.lookups.release_instance)
+        # Records for subscribe_kv_events (off with a disabled bus or --kv-event-log-size 0).
+        self.kv_events = KVEventLog(bus, kv_event_log_size)
+        registry.on_drop(self._instance_dropped)
 
     # ---- small ops -------------------------------------------------------------
 
@@ -117,7 +123,21 @@ class CacheEngine:
         return c
 
     def get_experimental(self) -> list[str]:
-        return []
+        """Capabilities: ``kv_event_stream`` while the KV-event log records (0.5.6 workers
+        subscribe only then)."""
+        return [t.KV_EVENT_CAPABILITY] if self.kv_events.enabled else []
+
+    def subscribe_kv_events(
+        self, instance_id: int, model_name: str, cursor: int, max_events: int
+    ) -> KVEventSubscription:
+        """The stream source of ``instance_id``'s subscription (closing its previous one);
+        BadRequest unless ``cursor >= 0`` and ``0 < max_events <= 1024``."""
+        return self.kv_events.subscribe(instance_id, model_name, cursor, max_events)
+
+    def _instance_dropped(self, inst: Instance, reason: str) -> None:
+        """A reaped worker's subscription ends with it (as the reference's)."""
+        if reason == "reaped":
+            self.kv_events.close_instance(inst.instance_id)
 
     def noop(self) -> str:
         return "OK"
@@ -152,4 +172,5 @@ class CacheEngine:
                 str(i.instance_id): i.describe() for i in self.registry.snapshot()
             },
             "counters": self.stats.snapshot(),
+            "kv_events": self.kv_events.status(),
         }

@@ -290,6 +290,7 @@ class EngineDriven:
         chunk tensors (a pickle or a tensor envelope).  True when every reserved chunk
         was committed."""
         inst = self._inst(instance_id)
+        self.transfers.bind_tokens(key)  # ahead of the commit (KV-event "stored" records)
         if data:
             form = tensor_envelope.payload_form(data)
             self._note_form(inst.instance_id, form)

@@ -26,7 +26,7 @@ from kvhive.engine.registry import ChunkGeometry, Instance, Mode, Registry
 from kvhive.engine.sessions import Sessions
 from kvhive.engine.stats import TransferBrackets
 from kvhive.errors import RegistrationError, TransferFailed, UnsupportedError
-from kvhive.keys import InstanceId, ObjectKey
+from kvhive.keys import ChunkHash, InstanceId, ObjectKey
 from kvhive.storage.l1.manager import L1Manager
 from kvhive.storage.owners import CopyPin, WriterOwner
 from kvhive.transfer.backend import CopyBackend
@@ -79,11 +79,31 @@ class TransferService:
 
     def chunk_keys(self, key: t.CacheKey, kv_rank: int) -> list[ObjectKey]:
         """Object keys of the chunks in ``key``'s (chunk-aligned) range for ``kv_rank``."""
+        first, hashes = self._range_hashes(key)
+        return k.object_keys(key, hashes[first:], kv_rank)
+
+    def _range_hashes(self, key: t.CacheKey) -> tuple[int, list[ChunkHash]]:
+        """``key``'s first chunk, and the hashes of chunks 0 .. its end chunk - 1."""
         first, end = k.chunk_range(key, self.chunk_size, aligned=True)
         session = self.sessions.get(key.request_id)
         assert session is not None  # get() creates
-        hashes = self.sessions.hashes(session, key.token_ids, end)[first:end]
-        return k.object_keys(key, hashes, kv_rank)
+        return first, self.sessions.hashes(session, key.token_ids, end)
+
+    def bind_tokens(
+        self, key: t.CacheKey, first: int | None = None, hashes: list[ChunkHash] | None = None
+    ) -> None:
+        """Before a store commits: tell the KV-event log the tokens and parent hash of each
+        chunk in ``key``'s range (its "stored" records carry them).  Worker 0 (or a
+        scheduler key) only, as the reference: a chunk's tokens do not depend on the rank.
+        Free unless the log listens; ``first, hashes`` as :meth:`_range_hashes` gives them
+        (computed here when not given)."""
+        telemetry = self.brackets.telemetry
+        if key.worker_id not in (0, None) or not telemetry.wants_tokens:
+            return
+        if first is None or hashes is None:
+            first, hashes = self._range_hashes(key)
+        parent = hashes[first - 1] if first else None
+        telemetry.tokens_bound(key, hashes[first:], parent, first * self.chunk_size)
 
     def instance(self, instance_id: int, mode: Mode) -> Instance | None:
         """The live registration ``instance_id`` if it uses ``mode`` (marks it seen)."""
@@ -159,13 +179,15 @@ class TransferService:
         backend = inst.mapping
         kv_rank = k.kv_rank_of(key)
         inst.kv_ranks.add(kv_rank)
-        keys = self.chunk_keys(key, kv_rank)
+        first, hashes = self._range_hashes(key)
+        keys = k.object_keys(key, hashes[first:], kv_rank)
         per_chunk = _split_blocks(block_ids, len(keys), backend.blocks_per_chunk)
         todo = [
             (obj, blocks)
             for obj, blocks in zip(keys, per_chunk, strict=True)
             if any(b != self.null_block_id for b in blocks)
         ]
+        self.bind_tokens(key, first, hashes)
         with self.brackets.storing(key, instance_id, object_nbytes=inst.geometry.nbytes) as tally:
             slots = self.l1.reserve(
                 [obj for obj, _ in todo], inst.geometry.nbytes, WriterOwner(inst.instance_id)

@@ -36,6 +36,7 @@ class EventType(str, Enum):
     MP_LOOKUP = "mp.lookup"
     MP_LOOKUP_PREFETCH_END = "mp.lookup_prefetch.end"
     MP_STORE_SUBMITTED = "mp.store.submitted"
+    MP_TOKENS = "mp.tokens"
     MP_STORE_START = "mp.store.start"
     MP_STORE_END = "mp.store.end"
     MP_RETRIEVE_SUBMITTED = "mp.retrieve.submitted"
@@ -155,6 +156,21 @@ class LookupEnd(Event):
 @_event(EventType.MP_STORE_SUBMITTED)
 class StoreSubmitted(Event):
     device: str = "cpu"
+
+
+@_event(EventType.MP_TOKENS)
+class TokenBindings(Event):
+    """The tokens of the chunks a store is about to commit, published ahead of the commit
+    (only built when someone subscribes: the KV-event log).  Chunk ``i`` is
+    ``chunk_hashes[i]`` over ``tokens[first_token + i * chunk_size :][:chunk_size]``; its
+    parent is ``chunk_hashes[i - 1]``, and ``parent_hash`` for ``i == 0`` (None: the first
+    chunk of its sequence).  ``tokens`` is the request's token list, shared, never copied."""
+
+    chunk_hashes: Sequence[bytes]
+    parent_hash: bytes | None
+    tokens: Sequence[int]
+    first_token: int
+    chunk_size: int
 
 
 @_event(EventType.MP_STORE_START)

@@ -203,6 +203,29 @@ class EngineTelemetry:
             )
         )
 
+    @property
+    def wants_tokens(self) -> bool:
+        """Whether a store should publish its token bindings (the KV-event log listens)."""
+        return self.bus.has_subscribers(EventType.MP_TOKENS)
+
+    def tokens_bound(
+        self, key: Any, hashes: Sequence[bytes], parent: bytes | None, first_token: int
+    ) -> None:
+        """``mp.tokens`` for chunks ``hashes`` of ``key`` starting at token ``first_token``
+        (see :class:`~kvhive.observability.events.TokenBindings`); publish it before the
+        chunks are committed, so the log has their tokens when the commit event arrives."""
+        if hashes and self.wants_tokens:
+            self.bus.publish(
+                ev.TokenBindings(
+                    session_id=key.request_id,
+                    chunk_hashes=hashes,
+                    parent_hash=parent,
+                    tokens=key.token_ids,
+                    first_token=first_token,
+                    chunk_size=self.chunk_size,
+                )
+            )
+
     # ---- lookups ---------------------------------------------------------------------------------
 
     def lookup_start(self, key: Any) -> None:

@@ -26,6 +26,7 @@ from kvhive.server.dispatch import Dispatcher
 from kvhive.server.handlers import build_routes
 from kvhive.server.modules import load_server_modules
 from kvhive.server.pools import AffinityPool, CpuPool
+from kvhive.server.streams import DEFAULT_IDLE_CLOSE_S, StreamManager
 from kvhive.server.transport import ZmqServer
 from kvhive.storage.controllers import L2Layer
 from kvhive.storage.eviction import make_policy
@@ -103,17 +104,24 @@ class KvhiveServer:
             inflight=self.inflight,
             pool_name=pool_name,
             pool_size=l1c.size_bytes if pool_name else 0,
+            kv_event_log_size=mp.kv_event_log_size,
         )
         self.engine_driven = self.engine.engine_driven
         self.affinity = AffinityPool(mp.max_gpu_workers or mp.max_workers)
         self.cpu = CpuPool(mp.max_cpu_workers or mp.max_workers)
         self.dispatcher = Dispatcher(
-            build_routes(self.engine, self.modules), affinity=self.affinity, cpu=self.cpu
+            build_routes(self.engine, self.modules),
+            affinity=self.affinity,
+            cpu=self.cpu,
+            # A stream of a connection silent this long ends (workers ping every 10 s).
+            streams=StreamManager(
+                idle_close_s=mp.worker_reap_timeout_seconds or DEFAULT_IDLE_CLOSE_S
+            ),
         )
         urls = [f"tcp://{mp.host}:{mp.port}"]
         if mp.ipc_path:
             urls.append(f"ipc://{mp.ipc_path}")
-        self.zmq = ZmqServer(urls, self.dispatcher.handle)
+        self.zmq = ZmqServer(urls, self.dispatcher.handle, streams=self.dispatcher.streams)
         self.plugins = PluginLauncher(config)
         self.obs.attach(
             Sources(
@@ -238,6 +246,7 @@ class KvhiveServer:
                 "loop_stalled_seconds": round(self.zmq.stalled_for(), 3),
                 "outstanding_requests": self.dispatcher.outstanding(),
                 "bound_connections": len(self.affinity),
+                "streams": self.dispatcher.streams.stats(),
             },
             "uptime_seconds": round(time.time() - self.started_at, 3),
             "service_instance_id": self.obs.instance_id,

@@ -14,6 +14,11 @@ No exception leaves the request path without a reply: decoding raises only
 and a broad catch at each boundary (:meth:`Dispatcher.handle` on the loop thread,
 ``_run`` wherever the request runs) turns anything else into an ``internal`` error reply.
 
+Streaming ops (``subscribe_kv_events``): decoded and run on the loop thread like an INLINE
+op; the handler returns a :class:`~kvhive.server.streams.StreamSource` and the stream manager
+(:attr:`Dispatcher.streams`, shared with the transport) sends its batches.  A request it
+cannot serve (bad arguments) gets an error reply, as any other.
+
 Bounded work per connection: a connection with ``MAX_OUTSTANDING_PER_CONNECTION`` requests
 queued or running on the pools gets an immediate ``too_many_outstanding`` error reply for
 the next pooled request instead of queueing more (a client that never reads its replies
@@ -30,9 +35,10 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from functools import partial
 
-from kvhive.errors import KvhiveError, ProtocolError, TooManyOutstanding
+from kvhive.errors import KvhiveError, ProtocolError, TooManyOutstanding, UnsupportedError
 from kvhive.server.handlers import Route
 from kvhive.server.pools import AffinityPool, CpuPool
+from kvhive.server.streams import MAX_STREAMS_PER_CONNECTION, Peer, StreamManager, StreamSource
 from kvhive.wire import codec
 from kvhive.wire.ops import OPS, AfterReply, OpSpec, Pool
 
@@ -69,6 +75,7 @@ class Dispatcher:
         affinity: AffinityPool,
         cpu: CpuPool,
         max_outstanding: int = MAX_OUTSTANDING_PER_CONNECTION,
+        streams: StreamManager | None = None,
     ) -> None:
         missing = sorted(set(OPS) - set(routes))
         extra = sorted(set(routes) - set(OPS))
@@ -78,6 +85,8 @@ class Dispatcher:
         self._affinity = affinity
         self._cpu = cpu
         self._max_outstanding = max_outstanding
+        # Server-push streams; the transport routes their control frames and pumps them.
+        self.streams = streams if streams is not None else StreamManager()
         self._lock = threading.Lock()
         # Pooled jobs queued or running per connection (entries go when they reach 0).  A
         # lookup small enough to run inline still goes to the CPU pool behind the
@@ -107,6 +116,9 @@ class Dispatcher:
             return
         except Exception as exc:  # noqa: BLE001 - request boundary: becomes a reply
             self._internal("request", uid, exc, reply)
+            return
+        if spec.streaming:
+            self._open_stream(identity, spec, uid, op_frame, args, reply)
             return
         pending = self._pending.get(identity)
         if spec.pool is Pool.INLINE or (
@@ -225,6 +237,49 @@ class Dispatcher:
                 rest()
             except Exception:
                 log.exception("%s: work after the reply failed", spec.name)
+
+    def _open_stream(
+        self,
+        identity: bytes,
+        spec: OpSpec,
+        uid: bytes,
+        op_frame: bytes,
+        args: list[bytes],
+        reply: Reply,
+    ) -> None:
+        """A streaming op, on the loop thread: the handler gives the stream's source, the
+        stream manager sends its first batch at once and the rest on the client's credit."""
+        try:
+            values = codec.decode_args(spec, args)
+        except ProtocolError as exc:
+            self._reject(uid, exc, reply)
+            return
+        except Exception as exc:  # noqa: BLE001 - request boundary: becomes a reply
+            self._internal(spec.name, uid, exc, reply)
+            return
+        self._count(self.requests, spec.name)
+        if self.streams.full(identity):
+            self._reject(
+                uid,
+                TooManyOutstanding(
+                    f"{spec.name}: this connection has {MAX_STREAMS_PER_CONNECTION} open "
+                    "streams; cancel one first"
+                ),
+                reply,
+            )
+            return
+        try:
+            if not isinstance(reply, Peer):
+                raise UnsupportedError("streams need the ZMQ transport")
+            source = self._routes[spec.name].call(*values)
+            if not isinstance(source, StreamSource):
+                raise TypeError(f"handler returned {type(source).__name__}, not a stream")
+        except Exception as exc:  # noqa: BLE001 - request boundary: becomes a reply, never silence
+            self._failure(spec, exc)
+            code = exc.code if isinstance(exc, KvhiveError) else "internal"
+            reply([uid, *codec.error_frames(code, f"{spec.name}: {exc}")])
+            return
+        self.streams.open(identity, uid, op_frame, source, reply)
 
     def _reject(self, uid: bytes, exc: KvhiveError, reply: Reply) -> None:
         self._count(self.errors, exc.code)

@@ -73,6 +73,8 @@ def build_routes(engine: CacheEngine, modules: ServerModules | None = None) -> M
             "report_block_allocation": Route(engine.report_block_allocation),
             "noop": Route(engine.noop),
             "get_experimental": Route(engine.get_experimental),
+            # a server-push stream (the loop's stream manager sends its batches)
+            "subscribe_kv_events": Route(engine.subscribe_kv_events),
             # server modules (--server-module)
             "server_module_call": Route(mods.call),
             "server_module_affinity_call": Route(mods.affinity_call),

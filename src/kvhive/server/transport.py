@@ -8,10 +8,18 @@ reply dropped and counted — in total and per peer — instead of stalling ever
 client behind it; a peer that is gone (``ROUTER_MANDATORY``: unroutable) likewise.  The
 loop polls with a timeout and records a heartbeat on every turn, so an idle loop still
 beats and a stuck one shows in ``/healthcheck`` (:meth:`ZmqServer.stalled_for`).
+
+Server-push streams (``subscribe_kv_events``) live in the loop's
+:class:`~kvhive.server.streams.StreamManager`: the loop routes stream-control frames (an
+empty op frame: ``ack``/``cancel``) to it, pumps it when a source wakes the loop
+(:meth:`ZmqServer.wake`, any thread: a one-frame message on the reply socket, coalesced),
+ticks it about once a second (silent connections, batches kept back) and ends every stream
+when it stops.
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import threading
 import time
@@ -20,6 +28,7 @@ from collections.abc import Callable
 
 import zmq
 
+from kvhive.server.streams import Sent, StreamManager
 from kvhive.wire import codec
 from kvhive.wire.frames import recv_frames, send_frames
 
@@ -36,17 +45,52 @@ POLL_TIMEOUT_MS = 200
 LOOP_STALL_S = 5.0
 # Peers whose dropped replies are kept by identity (the most recent droppers).
 _DROP_PEERS = 64
+# Streams get a tick (silent connections, kept-back batches) this often (seconds).
+STREAM_TICK_S = 1.0
+# At shutdown the loop sends every stream's end frame; closing waits this long (ms) at most
+# for them to leave (only when there were streams to end).
+STREAM_END_LINGER_MS = 200
 
 _NOBLOCK = int(zmq.NOBLOCK)
 _NOBLOCK_MORE = int(zmq.NOBLOCK | zmq.SNDMORE)
 
 
-class ZmqServer:
-    """Binds ``urls`` (tcp://, ipc://) and feeds every well-formed frame to ``handle``."""
+class _Peer:
+    """The reply target of one request: ``__call__`` from any thread (the loop sends at
+    once, a pool thread hands the reply to the loop), ``send_now`` on the loop only."""
 
-    def __init__(self, urls: list[str], handle: Handle) -> None:
+    __slots__ = ("_server", "_router", "_identity")
+
+    def __init__(self, server: ZmqServer, router: int, identity: bytes) -> None:
+        self._server = server
+        self._router = router.to_bytes(1, "big")
+        self._identity = identity
+
+    def __call__(self, parts: list[bytes]) -> None:
+        server = self._server
+        msg = [self._router, self._identity, *parts]
+        if threading.get_ident() == server._thread.ident:
+            server._forward(msg)
+        else:
+            send_frames(server._push(), msg)
+
+    def send_now(self, parts: list[bytes]) -> Sent:
+        return self._server._forward([self._router, self._identity, *parts])
+
+
+class ZmqServer:
+    """Binds ``urls`` (tcp://, ipc://) and feeds every well-formed frame to ``handle``;
+    stream-control frames go to ``streams`` (the dispatcher's stream manager)."""
+
+    def __init__(
+        self, urls: list[str], handle: Handle, *, streams: StreamManager | None = None
+    ) -> None:
         self._ctx = zmq.Context()
         self._handle = handle
+        self.streams = streams if streams is not None else StreamManager()
+        self.streams.attach(self.wake)
+        self._woken = False  # a wake-up is pending: pump the streams after this turn
+        self._end_linger = False  # the loop ended streams at exit: let their end frames leave
         self._routers: list[zmq.Socket] = []
         for url in urls:
             sock = self._ctx.socket(zmq.ROUTER)
@@ -55,6 +99,7 @@ class ZmqServer:
             sock.bind(url)
             self._routers.append(sock)
         self._pull = self._ctx.socket(zmq.PULL)
+        self._pull.setsockopt(zmq.LINGER, 0)
         self._pull.bind(_REPLIES)
         self._local = threading.local()
         self._push_sockets: list[zmq.Socket] = []
@@ -93,18 +138,52 @@ class ZmqServer:
         for sock in self._routers:
             poller.register(sock, zmq.POLLIN)
         poller.register(self._pull, zmq.POLLIN)
+        next_tick = 0.0
         while not self._stop.is_set():
-            self.last_beat = time.monotonic()
+            self.last_beat = now = time.monotonic()
             try:
                 for sock, _ in poller.poll(POLL_TIMEOUT_MS):
                     if sock is self._pull:
-                        self._forward(recv_frames(self._pull))
+                        msg = recv_frames(self._pull)
+                        if len(msg) > 1:  # a reply; one frame is a wake-up (see wake())
+                            self._forward(msg)
                     else:
                         self._receive(sock)
+                if self._woken:
+                    self._woken = False
+                    self.streams.pump()
+                if len(self.streams) and now >= next_tick:
+                    next_tick = now + STREAM_TICK_S
+                    self.streams.tick()
             except Exception:  # the loop serves everyone: log and go on
                 if self._stop.is_set():
-                    return
+                    break
                 log.exception("ZMQ loop turn failed")
+        self._end_streams()
+
+    def _end_streams(self) -> None:
+        """Loop exit: every open stream gets its end frame (loop thread, the socket owner)."""
+        if not len(self.streams):
+            return
+        try:
+            self.streams.close_all()
+            for sock in self._routers:
+                sock.setsockopt(zmq.LINGER, STREAM_END_LINGER_MS)
+            self._end_linger = True
+        except Exception:  # shutdown goes on without the end frames
+            log.exception("ending streams at shutdown failed")
+
+    def wake(self) -> None:
+        """Ask the loop to pump the streams (any thread; coalesced: one wake-up pending at
+        most).  On the loop thread it only marks the wake-up: the turn ends with the pump."""
+        if self._woken:
+            return
+        self._woken = True
+        if threading.get_ident() == self._thread.ident or self._stop.is_set():
+            return
+        # Full: the loop is busy and pumps after its turn anyway.  Closing: nothing to pump.
+        with contextlib.suppress(zmq.ZMQError):
+            self._push().send(b"", _NOBLOCK)
 
     def _receive(self, router: zmq.Socket) -> None:
         frames = recv_frames(router)
@@ -117,22 +196,18 @@ class ZmqServer:
                 self._forward([router_index.to_bytes(1, "big"), frames[0], frames[1], *err])
             return
         identity, uid, op = frames[0], frames[1], frames[2]
-        if op == b"":
-            return  # stream-control traffic (ack/cancel); no streams are served
-
-        def reply(parts: list[bytes]) -> None:
-            msg = [router_index.to_bytes(1, "big"), identity, *parts]
-            if threading.get_ident() == self._thread.ident:
-                self._forward(msg)
-            else:
-                send_frames(self._push(), msg)
-
+        streams = self.streams
+        if len(streams):
+            streams.heard(identity)
+        if op == b"":  # stream control: [uid | b"" | b"ack" or b"cancel"]
+            streams.control(identity, uid, frames[3:])
+            return
         try:
-            self._handle(identity, uid, op, frames[3:], reply)
+            self._handle(identity, uid, op, frames[3:], _Peer(self, router_index, identity))
         except Exception:  # the loop must survive anything a handler does
             log.exception("dispatch failed")
 
-    def _forward(self, msg: list[bytes]) -> None:
+    def _forward(self, msg: list[bytes]) -> Sent:
         """Send ``[router index, identity, *parts]`` without ever blocking the loop."""
         router = self._routers[msg[0][0]]
         identity = msg[1]
@@ -143,15 +218,16 @@ class ZmqServer:
             router.send(identity, _NOBLOCK_MORE, copy=False)
         except zmq.Again:
             self._dropped(identity, full=True)
-            return
+            return Sent.FULL
         except zmq.ZMQError as exc:  # peer gone (ROUTER_MANDATORY): drop, count
             self._dropped(identity, full=False)
             log.debug("reply dropped: %s", exc)
-            return
+            return Sent.GONE
         parts = msg[2:]
         for f in parts[:-1]:
             router.send(f, _NOBLOCK_MORE, copy=False)
         router.send(parts[-1], _NOBLOCK, copy=False)
+        return Sent.SENT
 
     def _dropped(self, identity: bytes, *, full: bool) -> None:
         """Count a reply not sent to ``identity`` (loop thread only)."""
@@ -201,4 +277,5 @@ class ZmqServer:
         self._stop.set()
         if self._thread.is_alive():
             self._thread.join(timeout=5)
-        self._ctx.destroy(linger=0)
+        # The routers linger briefly only when the loop just sent streams' end frames.
+        self._ctx.destroy(linger=None if self._end_linger else 0)

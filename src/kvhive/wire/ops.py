@@ -142,6 +142,9 @@ class OpSpec:
     item_caps: tuple[ItemCap, ...] = ()
     # Limits inside decoded arguments: returns why they are over one, None when within.
     over_limit: Callable[[list[Any]], str | None] | None = None
+    # A server-push stream (protocol.md §2.4): the handler returns a stream source and the
+    # loop sends one batch per client credit; the op runs INLINE (stream state is the loop's).
+    streaming: bool = False
     # Values of the LAST len(defaults) arguments when the client did not send their frames
     # (arguments a later protocol version appended): a request may carry from
     # ``min_args`` to ``len(args)`` argument frames.
@@ -241,6 +244,15 @@ _SPECS = [
     OpSpec("report_block_allocation", (int, str, list[t.BlockAllocationRecord]), Pool.CPU),
     OpSpec("noop", (), Pool.INLINE, "OK", max_arg_bytes=0),
     OpSpec("get_experimental", (), Pool.INLINE, [], max_arg_bytes=0),
+    # By name only (no legacy id).  A stream of KVEventBatch; bad arguments get an error reply.
+    OpSpec(
+        "subscribe_kv_events",
+        (int, str, int, int),
+        Pool.INLINE,
+        has_soft=False,
+        max_arg_bytes=MAX_INLINE_ARG_BYTES,
+        streaming=True,
+    ),
     # Server modules (--server-module): by name only, no legacy id.  The affinity variant
     # (0.5.7) runs in order with the caller's store/retrieve.
     OpSpec("server_module_call", (t.ServerModuleCallRequest,), Pool.CPU, has_soft=False),
@@ -260,6 +272,8 @@ def _check_inline_caps(specs: list[OpSpec]) -> None:
             s.max_arg_bytes is None or s.max_arg_bytes > MAX_INLINE_ARG_BYTES
         ):
             raise ValueError(f"INLINE op {s.name} needs max_arg_bytes <= {MAX_INLINE_ARG_BYTES}")
+        if s.streaming and s.pool is not Pool.INLINE:
+            raise ValueError(f"streaming op {s.name} must be INLINE (streams are the loop's)")
         if len(s.defaults) > len(s.args):
             raise ValueError(f"op {s.name} declares more defaults than arguments")
 

@@ -294,3 +294,41 @@ class ServerModuleCallResponse(msgspec.Struct, frozen=True):
     success: bool
     payload: bytes = b""
     error: str = ""
+
+
+# ---- KV events (subscribe_kv_events) ---------------------------------------------------------
+
+KV_EVENT_CAPABILITY = "kv_event_stream"
+"""What ``get_experimental`` lists when the server serves ``subscribe_kv_events`` (0.5.6
+subscribes only then; 0.5.7 subscribes unconditionally)."""
+KV_EVENT_KIND_STORED = "stored"
+KV_EVENT_KIND_REMOVED = "removed"
+KV_EVENT_MEDIUM_CPU = "CPU"
+
+
+class KVEventRecord(msgspec.Struct):
+    """``KVEventRecord``: one sequenced CPU-tier change.  A ``stored`` record names one chunk
+    (its hash, the previous chunk's hash in the chain or None for a sequence's first chunk,
+    and the chunk's tokens); a ``removed`` record lists the chunk hashes that left L1.  Field
+    order is the reference dataclass's, so the map encodes byte for byte the same."""
+
+    seq: int
+    kind: str
+    medium: str
+    model_name: str
+    block_hashes: list[bytes]
+    parent_block_hash: bytes | None
+    token_ids: list[int]
+
+
+class KVEventBatch(msgspec.Struct):
+    """``KVEventBatch``: one pushed page of records.  A changed ``incarnation`` (the server's
+    start time in ns) or ``lost=True`` tells the subscriber to withdraw what it announced;
+    ``enabled=False`` means the server records no events (the stream then ends); resume
+    after ``next_cursor``."""
+
+    enabled: bool
+    incarnation: int
+    next_cursor: int
+    lost: bool
+    events: list[KVEventRecord]

@@ -180,6 +180,7 @@ class VllmHarness:
         heartbeat_interval: float = 5.0,
         with_scheduler: bool = True,
         zmq_context: zmq.Context | None = None,
+        enable_kv_events: bool = False,
     ) -> None:
         from lmcache.integration.vllm.vllm_multi_process_adapter import (
             LMCacheMPSchedulerAdapter,
@@ -214,7 +215,13 @@ class VllmHarness:
             else None
         )
         self.worker = LMCacheMPWorkerAdapter(
-            url, self.ctx, model_name, block_size, strategy, extra_config=extra
+            url,
+            self.ctx,
+            model_name,
+            block_size,
+            strategy,
+            extra_config=extra,
+            enable_kv_events=enable_kv_events,
         )
         self.chunk_size: int = self.worker.lmcache_tokens_per_chunk
         self.blocks_in_chunk: int = self.worker.blocks_in_chunk
