@@ -54,7 +54,7 @@ def test_quota_endpoints_have_the_reference_shapes(server: KvhiveServer) -> None
         ("[1]", "body must be {'limit_gb': <float>}"),
         ('{"limit_gb": "a"}', "limit_gb must be numeric"),
         ('{"limit_gb": "nan"}', "limit_gb must be finite"),
-        ('{"limit_gb": -1}', "limit_gb must be non-negative"),
+        ('{"limit_gb": -1}', "limit_gb must be in 0..1073741824 (GiB)"),
     ]:
         r = client.put("/quota/t", content=body, headers={"content-type": "application/json"})
         assert (r.status_code, r.json()) == (400, {"error": error})
