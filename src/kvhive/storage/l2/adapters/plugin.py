@@ -6,6 +6,12 @@ subclass of :class:`kvhive.storage.l2.L2Adapter` (full asynchronous contract) or
 ``num_workers`` threads).  Construction: with ``config_class_name``, the class receives
 ``ConfigClass.from_dict(adapter_params)`` (or ``ConfigClass(**adapter_params)``); otherwise
 ``Class.from_params(adapter_params)`` when defined, else ``Class(**adapter_params)``.
+
+A class written for LMCache's L2 adapter interface (a subclass of LMCache's
+``L2AdapterInterface``, e.g. its ``fs`` adapter or ``memkv-lmcache``'s ``MemKVL2Adapter``) is
+loaded too when ``lmcache`` is importable in the server's environment: it is constructed as
+``lmcache server`` constructs plugins (``lmcache_bridge.construct``) and run behind
+:class:`~kvhive.storage.l2.adapters.lmcache_bridge.LMCacheBridge`.
 """
 
 from __future__ import annotations
@@ -19,6 +25,7 @@ from typing import Any
 
 from kvhive.config.l2_adapters import FLAG, AdapterConfig, PluginAdapterConfig
 from kvhive.errors import ConfigError
+from kvhive.storage.l2.adapters import lmcache_bridge
 from kvhive.storage.l2.base import L2Adapter, ObjectStore
 from kvhive.storage.l2.pooled import PooledAdapter
 
@@ -53,15 +60,32 @@ def _construct(cfg: PluginAdapterConfig, module: ModuleType, cls: type) -> Any:
     return from_params(params) if from_params else cls(**params)
 
 
+def _bridge(cfg: PluginAdapterConfig, module: ModuleType) -> L2Adapter:
+    """An LMCache adapter class, constructed as ``lmcache server`` does, behind the bridge."""
+    params = dict(cfg.adapter_params)
+    adapter = lmcache_bridge.construct(module, cfg.class_name, params, cfg.config_class_name)
+    try:
+        return lmcache_bridge.LMCacheBridge(adapter, name=cfg.label)
+    except BaseException:
+        adapter.close()
+        raise
+
+
 def build(cfg: PluginAdapterConfig) -> L2Adapter:
     """Import the plugin, construct its class (module docstring); an ObjectStore is run on
     ``num_workers`` threads.  Import and construction failures raise ConfigError."""
     module = load_module(cfg, cfg.module_path)
     cls = getattr(module, cfg.class_name, None)
-    if not isinstance(cls, type) or not issubclass(cls, (L2Adapter, ObjectStore)):
+    lmcache_class = isinstance(cls, type) and lmcache_bridge.is_lmcache_adapter(cls)
+    if not isinstance(cls, type) or not (
+        lmcache_class or issubclass(cls, (L2Adapter, ObjectStore))
+    ):
         raise ConfigError(FLAG, f"{cfg.label}: '{cfg.class_name}' must be a subclass of "
-                          "kvhive.storage.l2.L2Adapter or kvhive.storage.l2.ObjectStore")  # fmt: skip
+                          "kvhive.storage.l2.L2Adapter or kvhive.storage.l2.ObjectStore, or of "
+                          "LMCache's L2AdapterInterface")  # fmt: skip
     try:
+        if lmcache_class:
+            return _bridge(cfg, module)
         obj = _construct(cfg, module, cls)
     except ConfigError:
         raise
