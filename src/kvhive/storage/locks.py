@@ -135,6 +135,23 @@ class TTLLockTable(Generic[K]):
                 if not owned:
                     del self._by_owner[owner]
 
+    def drop_holds(self, key: K, match: Callable[[Owner], bool]) -> int:
+        """Forget the holds on ``key`` of the owners ``match`` accepts (however many and
+        however live); returns the live holds dropped."""
+        holds = self._by_key.get(key)
+        if not holds:
+            return 0
+        now = self._clock()
+        dropped = 0
+        for owner in [o for o in holds if match(o)]:
+            hold = holds[owner]
+            if hold.deadline > now:
+                dropped += hold.count
+            self._forget(key, owner)
+            if key not in self._by_key:
+                break
+        return dropped
+
     def release_owners(self, match: Callable[[Owner], bool]) -> int:
         """Drop all holds of owners for which ``match`` is true; returns live holds dropped."""
         now = self._clock()

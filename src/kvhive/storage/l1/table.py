@@ -36,6 +36,7 @@ from kvhive.storage.l1.allocator import FreeListAllocator
 from kvhive.storage.l1.events import DropCounter, EventQueue
 from kvhive.storage.l1.records import L1Params, L1Stats, Reservation, Slot
 from kvhive.storage.locks import Clock, Owner, TTLLockTable
+from kvhive.storage.owners import LookupOwner
 
 Allocate = Callable[[int, int, float], list[int]]
 """``allocate(phys, count, now)``: up to ``count`` offsets of ``phys`` bytes (may be short)."""
@@ -338,10 +339,21 @@ class ObjectTable:
 
     def _doom(self, keys: list[ObjectKey]) -> None:
         """Forced removal of read-locked ``keys``: gone for every new lookup and lock, their
-        memory kept (as doomed bytes) until the key's last live read lock is released."""
+        memory kept (as doomed bytes) until the key's last live read lock is released.
+
+        A lookup's locks (``LookupOwner``) only promise a later retrieve, which will now miss
+        (a soft failure): they are dropped here, so memory no copy is using is freed at once
+        instead of staying doomed until the read TTL.  Locks of running copies (``CopyPin``,
+        ``WorkerCopyPin``) and of write-behind reads keep the memory."""
         if not keys:
             return
-        for slot in self._unlist(keys, evicted=False):
+        in_use: list[ObjectKey] = []
+        unused: list[ObjectKey] = []
+        for key in keys:
+            self._reads.drop_holds(key, _is_lookup_lock)
+            (in_use if self._reads.is_locked(key) else unused).append(key)
+        self.remove(unused, evicted=False)
+        for slot in self._unlist(in_use, evicted=False):
             self._doomed.setdefault(slot.key, []).append(slot)
             self._doomed_bytes += self.alloc.physical(slot.nbytes)
 
@@ -414,3 +426,7 @@ class ObjectTable:
             listener_failures=listener_failures,
             healthy=healthy and is_open,
         )
+
+
+def _is_lookup_lock(owner: Owner) -> bool:
+    return isinstance(owner, LookupOwner)

@@ -154,3 +154,24 @@ def test_forced_clear_of_unlocked_and_expired_frees_at_once(
     assert l1.clear(force=True) == 3
     assert accounting(l1) == (0, 0, 0, True)
     assert fill_arena(l1, keys, fill=3) == UNITS  # nothing pinned: every unit is free
+
+
+def test_lookup_locks_alone_do_not_keep_forced_memory(make_l1: MakeL1, keys: MakeKeys) -> None:
+    """A lookup's locks only promise a later retrieve (which then misses, a soft failure); a
+    forced clear frees their objects at once, so repeated clears racing lookups cannot fill L1
+    with doomed memory until the read TTL.  A running copy's pin still keeps its object."""
+    l1 = make_l1()
+    ks = keys(3)
+    store(l1, ks, fill=0x11)
+    lookup = LookupOwner("req", "model", 0)
+    assert l1.lock_prefix([[k] for k in ks], 2, lookup) == 3
+    (pinned,) = l1.read_lock(ks[2:], PIN)
+    assert pinned is not None
+    assert l1.clear(force=True) == 3
+    objects, doomed, used, healthy = accounting(l1)
+    assert (objects, doomed, used, healthy) == (0, 1, UNIT, True)  # only the pinned one
+    assert l1.unlock(ks[:2], lookup, 2) == 0  # the lookup's locks went with the objects
+    assert fill_arena(l1, keys, fill=0x22) == UNITS - 1
+    assert bytes(l1.view(pinned)[:4]) == b"\x11" * 4
+    l1.unlock(ks[2:], PIN)
+    assert accounting(l1)[1:3] == (0, (UNITS - 1) * UNIT)

@@ -13,13 +13,14 @@ import pytest
 from kvhive.keys import ObjectKey
 from kvhive.storage.l1 import L1Manager, L1Params
 from kvhive.storage.l1.arena import Arena
-from kvhive.storage.owners import LookupOwner, WriterOwner
+from kvhive.storage.owners import CopyPin, LookupOwner, WriterOwner
 
 UNIT = 4096
 MakeL1 = Callable[..., L1Manager]
 MakeKeys = Callable[..., list[ObjectKey]]
 W = WriterOwner(1)  # a writer
 R = LookupOwner("r1", "m", 0)  # a reader
+PIN = CopyPin(7)  # a copy reading an object
 
 
 def store(l1: L1Manager, ks: list[ObjectKey], nbytes: int = UNIT) -> None:
@@ -196,13 +197,13 @@ def test_delete_respects_locks_and_live_reservations(
     l1 = make_l1(write_ttl=10.0)
     ks = keys(4)
     store(l1, ks[:2])
-    l1.read_lock(ks[:1], R)
+    l1.read_lock(ks[:1], PIN)  # a running copy
     l1.reserve(ks[2:3], UNIT, W)
     assert l1.delete(ks[:3]) == 1  # the unlocked resident object only
     assert l1.delete(ks[:3], force=True) == 2
     st = l1.stats()  # still read or written: invisible, memory kept (test_l1_doomed.py)
     assert (st.objects, st.doomed_objects, st.used_bytes) == (0, 2, 2 * UNIT)
-    l1.unlock(ks[:1], R)
+    l1.unlock(ks[:1], PIN)
     l1.reserve(ks[3:], UNIT, W)
     clock.advance(10.0)
     assert l1.delete(ks[3:]) == 1  # expired reservation
@@ -215,7 +216,7 @@ def test_clear_with_and_without_force(make_l1: MakeL1, keys: MakeKeys, clock: An
     l1 = make_l1(write_ttl=10.0)
     ks = keys(6)
     store(l1, ks[:3])
-    l1.read_lock(ks[:1], R)
+    l1.read_lock(ks[:1], PIN)  # a running copy
     l1.reserve(ks[3:4], UNIT, W)
     clock.advance(11.0)
     l1.reserve(ks[4:5], UNIT, W)  # live
@@ -226,7 +227,7 @@ def test_clear_with_and_without_force(make_l1: MakeL1, keys: MakeKeys, clock: An
     st = l1.stats()  # the locked object and the live reservation are doomed, not freed
     assert (st.objects, st.staging_objects, st.doomed_objects) == (0, 0, 2)
     assert (st.used_bytes, st.healthy) == (2 * UNIT, True)
-    l1.unlock(ks[:1], R)
+    l1.unlock(ks[:1], PIN)
     clock.advance(10.0)
     l1.evict_tick()
     st = l1.stats()
