@@ -34,6 +34,7 @@ from collections import Counter
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from functools import partial
+from typing import Any
 
 from kvhive.errors import KvhiveError, ProtocolError, TooManyOutstanding, UnsupportedError
 from kvhive.server.handlers import Route
@@ -204,15 +205,9 @@ class Dispatcher:
         reply: Reply,
         inline: bool,
     ) -> None:
-        try:
-            values = codec.decode_args(spec, args)
-        except ProtocolError as exc:
-            self._reject(uid, exc, reply)
+        values = self._decode(spec, uid, args, reply)
+        if values is None:
             return
-        except Exception as exc:  # noqa: BLE001 - request boundary: becomes a reply
-            self._internal(spec.name, uid, exc, reply)
-            return
-        self._count(self.requests, spec.name)
         rest = None
         route = self._routes[spec.name]
         try:
@@ -238,6 +233,22 @@ class Dispatcher:
             except Exception:
                 log.exception("%s: work after the reply failed", spec.name)
 
+    def _decode(
+        self, spec: OpSpec, uid: bytes, args: list[bytes], reply: Reply
+    ) -> list[Any] | None:
+        """The request's argument values (counted as a request), or None once an error
+        reply has been sent for arguments that do not decode."""
+        try:
+            values = codec.decode_args(spec, args)
+        except ProtocolError as exc:
+            self._reject(uid, exc, reply)
+            return None
+        except Exception as exc:  # noqa: BLE001 - request boundary: becomes a reply
+            self._internal(spec.name, uid, exc, reply)
+            return None
+        self._count(self.requests, spec.name)
+        return values
+
     def _open_stream(
         self,
         identity: bytes,
@@ -249,15 +260,9 @@ class Dispatcher:
     ) -> None:
         """A streaming op, on the loop thread: the handler gives the stream's source, the
         stream manager sends its first batch at once and the rest on the client's credit."""
-        try:
-            values = codec.decode_args(spec, args)
-        except ProtocolError as exc:
-            self._reject(uid, exc, reply)
+        values = self._decode(spec, uid, args, reply)
+        if values is None:
             return
-        except Exception as exc:  # noqa: BLE001 - request boundary: becomes a reply
-            self._internal(spec.name, uid, exc, reply)
-            return
-        self._count(self.requests, spec.name)
         if self.streams.full(identity):
             self._reject(
                 uid,
