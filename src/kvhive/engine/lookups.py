@@ -46,14 +46,14 @@ thread for small lookups); status queries inline; the rest on the CPU pool.
 from __future__ import annotations
 
 import logging
-import threading
 from collections.abc import Sequence
 from functools import partial
 
 from kvhive.engine import keys as k
 from kvhive.engine.prefetch import Prefetcher
 from kvhive.engine.registry import ChunkGeometry, Instance, Registry
-from kvhive.engine.sessions import LookupJob, LookupState, RetiredLookup, Session, Sessions
+from kvhive.engine.retired import RetiredLookups
+from kvhive.engine.sessions import LookupJob, LookupState, Session, Sessions
 from kvhive.engine.stats import EngineStats
 from kvhive.errors import BadRequest, KvhiveError
 from kvhive.keys import ObjectKey, RequestId
@@ -65,7 +65,6 @@ from kvhive.wire.ops import AfterReply
 
 log = logging.getLogger(__name__)
 
-MAX_RETIRED = 4
 """Replaced reported lookups remembered per session for ``extra_ranges``; beyond, the
 oldest is forgotten (its locks then go back at ``end_session`` or the read TTL)."""
 
@@ -90,7 +89,7 @@ class LookupService:
         self.telemetry = telemetry
         self.stats = stats
         self.prefetcher = prefetcher
-        self._retired_lock = threading.Lock()  # retired-lookup records (CPU pool threads)
+        self.retired = RetiredLookups(self.chunk_size)
         sessions.on_evict(self._evicted)
 
     # ---- lookup ----------------------------------------------------------------------
@@ -269,51 +268,14 @@ class LookupService:
         self._release_range(key.request_id, state, first, end)
 
     def _retire(self, session: Session, state: LookupState) -> None:
-        """Keep a replaced reported lookup for ``extra_ranges`` (bounded)."""
-        if state.hit_chunks <= state.first_chunk:
-            return  # it locked nothing
-        with self._retired_lock:
-            session.retired.append(RetiredLookup(state, state.hit_chunks))
-            if len(session.retired) > MAX_RETIRED:
-                dropped = session.retired.pop(0)
-                log.debug(
-                    "%s: forgetting an abandoned lookup of %d chunks (its locks go back at "
-                    "end_session)",
-                    session.request_id,
-                    dropped.held_end - dropped.state.first_chunk,
-                )
+        self.retired.retire(session, state)
 
     def _release_abandoned(self, session: Session, start: int, end: int) -> None:
         """Give back the locks of the abandoned lookup whose hit ended at token ``end``,
         from token ``start`` up; each chunk once (module docstring)."""
-        c = self.chunk_size
-        if start >= end:
-            return
-        hit_end = end // c
-        with self._retired_lock:
-            rec = next(
-                (
-                    r
-                    for r in reversed(session.retired)
-                    if r.state.hit_chunks == hit_end
-                    and r.held_end > max(start // c, r.state.first_chunk)
-                ),
-                None,
-            )
-            if rec is None:
-                log.debug(
-                    "free_lookup_locks %s: extra range [%d, %d) matches no abandoned lookup "
-                    "holding locks; nothing to release",
-                    session.request_id,
-                    start,
-                    end,
-                )
-                return
-            lo, hi = max(start // c, rec.state.first_chunk), rec.held_end
-            rec.held_end = lo
-            if lo <= rec.state.first_chunk:
-                session.retired.remove(rec)
-        self._release_range(session.request_id, rec.state, lo, hi)
+        taken = self.retired.take(session, start, end)
+        if taken is not None:
+            self._release_range(session.request_id, *taken)
 
     def _release_range(self, request_id: str, state: LookupState, first: int, end: int) -> None:
         first = max(first, state.first_chunk)  # nothing below it was locked

@@ -13,8 +13,8 @@ import pytest
 from conftest import C, FakeClock, register
 
 from kvhive.engine.engine import CacheEngine
-from kvhive.engine.lookups import MAX_RETIRED
 from kvhive.engine.registry import Registry
+from kvhive.engine.retired import MAX_RETIRED
 from kvhive.engine.sessions import Sessions
 from kvhive.errors import BadRequest, UnsupportedError
 from kvhive.hashing import TokenHasher
