@@ -37,9 +37,9 @@ from dataclasses import dataclass
 from typing import Any
 
 import msgspec
-import numpy as np
 
 from kvhive.engine import keys as k
+from kvhive.engine.inline_payloads import InlinePayloads
 from kvhive.engine.lookups import LookupService
 from kvhive.engine.registry import ChunkGeometry, Instance, Mode, Registry
 from kvhive.engine.stats import TransferBrackets
@@ -49,9 +49,9 @@ from kvhive.keys import InstanceId, ObjectKey
 from kvhive.storage.l1.manager import L1Manager
 from kvhive.storage.l1.records import Slot
 from kvhive.storage.owners import WorkerCopyPin, WriterOwner
-from kvhive.transfer import pickle_codec, tensor_envelope
+from kvhive.transfer import pickle_codec
 from kvhive.transfer.descriptors import canonical_dtype, itemsize
-from kvhive.transfer.tensor_envelope import PayloadForm, TensorLayout
+from kvhive.transfer.tensor_envelope import PayloadForm
 from kvhive.wire import types as t
 
 log = logging.getLogger(__name__)
@@ -106,7 +106,7 @@ class EngineDriven:
         self.pool_size = pool_size
         self._pending_stores: dict[PendingKey, list[Slot | None]] = {}
         self._pending_reads: dict[PendingKey, list[ObjectKey]] = {}
-        self._forms: dict[int, PayloadForm] = {}  # inline payload form per instance
+        self.inline = InlinePayloads(l1=l1, transfers=transfers, brackets=brackets)
         self._lock = threading.Lock()
         registry.on_drop(self._forget)
 
@@ -155,8 +155,8 @@ class EngineDriven:
                 shm_pool=bool(self.pool_name),
             )
         )
-        with self._lock:  # after add(): replacing drops the old registration's entry
-            self._forms[p.instance_id] = form
+        # after add(): replacing drops the old registration's entry
+        self.inline.set_form(p.instance_id, form)
         log.info(
             "registered engine-driven instance %d (%s, object %s %s, %s)",
             p.instance_id,
@@ -210,8 +210,8 @@ class EngineDriven:
         self.registry.remove(instance_id)
 
     def _forget(self, inst: Instance, reason: str) -> None:
+        self.inline.forget(inst.instance_id)
         with self._lock:
-            self._forms.pop(inst.instance_id, None)
             for table in (self._pending_stores, self._pending_reads):
                 for pk in [pk for pk in table if pk.instance_id == inst.instance_id]:
                     del table[pk]
@@ -292,11 +292,7 @@ class EngineDriven:
         inst = self._inst(instance_id)
         self.transfers.bind_tokens(key)  # ahead of the commit (KV-event "stored" records)
         if data:
-            form = tensor_envelope.payload_form(data)
-            self._note_form(inst.instance_id, form)
-            if form == "envelope":
-                return self._commit_envelope(inst, key, data)
-            return self._commit_pickle(inst, key, data)
+            return self.inline.commit(inst, key, data)
         with self._lock:
             slots = self._pending_stores.pop(PendingKey.of(instance_id, key), None)
         if slots is None:
@@ -305,61 +301,6 @@ class EngineDriven:
         with self.brackets.storing(
             key, instance_id, object_nbytes=inst.geometry.nbytes, server_copies=False
         ) as tally:
-            tally.stored = sum(self.l1.commit(taken))
-            tally.skipped = len(slots) - len(taken)
-        if tally.stored != len(taken):
-            raise TransferFailed(f"{len(taken) - tally.stored} reservations expired before commit")
-        return True
-
-    def _note_form(self, instance_id: int, form: PayloadForm) -> None:
-        """Retrieves are answered in the form the instance's commits use."""
-        with self._lock:
-            old = self._forms.get(instance_id)
-            self._forms[instance_id] = form
-        if old is not None and old != form:
-            log.info("engine-driven instance %d commits %s payloads now", instance_id, form)
-
-    def _layout(self, inst: Instance) -> TensorLayout:
-        return TensorLayout.of(inst.geometry.shape, inst.geometry.dtype)
-
-    def _commit_envelope(self, inst: Instance, key: t.CacheKey, data: bytes) -> bool:
-        """A 0.5.7 tensor envelope (flat, or grouped with the one registered group, whose
-        ``chunk_indices`` name the chunks it carries), checked against the layout."""
-        keys = self.transfers.chunk_keys(key, k.kv_rank_of(key))
-        layout = self._layout(inst)
-        if tensor_envelope.is_grouped(data):
-            [(indices, tensors)] = tensor_envelope.decode_grouped(data, [(layout, len(keys))])
-            return self._write(inst, key, [keys[i] for i in indices], tensors)
-        tensors = tensor_envelope.decode_tensors(data, layout, len(keys))
-        return self._write(inst, key, keys, tensors)
-
-    def _commit_pickle(self, inst: Instance, key: t.CacheKey, data: bytes) -> bool:
-        tensors = pickle_codec.decode_tensors(data)
-        keys = self.transfers.chunk_keys(key, k.kv_rank_of(key))
-        if len(tensors) != len(keys):
-            raise TransferFailed(f"commit_store: {len(tensors)} tensors for {len(keys)} chunks")
-        nbytes = inst.geometry.nbytes
-        if any(a.nbytes != nbytes for a in tensors):
-            raise TransferFailed(
-                f"commit_store: chunk tensor size differs from the object layout ({nbytes})"
-            )
-        return self._write(inst, key, keys, tensors)
-
-    def _write(
-        self, inst: Instance, key: t.CacheKey, keys: list[ObjectKey], tensors: Sequence[Any]
-    ) -> bool:
-        """Reserve ``keys``, copy each one's tensor (``geometry.nbytes`` bytes) in, commit."""
-        nbytes = inst.geometry.nbytes
-        with self.brackets.storing(key, inst.instance_id, object_nbytes=nbytes) as tally:
-            slots = self.l1.reserve(keys, nbytes, WriterOwner(inst.instance_id))
-            taken = [s for s in slots if s is not None]
-            try:
-                for slot, arr in zip(slots, tensors, strict=True):
-                    if slot is not None:
-                        self.l1.view(slot)[:] = np.frombuffer(arr, np.uint8)
-            except BaseException:
-                self.l1.abort(taken)
-                raise
             tally.stored = sum(self.l1.commit(taken))
             tally.skipped = len(slots) - len(taken)
         if tally.stored != len(taken):
@@ -394,15 +335,9 @@ class EngineDriven:
                 success=True, context={"slots": [self._slot_desc(s, inst) for s in held]}
             )
         g = inst.geometry
-        with self._lock:
-            form = self._forms.get(inst.instance_id, "pickle")
         try:
             with self.brackets.retrieving(key, instance_id, keys, object_nbytes=g.nbytes) as tally:
-                views = [self.l1.view(s) for s in held]
-                if form == "envelope":
-                    data = tensor_envelope.encode_tensors(views, self._layout(inst))
-                else:
-                    data = pickle_codec.encode_tensors(views, g.shape, g.dtype)
+                data = self.inline.encode(inst, [self.l1.view(s) for s in held])
                 tally.ok = True
         finally:
             self.l1.unlock(keys, pin)
