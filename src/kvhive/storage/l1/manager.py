@@ -77,7 +77,7 @@ from kvhive.storage.l1.arena import Arena
 from kvhive.storage.l1.events import EventQueue
 from kvhive.storage.l1.reclaim import Reclaimer
 from kvhive.storage.l1.records import L1Params, L1Stats, Listener, Slot
-from kvhive.storage.l1.table import ObjectTable
+from kvhive.storage.l1.table import ObjectTable, table_page, table_stats
 from kvhive.storage.locks import Clock, Owner
 from kvhive.storage.quota import QuotaRegistry
 
@@ -323,12 +323,13 @@ class L1Manager:
         """Up to ``limit`` resident slots from position ``start`` of the object table (insertion
         order) and the table size; positions shift as objects come and go (best effort paging)."""
         with self._mu:
-            return self._table.page(start, limit)
+            return table_page(self._table, start, limit)
 
     def stats(self) -> L1Stats:
         """A consistent snapshot (taken under the mutex)."""
         with self._mu:
-            return self._table.stats(
+            return table_stats(
+                self._table,
                 evictor_errors=self._evictor_errors,
                 listener_failures=self._events.failures,
                 is_open=not self._closed,

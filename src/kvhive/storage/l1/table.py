@@ -3,9 +3,9 @@
 Keys, their states and the arena bytes they hold (see ``manager.py`` for the state diagram):
 ``_staging`` maps a key to its write reservation, ``_objects`` to its resident slot; read
 locks live in a ``TTLLockTable``.  A forced removal of memory that someone still uses dooms
-it instead of freeing it: ``_doomed`` maps a key to its removed-but-still-read slots (freed
-once no live read lock on the key remains), ``_doomed_writes`` holds removed reservations
-(freed by their writer's commit, which fails, or abort, or by their write TTL).  Every
+it instead of freeing it (:class:`~kvhive.storage.l1.doomed.DoomedMemory`: removed-but-still-read
+slots freed once no live read lock on the key remains; removed reservations freed by their
+writer's commit, which fails, or abort, or by their write TTL).  Every
 transition keeps the accounting exact: ``allocated = resident_bytes + staging_bytes +
 doomed_bytes`` (physical, i.e. aligned, bytes) and ``salt_bytes`` sums resident bytes per
 ``cache_salt``.  Transitions tell the eviction policy (created / touched / removed), queue
@@ -26,6 +26,7 @@ never allocates fresh memory itself: ``reserve`` asks the ``allocate`` callback 
 from __future__ import annotations
 
 import itertools
+from collections import Counter
 from collections.abc import Callable, Iterable, Sequence
 
 from kvhive.keys import ObjectKey
@@ -33,6 +34,7 @@ from kvhive.observability import events as ev
 from kvhive.observability.bus import EventBus
 from kvhive.storage.eviction.base import EvictionPolicy
 from kvhive.storage.l1.allocator import FreeListAllocator
+from kvhive.storage.l1.doomed import DoomedMemory
 from kvhive.storage.l1.events import DropCounter, EventQueue
 from kvhive.storage.l1.records import L1Params, L1Stats, Reservation, Slot
 from kvhive.storage.locks import Clock, Owner, TTLLockTable
@@ -64,12 +66,10 @@ class ObjectTable:
         self._bus = bus  # publish() is a non-blocking enqueue; fine under the mutex
         self._objects: dict[ObjectKey, Slot] = {}
         self._staging: dict[ObjectKey, Reservation] = {}
-        self._salt_bytes: dict[str, int] = {}
+        self._salt_bytes: Counter[str] = Counter()  # resident bytes per cache_salt
         self._temporary: set[ObjectKey] = set()  # removed when their last read lock goes
-        # Forced removals of memory still in use: invisible, freed when the use ends.
-        self._doomed: dict[ObjectKey, list[Slot]] = {}  # read-locked objects, per key
-        self._doomed_writes: dict[Slot, Reservation] = {}  # live reservations (Slot identity)
-        self._resident_bytes = self._staging_bytes = self._doomed_bytes = 0
+        self._doomed = DoomedMemory(self.alloc)  # removed by force while still in use
+        self._resident_bytes = self._staging_bytes = 0
         self.evicted_objects = self.evicted_bytes = self.expired = 0
         self._drops = DropCounter()
 
@@ -108,11 +108,13 @@ class ObjectTable:
             out[i] = slot
         self._staging_bytes += len(offsets) * phys
         if len(offsets) < len(need):
-            self._drops.add(len(need) - len(offsets), now, self.alloc.allocated_bytes, self._size)
-            if self._bus.enabled:
-                lost = [keys[i] for i in need[len(offsets) :]]
-                self._bus.publish(ev.L1AllocationFailed(keys=lost, model_name=lost[0].model_name))
+            self._dropped([keys[i] for i in need[len(offsets) :]], now)
         return out
+
+    def _dropped(self, lost: list[ObjectKey], now: float) -> None:
+        self._drops.add(len(lost), now, self.alloc.allocated_bytes, self._size)
+        if self._bus.enabled:
+            self._bus.publish(ev.L1AllocationFailed(keys=lost, model_name=lost[0].model_name))
 
     def commit(
         self, slots: Sequence[Slot], now: float, *, temporary: bool, announce: bool
@@ -122,8 +124,7 @@ class ObjectTable:
         for slot in slots:
             res = self._staging.get(slot.key)
             if res is None or res.slot is not slot:
-                if self._doomed_writes:  # removed by force while written: fails, frees
-                    self._free_doomed_write(slot)
+                self._doomed.free_write(slot)  # removed by force while written: fails, frees
                 out.append(False)
                 continue
             if res.deadline <= now:
@@ -136,8 +137,7 @@ class ObjectTable:
             self._staging_bytes -= phys
             self._objects[slot.key] = slot
             self._resident_bytes += phys
-            salt = slot.key.cache_salt
-            self._salt_bytes[salt] = self._salt_bytes.get(salt, 0) + phys
+            self._salt_bytes[slot.key.cache_salt] += phys
             committed.append(slot.key)
             out.append(True)
         if temporary:
@@ -158,7 +158,7 @@ class ObjectTable:
             if res is not None and res.slot is slot:
                 self.free_reservation(slot.key, res)
                 freed += 1
-            elif self._doomed_writes and self._free_doomed_write(slot):
+            elif self._doomed.free_write(slot):
                 freed += 1
         return freed
 
@@ -197,8 +197,7 @@ class ObjectTable:
         released = sum(self._reads.release(key, owner, count) for key in keys)
         if self._temporary:
             self._drop_unlocked_temporary(keys)
-        if self._doomed:
-            self._free_unread(keys)
+        self._doomed.free_unread(keys, self._reads.is_locked)
         return released
 
     def release_owners(self, match: Callable[[Owner], bool]) -> tuple[int, int]:
@@ -206,14 +205,12 @@ class ObjectTable:
         dead = [(k, r) for k, r in self._staging.items() if match(r.owner)]
         for key, res in dead:
             self.free_reservation(key, res)
-        doomed = [s for s, r in self._doomed_writes.items() if match(r.owner)]
-        for slot in doomed:
-            self._free_doomed_write(slot)
+        doomed = self._doomed.free_writes(lambda r: match(r.owner))
         if locks and self._temporary:
             self._drop_unlocked_temporary(list(self._temporary))
-        if locks and self._doomed:
-            self._free_unread(list(self._doomed))
-        return locks, len(dead) + len(doomed)
+        if locks:
+            self._doomed.free_unread(None, self._reads.is_locked)
+        return locks, len(dead) + doomed
 
     # -- removal ---------------------------------------------------------------------------
 
@@ -237,27 +234,15 @@ class ObjectTable:
         return len(gone) + len(doomed) + freed
 
     def clear(self, force: bool, now: float) -> int:
-        gone: list[ObjectKey] = []
-        locked: list[ObjectKey] = []
-        for key in self._objects:
-            (locked if self._reads.is_locked(key) else gone).append(key)
-        if force:
-            freed = len(self._staging)
-            for key, res in list(self._staging.items()):
-                self._end_reservation(key, res, now)
-        else:
-            locked = []
-            freed = self.reclaim_expired(now)
-        self.remove(gone, evicted=False)
-        self._doom(locked)
-        return len(gone) + len(locked) + freed
+        """``delete`` of every resident and reserved key (unforced: expired ones first)."""
+        freed = 0 if force else self.reclaim_expired(now)
+        return freed + self.delete([*self._objects, *self._staging], force, now)
 
     def forget_all(self) -> None:
         """Drop every object, reservation and lock without accounting (L1 is closing)."""
         self._objects.clear()
         self._staging.clear()
-        self._doomed.clear()
-        self._doomed_writes.clear()
+        self._doomed.forget_all()
         self._reads.clear()
 
     # -- primitives for the reclaimer ------------------------------------------------------
@@ -267,11 +252,9 @@ class ObjectTable:
         return key in self._objects and not self._reads.is_locked(key)
 
     def physical_bytes(self, key: ObjectKey) -> int:
-        """Arena bytes of resident ``key``."""
         return self.alloc.physical(self._objects[key].nbytes)
 
     def salt_bytes(self, salt: str) -> int:
-        """Resident bytes of ``salt``."""
         return self._salt_bytes.get(salt, 0)
 
     def remove(self, keys: list[ObjectKey], *, evicted: bool) -> None:
@@ -284,8 +267,8 @@ class ObjectTable:
         self.alloc.free_many([(s.offset, phys(s.nbytes)) for s in slots])
         for key in keys:
             self._reads.drop(key)
-        if self._doomed:  # an unlocked key has no readers left on its older doomed slots
-            self._free_unread(keys)
+        # an unlocked key has no readers left on its older doomed slots
+        self._doomed.free_unread(keys, self._reads.is_locked)
 
     def free_reservation(self, key: ObjectKey, res: Reservation) -> None:
         del self._staging[key]
@@ -299,13 +282,10 @@ class ObjectTable:
         expired = [(k, r) for k, r in self._staging.items() if r.deadline <= now]
         for key, res in expired:
             self.free_reservation(key, res)
-        late = [s for s, r in self._doomed_writes.items() if r.deadline <= now]
-        for slot in late:
-            self._free_doomed_write(slot)
-        if self._doomed:
-            self._free_unread(list(self._doomed))
-        self.expired += len(expired) + len(late)
-        return len(expired) + len(late)
+        late = self._doomed.free_writes(lambda r: r.deadline <= now)
+        self._doomed.free_unread(None, self._reads.is_locked)
+        self.expired += len(expired) + late
+        return len(expired) + late
 
     # -- forced removal of memory in use ---------------------------------------------------
 
@@ -319,11 +299,7 @@ class ObjectTable:
             slots.append(slot)
             phys = self.alloc.physical(slot.nbytes)
             total += phys
-            left = self._salt_bytes[key.cache_salt] - phys
-            if left:
-                self._salt_bytes[key.cache_salt] = left
-            else:
-                del self._salt_bytes[key.cache_salt]
+            self._salt_bytes[key.cache_salt] -= phys
             self._temporary.discard(key)
         self._resident_bytes -= total
         self._policy.on_removed(keys)
@@ -353,9 +329,7 @@ class ObjectTable:
             self._reads.drop_holds(key, _is_lookup_lock)
             (in_use if self._reads.is_locked(key) else unused).append(key)
         self.remove(unused, evicted=False)
-        for slot in self._unlist(in_use, evicted=False):
-            self._doomed.setdefault(slot.key, []).append(slot)
-            self._doomed_bytes += self.alloc.physical(slot.nbytes)
+        self._doomed.add_reads(self._unlist(in_use, evicted=False))
 
     def _end_reservation(self, key: ObjectKey, res: Reservation, now: float) -> None:
         """Forced removal of a reservation: an expired one is freed; a live one may still be
@@ -364,69 +338,52 @@ class ObjectTable:
             self.free_reservation(key, res)
             return
         del self._staging[key]
-        phys = self.alloc.physical(res.slot.nbytes)
-        self._staging_bytes -= phys
-        self._doomed_bytes += phys
-        self._doomed_writes[res.slot] = res
-
-    def _free_doomed_write(self, slot: Slot) -> bool:
-        res = self._doomed_writes.pop(slot, None)
-        if res is None:
-            return False
-        phys = self.alloc.physical(slot.nbytes)
-        self.alloc.free(slot.offset, phys)
-        self._doomed_bytes -= phys
-        return True
-
-    def _free_unread(self, keys: Iterable[ObjectKey]) -> None:
-        """Free the doomed slots of ``keys`` that no live read lock protects any more."""
-        for key in keys:
-            slots = self._doomed.get(key)
-            if slots is None or self._reads.is_locked(key):
-                continue
-            del self._doomed[key]
-            for slot in slots:
-                phys = self.alloc.physical(slot.nbytes)
-                self.alloc.free(slot.offset, phys)
-                self._doomed_bytes -= phys
+        self._staging_bytes -= self.alloc.physical(res.slot.nbytes)
+        self._doomed.add_write(res)
 
     def _drop_unlocked_temporary(self, keys: Iterable[ObjectKey]) -> None:
         gone = [k for k in keys if k in self._temporary and not self._reads.is_locked(k)]
         self.remove(gone, evicted=False)
 
-    # -- observation -----------------------------------------------------------------------
-
-    def page(self, start: int, limit: int) -> tuple[list[Slot], int]:
-        """Resident slots ``[start, start + limit)`` in insertion order, and the table size."""
-        return list(itertools.islice(self._objects.values(), start, start + limit)), len(
-            self._objects
-        )
-
-    def stats(self, *, evictor_errors: int, listener_failures: int, is_open: bool) -> L1Stats:
-        used = self.alloc.allocated_bytes
-        accounted = self._resident_bytes + self._staging_bytes + self._doomed_bytes
-        healthy = self.alloc.memcheck() and used == accounted
-        return L1Stats(
-            objects=len(self._objects),
-            temporary_objects=len(self._temporary),
-            staging_objects=len(self._staging),
-            read_locked_objects=self._reads.locked_keys(),
-            doomed_objects=sum(map(len, self._doomed.values())) + len(self._doomed_writes),
-            doomed_bytes=self._doomed_bytes,
-            used_bytes=used,
-            staging_bytes=self._staging_bytes,
-            heap_bytes=self.alloc.heap_bytes,
-            configured_bytes=self._size,
-            usage=used / self._size,
-            evicted_objects=self.evicted_objects,
-            evicted_bytes=self.evicted_bytes,
-            dropped_oom=self._drops.total,
-            expired_reservations=self.expired,
-            evictor_errors=evictor_errors,
-            listener_failures=listener_failures,
-            healthy=healthy and is_open,
-        )
-
 
 def _is_lookup_lock(owner: Owner) -> bool:
     return isinstance(owner, LookupOwner)
+
+
+# -- observation (module functions: they only read the table) ----------------------------
+
+
+def table_page(table: ObjectTable, start: int, limit: int) -> tuple[list[Slot], int]:
+    """Resident slots ``[start, start + limit)`` in insertion order, and the table size."""
+    return list(itertools.islice(table._objects.values(), start, start + limit)), len(
+        table._objects
+    )
+
+
+def table_stats(
+    table: ObjectTable, *, evictor_errors: int, listener_failures: int, is_open: bool
+) -> L1Stats:
+    """The table's :class:`L1Stats` (and its accounting self-check); under the L1 mutex."""
+    used = table.alloc.allocated_bytes
+    accounted = table._resident_bytes + table._staging_bytes + table._doomed.bytes
+    healthy = table.alloc.memcheck() and used == accounted
+    return L1Stats(
+        objects=len(table._objects),
+        temporary_objects=len(table._temporary),
+        staging_objects=len(table._staging),
+        read_locked_objects=table._reads.locked_keys(),
+        doomed_objects=table._doomed.objects,
+        doomed_bytes=table._doomed.bytes,
+        used_bytes=used,
+        staging_bytes=table._staging_bytes,
+        heap_bytes=table.alloc.heap_bytes,
+        configured_bytes=table._size,
+        usage=used / table._size,
+        evicted_objects=table.evicted_objects,
+        evicted_bytes=table.evicted_bytes,
+        dropped_oom=table._drops.total,
+        expired_reservations=table.expired,
+        evictor_errors=evictor_errors,
+        listener_failures=listener_failures,
+        healthy=healthy and is_open,
+    )
