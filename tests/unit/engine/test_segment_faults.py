@@ -16,10 +16,7 @@ missing ``unshare`` into a failure instead of a skip).
 from __future__ import annotations
 
 import _posixshmem
-import contextlib
-import json
 import os
-import signal
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -27,7 +24,7 @@ from collections.abc import Iterator
 import numpy as np
 import pytest
 from conftest import GEOMETRY, C, key, register
-from pidns import invisible_pid, unshare_argv
+from pidns import SegmentWorker, cleaned_up, invisible_pid, unshare_argv
 
 from kvhive.engine.transfers import RetrieveResult, StoreResult
 from kvhive.errors import TransferFailed
@@ -65,48 +62,22 @@ time.sleep(600)
 WORKER_CODE = f"CODE = {WORKER!r}\n{WORKER}"  # the namespace's init runs CODE again
 
 
-class Worker:
+class Worker(SegmentWorker):
     """A real worker process holding ``lmcache_kv_<pid>_<n>`` segments (see WORKER)."""
 
     def __init__(self, *, ns_pid: int = 0, unshare: list[str] | None = None) -> None:
         nbytes = GEOMETRY.layer_nbytes
         argv = [sys.executable, "-c", WORKER_CODE, str(GEOMETRY.layers), str(nbytes)]
-        if ns_pid:
-            assert unshare is not None
-            argv = [*unshare, *argv, str(ns_pid)]
-        self.proc = subprocess.Popen(argv, stdout=subprocess.PIPE, text=True)
-        assert self.proc.stdout is not None
-        line = self.proc.stdout.readline()
-        assert line, f"worker did not start: {argv}"
-        info = json.loads(line)
-        self.pid: int = info["pid"]  # its pid in its own namespace
-        self.names: list[str] = info["names"]
+        super().__init__(argv, ns_pid=ns_pid, unshare=unshare)
 
     def descriptors(self) -> list:
         shape = GEOMETRY.layer_shape
         return [cpu_shm_descriptor("/" + n, "float16", shape) for n in self.names]
 
-    def exists(self) -> list[bool]:
-        return [os.path.exists(f"/dev/shm/{n}") for n in self.names]
-
-    def kill(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGKILL)
-        self.proc.wait()
-
-    def cleanup(self) -> None:
-        self.kill()
-        for n in self.names:
-            with contextlib.suppress(FileNotFoundError):
-                _posixshmem.shm_unlink("/" + n)
-
 
 @pytest.fixture
 def workers() -> Iterator[list[Worker]]:
-    made: list[Worker] = []
-    yield made
-    for w in made:
-        w.cleanup()
+    yield from cleaned_up([])
 
 
 def register_worker(eng, w: Worker, iid: int) -> None:

@@ -14,11 +14,9 @@ over kvhive's own client.
 
 from __future__ import annotations
 
-import _posixshmem
 import contextlib
 import json
 import os
-import signal
 import subprocess
 import sys
 import time
@@ -29,7 +27,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from pidns import invisible_pid, unshare_argv
+from pidns import SegmentWorker, cleaned_up, invisible_pid, unshare_argv
 
 from kvhive.bench.servers import ServerProcess, subprocess_env
 from support.shm import ShmSegment
@@ -38,29 +36,20 @@ CLIENT = Path(__file__).with_name("segment_client.py")
 LAYERS = 2  # segment_client.LAYERS
 
 
-class Worker:
+class Worker(SegmentWorker):
     """One ``segment_client.py`` process: registered and pinged once constructed."""
 
     def __init__(self, url: str, *, ns_pid: int = 0, unshare: list[str] | None = None) -> None:
         argv = [sys.executable, str(CLIENT), "--url", url]
-        if ns_pid:
-            assert unshare is not None
-            argv = [*unshare, *argv, "--ns-pid", str(ns_pid)]
-        self.proc = subprocess.Popen(
-            argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, env=subprocess_env()
+        super().__init__(
+            argv,
+            ns_pid=ns_pid,
+            ns_flag=["--ns-pid"],
+            unshare=unshare,
+            stdin=subprocess.PIPE,
+            env=subprocess_env(),
         )
-        ready = self._read()
-        self.pid: int = ready["pid"]
-        self.names: list[str] = ready["names"]
-        self.instance_id: int = ready["instance_id"]
-
-    def _read(self) -> dict[str, Any]:
-        assert self.proc.stdout is not None
-        line = self.proc.stdout.readline()
-        if not line:
-            raise AssertionError(f"worker exited ({self.proc.wait()}) without answering")
-        answer: dict[str, Any] = json.loads(line)
-        return answer
+        self.instance_id: int = self.ready["instance_id"]
 
     def cmd(self, op: str, **kw: Any) -> dict[str, Any]:
         assert self.proc.stdin is not None
@@ -68,27 +57,10 @@ class Worker:
         self.proc.stdin.flush()
         return self._read()
 
-    def exists(self) -> list[bool]:
-        return [os.path.exists(f"/dev/shm/{n}") for n in self.names]
-
-    def kill(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGKILL)
-        self.proc.wait()
-
-    def cleanup(self) -> None:
-        self.kill()
-        for n in self.names:
-            with contextlib.suppress(FileNotFoundError):
-                _posixshmem.shm_unlink("/" + n)
-
 
 @pytest.fixture
 def workers() -> Iterator[list[Worker]]:
-    made: list[Worker] = []
-    yield made
-    for w in made:
-        w.cleanup()
+    yield from cleaned_up([])
 
 
 @contextlib.contextmanager
