@@ -30,8 +30,9 @@ from typing import Any
 
 import pytest
 
-from kvhive.bench.servers import ServerProcess, setup_script_python, subprocess_env
+from kvhive.bench.servers import ServerProcess, subprocess_env
 from support.net import free_port
+from support.venvs import locate_venv_python, unavailable
 
 REPO = Path(__file__).resolve().parents[2]
 DRIVERS = Path(__file__).resolve().parent / "drivers"
@@ -50,38 +51,6 @@ def interop_target() -> str:
     if target not in TARGETS:
         raise pytest.UsageError(f"KVHIVE_INTEROP_TARGET must be one of {TARGETS}, got {target!r}")
     return target
-
-
-def _require_interop() -> bool:
-    return os.environ.get("KVHIVE_REQUIRE_INTEROP", "").strip().lower() in ("1", "true", "yes")
-
-
-def _unavailable(reason: str) -> None:
-    if _require_interop():
-        pytest.fail(
-            f"interop required (KVHIVE_REQUIRE_INTEROP=1) but unavailable: {reason}", pytrace=False
-        )
-    pytest.skip(reason)
-
-
-def _locate_client_python() -> tuple[str | None, str]:
-    env = os.environ.get("KVHIVE_CLIENT_PYTHON", "").strip()
-    if env:
-        if os.path.isfile(env) and os.access(env, os.X_OK):
-            return env, ""
-        return None, f"KVHIVE_CLIENT_PYTHON={env!r} is not an executable file"
-    if not SETUP_SCRIPT.is_file():
-        return None, f"{SETUP_SCRIPT} is missing"
-    try:
-        path = setup_script_python(SETUP_SCRIPT)
-    except (OSError, subprocess.TimeoutExpired) as exc:
-        return None, f"could not query {SETUP_SCRIPT.name}: {exc}"
-    if path is not None and os.path.isfile(path):
-        return path, ""
-    return None, (
-        "lmcache client venv not built; run scripts/setup_client_venv.sh "
-        "or set KVHIVE_CLIENT_PYTHON"
-    )
 
 
 # ---------------------------------------------------------------------------
@@ -113,9 +82,9 @@ def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo) -> Itera
 
 @pytest.fixture(scope="session")
 def client_python() -> str:
-    path, reason = _locate_client_python()
+    path, reason = locate_venv_python("KVHIVE_CLIENT_PYTHON", SETUP_SCRIPT, "lmcache client")
     if path is None:
-        _unavailable(reason)
+        unavailable(reason)
     return str(path)
 
 

@@ -9,7 +9,6 @@ The venv is located through ``KVHIVE_CLIENT057_PYTHON`` or the cached path that
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -18,7 +17,8 @@ from typing import Any
 
 import pytest
 
-from kvhive.bench.servers import ServerProcess, setup_script_python, subprocess_env
+from kvhive.bench.servers import ServerProcess, subprocess_env
+from support.venvs import locate_venv_python, unavailable
 
 REPO = Path(__file__).resolve().parents[2]
 DRIVERS = Path(__file__).resolve().parent / "drivers"
@@ -26,35 +26,13 @@ SETUP_SCRIPT = REPO / "scripts" / "setup_client057_venv.sh"
 RESULT_MARK = "@@KVHIVE_INTEROP057_RESULT@@ "
 
 
-def _required() -> bool:
-    return os.environ.get("KVHIVE_REQUIRE_INTEROP", "").strip().lower() in ("1", "true", "yes")
-
-
-def _locate() -> tuple[str | None, str]:
-    env = os.environ.get("KVHIVE_CLIENT057_PYTHON", "").strip()
-    if env:
-        if os.path.isfile(env) and os.access(env, os.X_OK):
-            return env, ""
-        return None, f"KVHIVE_CLIENT057_PYTHON={env!r} is not an executable file"
-    try:
-        path = setup_script_python(SETUP_SCRIPT)
-    except (OSError, subprocess.TimeoutExpired) as exc:
-        return None, f"could not query {SETUP_SCRIPT.name}: {exc}"
-    if path is not None and os.path.isfile(path):
-        return path, ""
-    return None, (
-        "lmcache 0.5.7 client venv not built; run scripts/setup_client057_venv.sh "
-        "or set KVHIVE_CLIENT057_PYTHON"
-    )
-
-
 @pytest.fixture(scope="session")
 def client057_python() -> str:
-    path, reason = _locate()
+    path, reason = locate_venv_python(
+        "KVHIVE_CLIENT057_PYTHON", SETUP_SCRIPT, "lmcache 0.5.7 client"
+    )
     if path is None:
-        if _required():
-            pytest.fail(f"interop required (KVHIVE_REQUIRE_INTEROP=1) but {reason}", pytrace=False)
-        pytest.skip(reason)
+        unavailable(reason)
     return path
 
 
