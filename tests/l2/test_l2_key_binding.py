@@ -32,6 +32,7 @@ from kvhive.storage.l2 import integrity, naming
 from kvhive.storage.l2.futures import CORRUPT, MISSING, reason
 from kvhive.storage.l2.managed import ManagedAdapter
 from kvhive.storage.l2.registry import build_adapter
+from support.integrity import read_stored
 
 N = 64 * 1024 + 123
 NAMED = ("fs", "fs_native", "raw_block", "dax", "plugin", "native_plugin", "resp", "s3")
@@ -169,24 +170,15 @@ def test_prefetch_failure_metric_says_corrupt(
 # -- the pieces: trailer binding, outcomes, names -----------------------------------------
 
 
-def _read(stored: bytes, n: int) -> tuple[memoryview, int, memoryview]:
-    payload = memoryview(bytearray(n))
-    tail = memoryview(bytearray(integrity.TRAILER_BYTES))
-    payload[: min(n, len(stored))] = stored[:n]
-    rest = stored[n : n + integrity.TRAILER_BYTES]
-    tail[: len(rest)] = rest
-    return payload, len(stored), tail
-
-
 def test_trailer_is_bound_to_the_key() -> None:
     a, b = keys_for(2)
     da, db = integrity.key_digest(a), integrity.key_digest(b)
     assert da != db and len(da) == 8
     data = bytes(range(256)) * 20
     framed = data + integrity.make_trailer(memoryview(data), da)
-    integrity.verify(*_read(framed, len(data)), da)
+    integrity.verify(*read_stored(framed, len(data)), da)
     with pytest.raises(CorruptObject, match="another key"):
-        integrity.verify(*_read(framed, len(data)), db)
+        integrity.verify(*read_stored(framed, len(data)), db)
     # the same payload stored for two keys: two different trailers
     assert framed[-integrity.TRAILER_BYTES :] != integrity.make_trailer(memoryview(data), db)
 
@@ -198,7 +190,7 @@ def test_unbound_version_1_trailers_are_corrupt() -> None:
     data = bytes(range(256)) * 20
     v1 = struct.pack("<8sQII", b"KVHVOBJ1", len(data), zlib.crc32(data), 1)
     with pytest.raises(CorruptObject, match="version-1"):
-        integrity.verify(*_read(data + v1, len(data)), integrity.key_digest(keys_for(1)[0]))
+        integrity.verify(*read_stored(data + v1, len(data)), integrity.key_digest(keys_for(1)[0]))
 
 
 def test_miss_outcomes_equal_false_and_carry_their_reason() -> None:

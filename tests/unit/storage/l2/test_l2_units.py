@@ -11,6 +11,7 @@ from kvhive.storage.eviction import make_policy
 from kvhive.storage.l2 import integrity, naming
 from kvhive.storage.l2.adapters.s3 import _scatter, split_endpoint
 from kvhive.storage.l2.tracker import Tracker
+from support.integrity import read_stored
 
 KEY = ObjectKey(bytes.fromhex("0101010101010101"), "org/m", pack_kv_rank(1, 0), 0, "s")
 
@@ -30,21 +31,12 @@ def test_names_match_the_reference_examples() -> None:
     assert naming.slot_identity("a") == naming.slot_identity("a") != naming.slot_identity("b")
 
 
-def _read(stored: bytes, n: int) -> tuple[memoryview, int, memoryview]:
-    payload = memoryview(bytearray(n))
-    tail = memoryview(bytearray(integrity.TRAILER_BYTES))
-    payload[: min(n, len(stored))] = stored[:n]
-    rest = stored[n : n + integrity.TRAILER_BYTES]
-    tail[: len(rest)] = rest
-    return payload, len(stored), tail
-
-
 def test_integrity_accepts_framed_raw_and_padded_objects() -> None:
     data = np.random.default_rng(1).integers(0, 256, 5000, dtype=np.uint8).tobytes()
     framed = data + integrity.make_trailer(memoryview(data))
-    integrity.verify(*_read(framed, 5000))
-    integrity.verify(*_read(data, 5000))  # reference format
-    integrity.verify(*_read(data + bytes(8192 - 5000), 5000))  # reference fs_native O_DIRECT
+    integrity.verify(*read_stored(framed, 5000))
+    integrity.verify(*read_stored(data, 5000))  # reference format
+    integrity.verify(*read_stored(data + bytes(8192 - 5000), 5000))  # reference fs_native O_DIRECT
 
 
 @pytest.mark.parametrize(
@@ -60,7 +52,7 @@ def test_integrity_rejects_damage(mutate) -> None:  # type: ignore[no-untyped-de
     data = bytes(range(256)) * 20
     framed = data + integrity.make_trailer(memoryview(data))
     with pytest.raises(CorruptObject):
-        integrity.verify(*_read(mutate(framed), len(data)))
+        integrity.verify(*read_stored(mutate(framed), len(data)))
 
 
 def test_tracker_capacity_sizes_and_salts() -> None:
