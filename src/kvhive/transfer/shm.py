@@ -11,6 +11,9 @@ and keeps writing there; we map the same pages and copy to/from them.
 * Each registration maps each segment once (:class:`SegmentTable`), however
   many sibling views it holds, and unmaps explicitly on close (the reference
   leaks these mappings, defect 7).
+* The table populates each new mapping's page tables in the background
+  (:mod:`kvhive.transfer.populate`), so copies into blocks the server has never
+  touched do not fault page by page on the request path.
 * Nothing is ever unlinked on a guess.  A registration records, per segment, the
   proof :class:`SegmentOwner`: the creator named in ``lmcache_kv_<pid>_<n>`` is visible
   here, maps this very segment (device and inode, from ``/proc/<pid>/maps``) and
@@ -32,13 +35,20 @@ import os
 import re
 import stat
 import threading
-from collections.abc import Container, Iterable
+from collections.abc import Callable, Container, Iterable
 from dataclasses import dataclass, field
 
 import numpy as np
 
 from kvhive.errors import RegistrationError
 from kvhive.transfer.descriptors import TensorDesc, validate_shm_name
+from kvhive.transfer.populate import (
+    PopulateStats,
+    Prefaulter,
+    populate,
+    populate_supported,
+    read_touch,
+)
 
 try:  # CPython's own binding of shm_open(3); present on every POSIX build
     import _posixshmem
@@ -112,6 +122,11 @@ class ShmMapping:
     def closed(self) -> bool:
         return self._mm is None
 
+    @property
+    def address(self) -> int:
+        """Address of byte 0 of the mapping (0 once closed)."""
+        return int(self.array.__array_interface__["data"][0]) if self._mm is not None else 0
+
     def close(self) -> None:
         """Unmap (idempotent)."""
         mm, self._mm = self._mm, None
@@ -133,13 +148,23 @@ class SegmentTable:
 
         acquire("a", n) -> map        acquire("a", n) -> same map (refs=2)
         release("a")    -> refs=1     release("a")    -> unmapped
+
+    With ``populate`` (the default) every new mapping's pages are populated by one
+    background thread per table (:class:`~kvhive.transfer.populate.Prefaulter`);
+    ``release`` and ``close`` cancel that work, waiting for at most one piece, before they
+    unmap.
     """
 
-    def __init__(self) -> None:
+    def __init__(self, *, populate: bool = True) -> None:
         self._lock = threading.Lock()
         self._maps: dict[str, ShmMapping] = {}
         self._refs: dict[str, int] = {}
         self._owners: dict[str, SegmentOwner] = {}
+        self._prefaulter = (
+            Prefaulter(0, "kvhive-segment-populate", _fill_segment(), self._populated)
+            if populate
+            else None
+        )
 
     def acquire(self, name: str, nbytes: int) -> ShmMapping:
         """Return the mapping of ``name``, mapping ``nbytes`` on first use.
@@ -154,6 +179,8 @@ class SegmentTable:
                 m = ShmMapping.open(bare, nbytes)
                 self._maps[bare] = m
                 self._refs[bare] = 0
+                if self._prefaulter is not None:
+                    self._prefaulter.submit(m.address, m.address + m.nbytes)
             elif nbytes > m.nbytes:
                 raise RegistrationError(
                     f"segment {bare!r} declared with {nbytes} bytes, earlier with {m.nbytes}"
@@ -172,16 +199,39 @@ class SegmentTable:
                 return
             del self._refs[bare]
             m = self._maps.pop(bare)
+        if self._prefaulter is not None:
+            self._prefaulter.cancel(m.address, m.address + m.nbytes)
         m.close()
 
     def close(self) -> None:
-        """Unmap every segment (idempotent)."""
+        """Stop populating, then unmap every segment (idempotent)."""
+        if self._prefaulter is not None:
+            self._prefaulter.stop()
         with self._lock:
             maps = list(self._maps.values())
             self._maps.clear()
             self._refs.clear()
         for m in maps:
             m.close()
+
+    def wait_populated(self, timeout: float | None = None) -> bool:
+        """Block until every mapping so far is populated; True when done (tests, benches)."""
+        return self._prefaulter is None or self._prefaulter.wait_idle(timeout)
+
+    def populate_stats(self) -> PopulateStats:
+        """Bytes populated, seconds spent and failed pieces so far."""
+        if self._prefaulter is None:
+            return PopulateStats(0, 0.0, 0)
+        return self._prefaulter.stats()
+
+    def _populated(self, stats: PopulateStats) -> None:
+        with self._lock:
+            names = sorted(self._maps)
+        log.info(
+            "populated %.1f MiB of engine segment pages in %.3f s (%d failed piece(s)): %s",
+            stats.bytes_done / 2**20, stats.seconds, stats.failures, ", ".join(names[:4])
+            + (f" and {len(names) - 4} more" if len(names) > 4 else ""),
+        )  # fmt: skip
 
     def get(self, name: str) -> ShmMapping:
         """The current mapping of ``name`` (no new reference); RegistrationError if unmapped."""
@@ -213,6 +263,13 @@ class SegmentTable:
     def __len__(self) -> int:
         with self._lock:
             return len(self._maps)
+
+
+def _fill_segment() -> Callable[[int, int], bool]:
+    """How segment pages are populated here: ``MADV_POPULATE_WRITE`` when the kernel has
+    it, else a SIGBUS-safe read of one byte per page (never a write: the pages are the
+    engine's)."""
+    return populate if populate_supported() else read_touch
 
 
 def uint_dtype(size: int) -> np.dtype:

@@ -11,7 +11,7 @@ Three ways to obtain it::
             always eager, shared with engine-driven clients that map it by name; offsets are
             relative to the segment start.
 
-Pages are pre-faulted in a background thread (``prefault.Prefaulter``) so start-up and
+Pages are pre-faulted in a background thread (``kvhive.transfer.populate.Prefaulter``) so start-up and
 growth stay fast.  Offsets handed out by the allocator index ``Arena.array``.
 
 Alignment: the base of anonymous arenas is aligned to ``align`` by over-reserving
@@ -30,7 +30,7 @@ import numpy as np
 
 from kvhive.errors import UnsupportedError
 from kvhive.storage.l1.allocator import align_up
-from kvhive.storage.l1.prefault import Prefaulter, populate_supported, touch_pages
+from kvhive.transfer.populate import Prefaulter, populate_supported, touch_pages
 
 log = logging.getLogger(__name__)
 
@@ -95,7 +95,9 @@ class Arena:
             else size_bytes
         )
         populating = prefault and populate_supported()
-        self._prefaulter = Prefaulter(self.base_address) if populating else None
+        self._prefaulter = (
+            Prefaulter(self.base_address, "kvhive-l1-prefault") if populating else None
+        )
         self._touch_on_grow = prefault and not populating and lazy
         self._prefault(0, self.heap_bytes)
 
