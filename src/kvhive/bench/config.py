@@ -12,31 +12,61 @@ _ITEMSIZE = {"bfloat16": 2, "float16": 2, "float32": 4}
 
 @dataclass(frozen=True)
 class KVShape:
-    """A model's KV geometry (per token: ``2 * layers * kv_heads * head_size`` elements)."""
+    """A model's KV geometry (per token: ``2 * layers * kv_heads * head_size`` elements, or
+    ``layers * head_size`` for MLA's one latent plane).
+
+    Engine layout of one layer (vLLM CPU): ``[2, blocks, kv_heads, block_size, head_size]``
+    ("HND"), or ``[blocks, block_size, head_size]`` for MLA.
+    """
 
     name: str
     layers: int
     kv_heads: int
     head_size: int
     dtype: str = "bfloat16"
+    mla: bool = False
 
     @property
     def itemsize(self) -> int:
         return _ITEMSIZE[self.dtype]
 
+    @property
+    def kv_planes(self) -> int:
+        """2 (K and V) or 1 (MLA's latent)."""
+        return 1 if self.mla else 2
+
+    @property
+    def block_axis(self) -> int:
+        """The block axis of :meth:`layer_dims`."""
+        return 0 if self.mla else 1
+
+    def layer_dims(self, num_blocks: int, block_size: int) -> tuple[int, ...]:
+        if self.mla:
+            return (num_blocks, block_size, self.head_size)
+        return (2, num_blocks, self.kv_heads, block_size, self.head_size)
+
     def chunk_bytes(self, chunk_tokens: int) -> int:
         """Bytes of one chunk object (all layers, K and V)."""
-        return 2 * self.layers * chunk_tokens * self.kv_heads * self.head_size * self.itemsize
+        return (
+            self.kv_planes
+            * self.layers
+            * chunk_tokens
+            * self.kv_heads
+            * self.head_size
+            * (self.itemsize)
+        )
 
     def layer_block_bytes(self, block_size: int) -> int:
-        return 2 * self.kv_heads * block_size * self.head_size * self.itemsize
+        return self.kv_planes * self.kv_heads * block_size * self.head_size * self.itemsize
 
 
-#: The issue's large shape (32 MiB per 256-token chunk), SmolLM2-135M (the e2e model) and a
-#: tiny one for lookup latency (whose cost does not depend on bytes).
+#: The 8B-class GQA shape (Llama-3-8B: 32 MiB per 256-token chunk), SmolLM2-135M (the e2e
+#: model), an MLA shape (DeepSeek-V2-Lite: 27 layers, a 512 + 64 latent) and a tiny one for
+#: lookup latency (whose cost does not depend on bytes).
 SHAPES: dict[str, KVShape] = {
     "32L-8H-128D": KVShape("32L-8H-128D", 32, 8, 128),
     "smollm2-135m": KVShape("smollm2-135m", 30, 3, 64),
+    "mla-27L-576D": KVShape("mla-27L-576D", 27, 1, 576, mla=True),
     "tiny": KVShape("tiny", 2, 1, 16),
 }
 

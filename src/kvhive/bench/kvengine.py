@@ -4,10 +4,11 @@ requests sent by :class:`kvhive.client.KvhiveClient`.  No torch, no lmcache.
 
 Works against any server speaking the protocol (kvhive or the reference ``lmcache server``).
 
-Layout of one engine's cache (vLLM CPU, "HND")::
+Layout of one engine's cache (vLLM CPU, "HND"; MLA has one latent plane)::
 
     layer l: POSIX shm segment /kvhive_bench_<pid>_<n>_<l>
              [2, num_blocks, kv_heads, block_size, head_size]  (K/V, block, head, slot, dim)
+             [num_blocks, block_size, head_size]                (MLA: block, slot, latent)
 """
 
 from __future__ import annotations
@@ -39,7 +40,8 @@ def make_tokens(seed: int, n: int, vocab: int = 50_000) -> list[int]:
 
 
 class ShmKVCache:
-    """One engine's KV cache: a shm segment per layer, laid out as vLLM's CPU backend does."""
+    """One engine's KV cache: a shm segment per layer, laid out as vLLM's CPU backend does
+    (``KVShape.layer_dims``)."""
 
     def __init__(self, shape: KVShape, num_blocks: int, block_size: int) -> None:
         self.shape = shape
@@ -47,7 +49,7 @@ class ShmKVCache:
         self.block_size = block_size
         self.names: list[str] = []
         self._maps: list[mmap.mmap] = []
-        self.layer_dims = (2, num_blocks, shape.kv_heads, block_size, shape.head_size)
+        self.layer_dims = shape.layer_dims(num_blocks, block_size)
         self.layer_bytes = shape.itemsize * int(np.prod(self.layer_dims))
         try:
             for layer in range(shape.layers):
@@ -69,14 +71,18 @@ class ShmKVCache:
     def fill(self, block_ids: list[int], seed: int) -> None:
         """Random bits in ``block_ids`` of every layer (touches the pages once)."""
         rng = np.random.default_rng(seed)
-        idx = np.asarray(block_ids)
+        idx = self.blocks(block_ids)
         for layer in self.layers:
-            sub = layer[:, idx]
-            layer[:, idx] = rng.integers(0, 1 << 15, size=sub.shape, dtype=layer.dtype)
+            sub = layer[idx]
+            layer[idx] = rng.integers(0, 1 << 15, size=sub.shape, dtype=layer.dtype)
+
+    def blocks(self, block_ids: list[int]) -> tuple[slice | np.ndarray, ...]:
+        """Index of ``block_ids`` along a layer's block axis."""
+        return (slice(None),) * self.shape.block_axis + (np.asarray(block_ids),)
 
     def blocks_equal(self, a: list[int], b: list[int]) -> bool:
-        ia, ib = np.asarray(a), np.asarray(b)
-        return all(np.array_equal(layer[:, ia], layer[:, ib]) for layer in self.layers)
+        ia, ib = self.blocks(a), self.blocks(b)
+        return all(np.array_equal(layer[ia], layer[ib]) for layer in self.layers)
 
     def descriptors(self) -> list[msgspec.msgpack.Ext]:
         """The ext-1 ``cpu_shm`` wrappers ``register_kv_cache`` carries, one per layer."""
