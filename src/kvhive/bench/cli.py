@@ -74,6 +74,24 @@ def add_bench_arguments(p: argparse.ArgumentParser) -> None:
         default=d.engines,
         help="concurrent engine counts for the concurrency section",
     )
+    p.add_argument(
+        "--engine-shapes",
+        type=_csv(tuple(SHAPES)),
+        default=d.engine_shapes,
+        help="KV shapes of the engine-pattern section (fresh block tables per request)",
+    )
+    p.add_argument(
+        "--engine-cache-gib",
+        type=float,
+        default=d.engine_cache_gib,
+        help="KV cache size of the engine-pattern section's engine",
+    )
+    p.add_argument(
+        "--engine-settle-s",
+        type=float,
+        default=d.engine_settle_s,
+        help="pause between registration and the cold pass",
+    )
     p.add_argument("--lookup-samples", type=int, default=d.lookup_samples)
     p.add_argument("--noop-samples", type=int, default=d.noop_samples)
     p.add_argument("--healthy-sizes-gb", type=_csv(conv=float), default=d.healthy_sizes_gb)
@@ -122,6 +140,9 @@ def config_from_args(a: argparse.Namespace) -> BenchConfig:
         chunks=a.chunks,
         rounds=a.rounds,
         engines=a.engines,
+        engine_shapes=a.engine_shapes,
+        engine_cache_gib=a.engine_cache_gib,
+        engine_settle_s=a.engine_settle_s,
         lookup_samples=a.lookup_samples,
         noop_samples=a.noop_samples,
         healthy_sizes_gb=a.healthy_sizes_gb,
@@ -141,6 +162,9 @@ def config_from_args(a: argparse.Namespace) -> BenchConfig:
         cfg.healthy_sizes_gb, cfg.healthy_reps = (1.0,), 1
         cfg.l1_size_gb = min(cfg.l1_size_gb, 2.0)
         cfg.memcpy_mib = 8
+        cfg.engine_shapes = ("smollm2-135m",)
+        cfg.engine_cache_gib = min(cfg.engine_cache_gib, 0.25)
+        cfg.engine_cold_requests, cfg.engine_warm_requests = ((1, 2), (16, 1)), ((1, 3), (16, 1))
     return cfg
 
 

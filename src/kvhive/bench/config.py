@@ -71,7 +71,7 @@ SHAPES: dict[str, KVShape] = {
 }
 
 
-SECTIONS = ("memcpy", "healthy", "transfer", "concurrency", "lookup", "noop")
+SECTIONS = ("memcpy", "healthy", "engine", "transfer", "concurrency", "lookup", "noop")
 CLIENTS = ("lmcache", "kvhive")
 MODES = ("lmcache_driven", "engine_driven")
 BIG = "32L-8H-128D"
@@ -101,3 +101,10 @@ class BenchConfig:
     client_python: str | None = None
     log_dir: str | None = None
     memcpy_mib: int = 32
+    # the engine pattern (kvhive.bench.engineload): fresh block tables, cold and warm
+    engine_shapes: tuple[str, ...] = (BIG, "smollm2-135m", "mla-27L-576D")
+    engine_cache_gib: float = 2.0
+    engine_settle_s: float = 1.0
+    #: (chunks per request, requests) of the cold and the warm pass
+    engine_cold_requests: tuple[tuple[int, int], ...] = ((1, 6), (16, 2))
+    engine_warm_requests: tuple[tuple[int, int], ...] = ((1, 12), (16, 3))

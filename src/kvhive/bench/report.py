@@ -55,6 +55,8 @@ class Target:
 class BenchReport:
     meta: dict[str, Any] = field(default_factory=dict)
     memcpy_gbs: float | None = None
+    #: memcpy into existing shared pages this mapping never touched (the page-fault floor)
+    memcpy_first_touch_gbs: float | None = None
     echo_rtt_ms: float | None = None  # bare pyzmq echo p50: the floor of a round trip
     rows: list[Row] = field(default_factory=list)
     targets: list[Target] = field(default_factory=list)
@@ -117,6 +119,7 @@ class BenchReport:
         return {
             "meta": self.meta,
             "memcpy_gbs": self.memcpy_gbs,
+            "memcpy_first_touch_gbs": self.memcpy_first_touch_gbs,
             "echo_rtt_ms": self.echo_rtt_ms,
             "rows": [asdict(r) for r in self.rows],
             "targets": [asdict(t) for t in self.targets],
@@ -130,6 +133,7 @@ class BenchReport:
             return cls(
                 meta=dict(data.get("meta", {})),
                 memcpy_gbs=data.get("memcpy_gbs"),
+                memcpy_first_touch_gbs=data.get("memcpy_first_touch_gbs"),
                 echo_rtt_ms=data.get("echo_rtt_ms"),
                 rows=[Row(**r) for r in data["rows"]],
                 targets=[Target(**t) for t in data.get("targets", [])],
@@ -168,6 +172,11 @@ class BenchReport:
         out = []
         if self.memcpy_gbs is not None:
             out.append(f"memcpy (this machine, this run): {self.memcpy_gbs:.2f} GB/s")
+        if self.memcpy_first_touch_gbs is not None:
+            out.append(
+                f"first-touch memcpy (into shared pages not yet mapped): "
+                f"{self.memcpy_first_touch_gbs:.2f} GB/s"
+            )
         if self.echo_rtt_ms is not None:
             out.append(
                 f"bare pyzmq echo round trip (this machine, this run): p50 "

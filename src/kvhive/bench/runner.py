@@ -5,8 +5,13 @@ Sections (in run order):
 
 * ``memcpy``      this machine's plain copy bandwidth (32 MiB chunks, no cache reuse);
 * ``healthy``     server start to first ``200`` from ``/healthcheck``, per L1 size;
+* ``engine``      the engine's own access (the headline figures, ``bench/engine_section.py``):
+                  a fresh block table per request drawn across the whole KV cache, lookup
+                  before retrieve, cold (blocks the server never touched) and warm, 1 and
+                  16 chunks per request, server page faults per chunk; read against plain
+                  and first-touch memcpy;
 * ``transfer``    store / retrieve GB/s per client, mode and shape, 1 engine, 1 and N chunks
-                  per request;
+                  per request, the same blocks every time ("warm blocks");
 * ``concurrency`` the same with several engines at once (N chunks per request);
 * ``lookup``      lookup latency for 1 / 64 / 400-chunk prefixes, hit and miss;
 * ``noop``        the empty round trip, timed alongside a bare pyzmq echo (the floor).
@@ -34,7 +39,7 @@ from typing import Any
 import numpy as np
 
 import kvhive
-from kvhive.bench import kvload, lmload
+from kvhive.bench import engine_section, kvload, lmload
 from kvhive.bench.config import BIG, SHAPES, BenchConfig
 from kvhive.bench.report import BenchReport, Target
 from kvhive.bench.servers import Kind, ServerProcess, free_port, subprocess_env
@@ -74,7 +79,7 @@ def measure_memcpy(chunk_mib: int = 32, chunks: int = 16, reps: int = 3) -> floa
 
 
 def default_targets(cfg: BenchConfig) -> list[Target]:
-    out: list[Target] = []
+    out: list[Target] = engine_section.targets(cfg)
     for mode in cfg.modes:
         for p in (1, cfg.chunks):
             for op, vs_ref in (("store", 5.0), ("retrieve", 3.0)):
@@ -128,11 +133,19 @@ class BenchRunner:
             if "memcpy" in cfg.sections:
                 self.report.memcpy_gbs = round(measure_memcpy(cfg.memcpy_mib), 3)
                 self.say(f"memcpy: {self.report.memcpy_gbs:.2f} GB/s")
+                if "engine" in cfg.sections:
+                    ft = engine_section.measure_first_touch_memcpy(cfg.memcpy_mib)
+                    self.report.memcpy_first_touch_gbs = round(ft, 3)
+                    self.say(f"first-touch memcpy: {ft:.2f} GB/s")
             kinds: list[Kind] = ["kvhive", "reference"] if cfg.vs_reference else ["kvhive"]
             if "healthy" in cfg.sections:
                 for kind in kinds:
                     self._healthy(kind)
-            load = [s for s in ("transfer", "concurrency", "lookup", "noop") if s in cfg.sections]
+            load = [
+                s
+                for s in ("engine", "transfer", "concurrency", "lookup", "noop")
+                if s in cfg.sections
+            ]
             if load:
                 for kind in kinds:
                     self._load(kind, load)
@@ -215,6 +228,9 @@ class BenchRunner:
         return [c for c in self.cfg.clients if c == "kvhive" or self.client_python]
 
     # -- sections ---------------------------------------------------------------------------
+
+    def _engine(self, kind: Kind) -> None:
+        engine_section.run(self, kind)
 
     def _transfer(self, kind: Kind) -> None:
         cfg = self.cfg

@@ -69,7 +69,15 @@ def test_missing_memcpy_or_reference_gives_no_ratio() -> None:
 def test_dict_json_and_table(tmp_path) -> None:
     r = _report().finalize([Target("store >= 0.7x memcpy", KEY, "vs_memcpy", 0.7)])
     d = r.to_dict()
-    assert set(d) == {"meta", "memcpy_gbs", "echo_rtt_ms", "rows", "targets", "errors"}
+    assert set(d) == {
+        "meta",
+        "memcpy_gbs",
+        "memcpy_first_touch_gbs",
+        "echo_rtt_ms",
+        "rows",
+        "targets",
+        "errors",
+    }
     assert {"key", "kvhive", "reference", "vs_memcpy", "vs_reference", "unit"} <= set(d["rows"][0])
     path = tmp_path / "r.json"
     r.write_json(path)
@@ -133,8 +141,10 @@ def test_percentiles() -> None:
 
 
 def test_default_targets_cover_the_issue() -> None:
-    names = [t.name for t in default_targets(BenchConfig())]
-    assert len([n for n in names if "memcpy" in n]) == 8  # 2 modes x 2 sizes x store/retrieve
+    targets = default_targets(BenchConfig())
+    names = [t.name for t in targets]
+    transfer = [t for t in targets if t.row.startswith("transfer/") and t.kind == "vs_memcpy"]
+    assert len(transfer) == 8  # 2 modes x 2 sizes x store/retrieve
     assert any("5x reference" in n for n in names) and any("3x reference" in n for n in names)
     assert "lookup hit 1 chunk p50 <= 0.25 ms" in names
     assert "lookup hit 400 chunks p50 <= 2 ms" in names

@@ -1,0 +1,118 @@
+"""The ``engine`` section of ``kvhive bench``: the engine's access pattern (fresh block
+tables, lookup before retrieve, cold and warm; :mod:`kvhive.bench.engineload`) per shape,
+its rows and targets, and the first-touch memcpy floor it is read against."""
+
+from __future__ import annotations
+
+import contextlib
+import mmap
+import os
+import statistics
+import time
+from _posixshmem import shm_open, shm_unlink
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from kvhive.bench import engineload
+from kvhive.bench.config import BIG, SHAPES, BenchConfig
+from kvhive.bench.report import Target
+
+if TYPE_CHECKING:
+    from kvhive.bench.runner import BenchRunner
+    from kvhive.bench.servers import Kind, ServerProcess
+
+GROUP = "engine pattern (fresh block tables per request, lookup -> retrieve)"
+SMALL = "smollm2-135m"
+
+
+def measure_first_touch_memcpy(chunk_mib: int = 32, chunks: int = 8) -> float:
+    """GB/s of ``np.copyto`` of ``chunk_mib`` MiB into pages of a shared-memory segment that
+    exist (another mapping wrote them) but that this mapping never touched: what a server
+    pays per retrieve into an engine's blocks it has not mapped in yet; median."""
+    n = chunk_mib << 20
+    name = f"/kvhive_bench_ft_{os.getpid()}_{time.monotonic_ns()}"
+    fd = shm_open(name, os.O_CREAT | os.O_EXCL | os.O_RDWR, mode=0o600)
+    try:
+        os.ftruncate(fd, chunks * n)
+        with mmap.mmap(fd, chunks * n) as owner:
+            np.frombuffer(owner, np.uint8).fill(1)  # the engine wrote its cache
+            src = np.ones(n, np.uint8)
+            with mmap.mmap(fd, chunks * n) as fresh:
+                dst = np.frombuffer(fresh, np.uint8)
+                times = []
+                for i in range(chunks):
+                    t0 = time.perf_counter()
+                    np.copyto(dst[i * n : (i + 1) * n], src)
+                    times.append(time.perf_counter() - t0)
+                del dst
+    finally:
+        os.close(fd)
+        with contextlib.suppress(FileNotFoundError):
+            shm_unlink(name)
+    return n / statistics.median(times) / 1e9
+
+
+def run(runner: BenchRunner, kind: Kind) -> None:
+    """Measure every ``cfg.engine_shapes`` shape against a fresh ``kind`` server."""
+    cfg = runner.cfg
+    for shape_name in cfg.engine_shapes:
+
+        def measure(server: ServerProcess, shape_name: str = shape_name) -> dict[str, Any]:
+            return engineload.run_engine(
+                server.rpc_url, SHAPES[shape_name], cache_gib=cfg.engine_cache_gib,
+                cold_requests=dict(cfg.engine_cold_requests),
+                warm_requests=dict(cfg.engine_warm_requests), block_size=cfg.block_size,
+                settle_s=cfg.engine_settle_s,
+                server_pid=server.proc.pid if server.proc is not None else None,
+                model_name=f"bench-engine-{shape_name}", progress=runner.say,
+            )  # fmt: skip
+
+        res = runner._measure(kind, f"engine pattern, {shape_name}", measure)
+        if res:
+            record(runner, kind, shape_name, res)
+
+
+def record(runner: BenchRunner, kind: Kind, shape: str, res: dict[str, Any]) -> None:
+    put = runner.report.put
+    mib = res["chunk_bytes"] / (1 << 20)
+    for phase, ops in res["phases"].items():
+        for op in ("store", "retrieve"):
+            for p, f in ops[op].items():
+                what = f"{op} {p} chunk/req, {phase}, {shape} ({mib:.1f} MiB)"
+                key = f"engine/{shape}/{phase}/{op}/{p}"
+                put(key, kind, f["gbs"] if not f["failures"] else None, group=GROUP,
+                    label=what, unit="GB/s", better="higher")  # fmt: skip
+                if f.get("faults_per_chunk") is not None:
+                    put(key + "/faults", kind, f["faults_per_chunk"], group=GROUP,
+                        label=f"server page faults per chunk, {what}", unit="faults",
+                        better="lower")  # fmt: skip
+        for p, f in ops["lookup"].items():
+            put(f"engine/{shape}/{phase}/lookup/{p}/p50", kind, f["p50_ms"], group=GROUP,
+                label=f"lookup {p} chunk(s) before the retrieve, {phase}, {shape}", unit="ms",
+                better="lower")  # fmt: skip
+    put(f"engine/{shape}/register", kind, res.get("register_ms"), group=GROUP,
+        label=f"register_kv_cache reply, {res['cache_blocks']}-block cache, {shape}",
+        unit="ms", better="lower")  # fmt: skip
+    for err in res.get("errors", [])[:5]:
+        runner.report.errors.append(f"{kind} engine pattern {shape}: {err}")
+
+
+def targets(cfg: BenchConfig) -> list[Target]:
+    """The issue's targets on the engine pattern (cold: blocks the server never touched)."""
+    if "engine" not in cfg.sections:
+        return []
+    out: list[Target] = []
+    if BIG in cfg.engine_shapes:
+        for op in ("store", "retrieve"):
+            key = f"engine/{BIG}/cold/{op}/1"
+            what = f"{op} 1 chunk/req, fresh blocks, 32 MiB"
+            out.append(Target(f"{what} >= 0.7x memcpy", key, "vs_memcpy", 0.7))
+            out.append(Target(f"{what} >= 3x reference", key, "vs_reference", 3.0))
+    if SMALL in cfg.engine_shapes:
+        for op in ("store", "retrieve"):
+            for p, floor in ((1, 0.5), (16, 0.7)):
+                key = f"engine/{SMALL}/cold/{op}/{p}"
+                out.append(Target(f"{op} {p} chunk/req, fresh blocks, SmolLM2 >= {floor}x "
+                                  "memcpy", key, "vs_memcpy", floor))  # fmt: skip
+    return out
