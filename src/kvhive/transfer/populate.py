@@ -9,11 +9,18 @@ before requests need them:
 * the **L1 arena** at start-up and after each growth (``storage/l1/arena.py``);
 * every **engine segment** when a registration maps it (``transfer/shm.py``).
 
-``madvise(MADV_POPULATE_WRITE)`` (Linux >= 5.14) fills the page tables without touching
-contents, so it is safe on pages that are in use: it runs in the background, one piece of
-:data:`PIECE_BYTES` at a time, while requests proceed (a request that reaches an unpopulated
-page simply faults it, as before).  On a segment the engine shrank under us it fails with
-``EFAULT`` instead of raising SIGBUS, and the pages are left to fault.  Without it:
+``madvise(MADV_POPULATE_WRITE)`` / ``MADV_POPULATE_READ`` (Linux >= 5.14) fill the page
+tables without touching contents, so they are safe on pages that are in use: they run in
+the background, one piece of :data:`PIECE_BYTES` at a time, while requests proceed (a
+request that reaches an unpopulated page simply faults it, as before).  The arena, private
+anonymous memory, needs WRITE (a read would map the shared zero page).  Engine segments get
+READ: on tmpfs a shared mapping needs no write notification, so a read-populated entry is
+already writable (measured: 0 faults writing every page afterwards,
+``tests/unit/transfer/test_transfer_populate.py``), at half WRITE's cost.  Pieces are small
+because the call holds the process's mmap lock: a 64 MiB piece stalled other threads'
+``mmap``/``munmap`` (the registration mapping its next segment, numpy's large temporaries)
+for ~15 ms, a 4 MiB piece for ~1 ms.  On a segment the engine shrank under us the call fails
+with ``EFAULT`` instead of raising SIGBUS, and the pages are left to fault.  Without it:
 
 * :func:`read_touch` reads one byte per page through the SIGBUS-safe copy helper.  On
   tmpfs a read fault maps a shared page writable, so this is equivalent for the engines'
@@ -21,8 +28,8 @@ page simply faults it, as before).  On a segment the engine shrank under us it f
 * :func:`touch_pages` writes a zero byte per page: destructive, only for arena ranges
   nobody owns yet.
 
-Cost measured on the dev box (``benchmarks/populate_cost.py``): ~0.2 s per GiB of engine
-segments with ``MADV_POPULATE_WRITE``, in the background.
+Cost measured on the dev box (``benchmarks/populate_cost.py``): ~0.14 s per GiB of engine
+segments, in the background; the registration itself waits ~1 ms.
 """
 
 from __future__ import annotations
@@ -45,8 +52,9 @@ from kvhive.transfer import safecopy
 log = logging.getLogger(__name__)
 
 PAGE = mmap.PAGESIZE
-_MADV_POPULATE_WRITE = getattr(mmap, "MADV_POPULATE_WRITE", 23)  # value is Linux ABI
-PIECE_BYTES = 64 << 20  # one madvise call; bounds how long stop() and cancel() wait
+_MADV_POPULATE_READ = getattr(mmap, "MADV_POPULATE_READ", 22)  # values are Linux ABI
+_MADV_POPULATE_WRITE = getattr(mmap, "MADV_POPULATE_WRITE", 23)
+PIECE_BYTES = 4 << 20  # one madvise call: bounds mmap-lock stalls and stop()/cancel() waits
 
 
 @functools.cache
@@ -69,9 +77,17 @@ def populate(addr: int, length: int) -> bool:
     return fn is not None and fn(addr, length, _MADV_POPULATE_WRITE) == 0
 
 
+def populate_read(addr: int, length: int) -> bool:
+    """``madvise(MADV_POPULATE_READ)`` on ``[addr, addr+length)`` (see the module doc for
+    why this suffices for shared tmpfs pages); False if it failed."""
+    fn = _libc_madvise()
+    return fn is not None and fn(addr, length, _MADV_POPULATE_READ) == 0
+
+
 @functools.cache
 def populate_supported() -> bool:
-    """Whether this kernel honours MADV_POPULATE_WRITE (probed once on a scratch page)."""
+    """Whether this kernel honours MADV_POPULATE_WRITE, and so MADV_POPULATE_READ (both came
+    in Linux 5.14; probed once on a scratch page)."""
     probe = mmap.mmap(-1, PAGE)
     view = np.frombuffer(probe, dtype=np.uint8)
     try:

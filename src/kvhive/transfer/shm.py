@@ -45,7 +45,7 @@ from kvhive.transfer.descriptors import TensorDesc, validate_shm_name
 from kvhive.transfer.populate import (
     PopulateStats,
     Prefaulter,
-    populate,
+    populate_read,
     populate_supported,
     read_touch,
 )
@@ -266,10 +266,10 @@ class SegmentTable:
 
 
 def _fill_segment() -> Callable[[int, int], bool]:
-    """How segment pages are populated here: ``MADV_POPULATE_WRITE`` when the kernel has
-    it, else a SIGBUS-safe read of one byte per page (never a write: the pages are the
-    engine's)."""
-    return populate if populate_supported() else read_touch
+    """How segment pages are populated here: ``MADV_POPULATE_READ`` when the kernel has it,
+    else a SIGBUS-safe read of one byte per page (never a write: the pages are the
+    engine's).  Either leaves tmpfs pages mapped writable (``kvhive.transfer.populate``)."""
+    return populate_read if populate_supported() else read_touch
 
 
 def uint_dtype(size: int) -> np.dtype:

@@ -82,6 +82,7 @@ def test_populating_a_shrunk_segment_fails_softly(shm_segment: Segment) -> None:
         assert pop.read_touch(m.address, SIZE) is False
         if pop.populate_supported():
             assert pop.populate(m.address, SIZE) is False
+            assert pop.populate_read(m.address, SIZE) is False
     finally:
         table.close()
 
