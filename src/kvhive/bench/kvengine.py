@@ -39,6 +39,36 @@ def make_tokens(seed: int, n: int, vocab: int = 50_000) -> list[int]:
     return [rng.randrange(1, vocab) for _ in range(n)]
 
 
+def token_bytes(tokens: list[int]) -> bytes:
+    """``tokens`` as a 0.5.7 key carries them: packed big-endian uint32, 4 bytes a token."""
+    return np.asarray(tokens, dtype=">u4").tobytes()
+
+
+class PackedCacheKey(msgspec.Struct, frozen=True):
+    """0.5.7's ``IPCCacheServerKey`` as it travels (a msgpack map, fields in its order): the
+    tokens as ``token_bytes`` (:func:`token_bytes`) instead of 0.5.6's ``token_ids``.  Only
+    kvhive understands it; ``lmcache server`` 0.5.6 refuses it."""
+
+    model_name: str
+    world_size: int
+    worker_id: int | None
+    token_bytes: bytes
+    start: int
+    end: int
+    request_id: str
+    cache_salt: str = ""
+    request_configs: dict[str, Any] | None = None
+    num_kv_readers: int = 1
+
+    @property
+    def num_tokens(self) -> int:
+        return len(self.token_bytes) // 4
+
+
+Tokens = list[int] | bytes
+"""A request's tokens as the bench sends them: 0.5.6 ints, or 0.5.7 packed bytes."""
+
+
 class ShmKVCache:
     """One engine's KV cache: a shm segment per layer, laid out as vLLM's CPU backend does
     (``KVShape.layer_dims``)."""
@@ -187,8 +217,12 @@ class KvhiveEngine:
         )
 
     def key(
-        self, rid: str, tokens: list[int], start: int, end: int, *, worker: int | None = 0
-    ) -> t.CacheKey:
+        self, rid: str, tokens: Tokens, start: int, end: int, *, worker: int | None = 0
+    ) -> t.CacheKey | PackedCacheKey:
+        """The request key: 0.5.6's form for a token list, 0.5.7's (``token_bytes``) for
+        packed tokens (:func:`token_bytes`)."""
+        if isinstance(tokens, bytes):
+            return PackedCacheKey(self.model_name, 1, worker, tokens, start, end, rid, "", None, 1)
         return t.CacheKey(self.model_name, 1, worker, tokens, start, end, rid, "", None, 1)
 
     def store(self, rid: str, tokens: list[int], blocks: list[int], start: int, end: int) -> bool:
@@ -205,9 +239,11 @@ class KvhiveEngine:
         )
         return bool(reply[1])
 
-    def lookup(self, rid: str, tokens: list[int], end: int | None = None) -> int:
-        """Lookup then status polls (no sleep) until the result; returns hit chunks."""
-        end = len(tokens) // self.chunk_size * self.chunk_size if end is None else end
+    def lookup(self, rid: str, tokens: Tokens, end: int | None = None) -> int:
+        """Lookup then status polls (no sleep) until the result; returns hit chunks.
+        ``tokens`` as :meth:`key` takes them (packed bytes: a 0.5.7 key, kvhive only)."""
+        n_tokens = len(tokens) // 4 if isinstance(tokens, bytes) else len(tokens)
+        end = n_tokens // self.chunk_size * self.chunk_size if end is None else end
         self.client.call("lookup", self.key(rid, tokens, 0, end, worker=None), 1)
         while True:
             hit = self.client.call("query_prefetch_status", rid)

@@ -7,7 +7,8 @@ so the runner treats both alike::
                "ops": {"store"|"retrieve": {"<chunks per request>": {
                    "gbs": aggregate GB/s, "ms_p50": per-request median, "requests": n,
                    "failures": requests that failed, missed or returned wrong bytes}}}}
-    lookup:   {"hit"|"miss": {"<prefix chunks>": {"p50_ms", "p99_ms", "n"}}}
+    lookup:   {"hit"|"miss": {"<prefix chunks>": {"p50_ms", "p99_ms", "n"}},
+               "packed": {the same, with 0.5.7 keys; only when asked for}}
     noop:     {"p50_ms", "p99_ms", "n"}
 """
 
@@ -23,7 +24,7 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 from kvhive.bench.config import SHAPES, KVShape
-from kvhive.bench.kvengine import KvhiveEngine, make_tokens
+from kvhive.bench.kvengine import KvhiveEngine, Tokens, make_tokens, token_bytes
 from kvhive.client import KvhiveClient
 
 Progress = Callable[[str], None]
@@ -260,10 +261,16 @@ def run_lookups(
     samples: int = 200,
     block_size: int = 16,
     shape: KVShape | None = None,
+    packed: bool = False,
     progress: Progress | None = None,
 ) -> dict[str, Any]:
     """Lookup latency (lookup + status polls, no sleeps) for each prefix length, on chunks that
-    are resident (hit) and on tokens never stored (miss).  Each sample is a new request id."""
+    are resident (hit) and on tokens never stored (miss).  Each sample is a new request id.
+
+    With ``packed`` (kvhive only: ``lmcache server`` 0.5.6 refuses 0.5.7 keys) every sample
+    is also taken with 0.5.7 keys (``token_bytes``, packed once per token list as an engine
+    packs a request's tokens once), alternating with the 0.5.6 sample so that machine noise
+    hits both forms alike; those figures come under ``"packed"`` in the same shape."""
     shape = shape or SHAPES["tiny"]
     top = max(prefixes)
     per_store = 16
@@ -271,7 +278,9 @@ def run_lookups(
         url, shape, num_chunks=per_store, block_size=block_size, model_name="bench-lookup-kvhive"
     )
     chunk, bpc = eng.chunk_size, eng.blocks_per_chunk
-    out: dict[str, Any] = {"hit": {}, "miss": {}, "errors": []}
+    forms = ("ints", "packed") if packed else ("ints",)
+    res: dict[str, dict[str, Any]] = {f: {"hit": {}, "miss": {}} for f in forms}
+    errors: list[str] = []
     try:
         eng.register()
         blocks = eng.chunk_blocks(0, per_store)
@@ -280,7 +289,7 @@ def run_lookups(
         for a in range(0, top, per_store):  # store `top` chunks, 16 per request
             b = min(top, a + per_store)
             if not eng.store("lk-store", hit_tokens, blocks[: (b - a) * bpc], a * chunk, b * chunk):
-                out["errors"].append(f"store of chunks [{a}, {b}) failed")
+                errors.append(f"store of chunks [{a}, {b}) failed")
         eng.end_session("lk-store")
         time.sleep(SETTLE_S)
         miss_tokens = make_tokens(999, top * chunk)
@@ -288,23 +297,30 @@ def run_lookups(
         for label, toks in (("hit", hit_tokens), ("miss", miss_tokens)):
             for n in prefixes:
                 expect = n if label == "hit" else 0
-                lat = []
+                ints = toks[: n * chunk]
+                sent: dict[str, Tokens] = {"ints": ints, "packed": token_bytes(ints)}
+                lat: dict[str, list[float]] = {f: [] for f in forms}
                 for _ in range(samples):
-                    rid = f"lk-{seq}"
-                    seq += 1
-                    t0 = time.perf_counter()
-                    hit = eng.lookup(rid, toks[: n * chunk])
-                    lat.append(time.perf_counter() - t0)
-                    eng.end_session(rid)
-                    if hit != expect and len(out["errors"]) < 10:
-                        out["errors"].append(f"lookup {label} {n}: {hit} chunks, expected {expect}")
-                out[label][str(n)] = latency_summary(lat)
-                if progress:
-                    f = out[label][str(n)]
-                    progress(f"lookup {label} {n} chunk(s): p50 {f['p50_ms']:.3f} ms "
-                             f"p99 {f['p99_ms']:.3f} ms")  # fmt: skip
+                    for form in forms:
+                        rid = f"lk-{seq}"
+                        seq += 1
+                        t0 = time.perf_counter()
+                        hit = eng.lookup(rid, sent[form])
+                        lat[form].append(time.perf_counter() - t0)
+                        eng.end_session(rid)
+                        if hit != expect and len(errors) < 10:
+                            errors.append(f"lookup {label} {n} ({form}): {hit} chunks, "
+                                          f"expected {expect}")  # fmt: skip
+                for form in forms:
+                    f = res[form][label][str(n)] = latency_summary(lat[form])
+                    if progress:
+                        progress(f"lookup {label} {n} chunk(s), {form}: p50 {f['p50_ms']:.3f} "
+                                 f"ms p99 {f['p99_ms']:.3f} ms")  # fmt: skip
     finally:
         eng.close()
+    out: dict[str, Any] = {**res["ints"], "errors": errors}
+    if packed:
+        out["packed"] = res["packed"]
     return out
 
 

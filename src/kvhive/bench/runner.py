@@ -13,7 +13,8 @@ Sections (in run order):
 * ``transfer``    store / retrieve GB/s per client, mode and shape, 1 engine, 1 and N chunks
                   per request, the same blocks every time ("warm blocks");
 * ``concurrency`` the same with several engines at once (N chunks per request);
-* ``lookup``      lookup latency for 1 / 64 / 400-chunk prefixes, hit and miss;
+* ``lookup``      lookup latency for 1 / 64 / 400-chunk prefixes, hit and miss, with 0.5.6
+                  keys (``token_ids``) and, against kvhive, 0.5.7 keys (``token_bytes``);
 * ``noop``        the empty round trip, timed alongside a bare pyzmq echo (the floor).
 
 Every load measurement runs against a server started for it alone, once its memory has
@@ -89,7 +90,18 @@ def default_targets(cfg: BenchConfig) -> list[Target]:
                 out.append(Target(f"{what} >= {vs_ref:g}x reference", key, "vs_reference", vs_ref))
     out += [
         Target("lookup hit 1 chunk p50 <= 0.25 ms", "lookup/kvhive/hit/1/p50", "max", 0.25),
-        Target("lookup hit 400 chunks p50 <= 2 ms", "lookup/kvhive/hit/400/p50", "max", 2.0),
+        Target(
+            "lookup hit 1 chunk p50 <= 0.25 ms (0.5.7 keys)",
+            "lookup/kvhive057/hit/1/p50",
+            "max",
+            0.25,
+        ),
+        Target(
+            "lookup hit 400 chunks p50 <= 2 ms (0.5.7 keys)",
+            "lookup/kvhive057/hit/400/p50",
+            "max",
+            2.0,
+        ),
         Target("empty round trip p50 <= 0.1 ms", "noop/kvhive/p50", "max", 0.1),
     ]
     for gb in cfg.healthy_sizes_gb:
@@ -308,12 +320,17 @@ class BenchRunner:
 
     def _lookup(self, kind: Kind) -> None:
         cfg = self.cfg
+        # 0.5.7 keys (token_bytes) for kvhive only: `lmcache server` 0.5.6 refuses them.
+        packed = kind == "kvhive"
         res = self._measure(kind, "lookups through kvhive's client", lambda server: (
             kvload.run_lookups(server.rpc_url, prefixes=cfg.lookup_prefixes,
                                samples=cfg.lookup_samples, block_size=cfg.block_size,
-                               progress=self.say)))  # fmt: skip
+                               packed=packed, progress=self.say)))  # fmt: skip
         if res:
-            self._record_lookup(kind, "kvhive", "kvhive client, no sleeps", res)
+            self._record_lookup(kind, "kvhive", "kvhive client, 0.5.6 keys, no sleeps", res)
+            if "packed" in res:
+                self._record_lookup(kind, "kvhive057", "kvhive client, 0.5.7 keys, no sleeps",
+                                    {**res["packed"], "errors": []})  # fmt: skip
         if "lmcache" in self._clients():
             res = self._measure(kind, "lookups through the lmcache scheduler adapter",
                                 lambda server: lmload.run_lookups(
