@@ -3,11 +3,13 @@
 Runs in kvhive's dev venv; starts each server in turn on free ports and runs the e2e driver
 (tests/e2e/drivers/vllm_generate.py) in the vLLM venv against it: one cold request (computes
 and stores the prompt's 6 full chunks) then ``--repeats`` repeats that load them.  Reports the
-median repeat time per server, per transfer mode, and checks that both servers produced the
-same tokens.
+median repeat time per server, per transfer mode, the spread of the repeats (max - min), and
+checks that both servers produced the same tokens.  ``--max-tokens 1`` times the request to
+its first token (what loading the prefix shortens); the default 24 adds decoding, which no
+KV cache changes.
 
     .venv/bin/python benchmarks/vllm_repeat_bench.py [--repeats 5] [--dtype float32]
-        [--modes lmcache_driven,engine_driven] [--json out.json]
+        [--max-tokens 24] [--modes lmcache_driven,engine_driven] [--json out.json]
 
 Needs scripts/setup_vllm_venv.sh and scripts/setup_client_venv.sh built.
 """
@@ -39,10 +41,13 @@ def vllm_python() -> str:
     return out.stdout.strip().splitlines()[-1]
 
 
-def run(py: str, mode: str, port: int, repeats: int, dtype: str, prompt: int) -> dict:
+def run(
+    py: str, mode: str, port: int, repeats: int, dtype: str, prompt: int, max_tokens: int
+) -> dict:
     model = str(Path(py).parent.parent / "kvhive-model")
     argv = [py, str(DRIVER), "--model", model, "--mode", mode, "--port", str(port),
-            "--repeats", str(repeats + 1), "--dtype", dtype, "--prompt-tokens", str(prompt)]  # fmt: skip
+            "--repeats", str(repeats + 1), "--dtype", dtype, "--prompt-tokens", str(prompt),
+            "--max-tokens", str(max_tokens)]  # fmt: skip
     proc = subprocess.run(argv, capture_output=True, text=True, env=subprocess_env(), check=False)
     for line in reversed(proc.stdout.splitlines()):
         if line.startswith(MARK):
@@ -55,6 +60,7 @@ def main() -> int:
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--dtype", default="float32")
     ap.add_argument("--prompt-tokens", type=int, default=1711)
+    ap.add_argument("--max-tokens", type=int, default=24)
     ap.add_argument("--modes", default="lmcache_driven,engine_driven")
     ap.add_argument("--json", default=None)
     a = ap.parse_args()
@@ -70,7 +76,8 @@ def main() -> int:
                                        log_path=Path(logs) / f"{kind}-{mode}.log")  # fmt: skip
                 server.start()
                 try:
-                    res = run(py, mode, server.rpc_port, a.repeats, a.dtype, a.prompt_tokens)
+                    res = run(py, mode, server.rpc_port, a.repeats, a.dtype, a.prompt_tokens,
+                              a.max_tokens)  # fmt: skip
                 finally:
                     server.stop()
                 reqs = res["requests"]
@@ -78,16 +85,25 @@ def main() -> int:
                     "cold_s": reqs[0]["seconds"],
                     "repeat_s": [r["seconds"] for r in reqs[1:]],
                     "repeat_median_s": round(statistics.median(r["seconds"] for r in reqs[1:]), 4),
+                    "repeat_spread_s": round(
+                        max(r["seconds"] for r in reqs[1:]) - min(r["seconds"] for r in reqs[1:]), 4
+                    ),
                     "repeat_loaded_tokens": [r["num_cached_tokens"] for r in reqs[1:]],
                     "token_ids": reqs[-1]["token_ids"],
                 }
                 print(f"{mode} {kind}: cold {reqs[0]['seconds']:.2f} s, repeat median "
                       f"{results[mode][kind]['repeat_median_s']:.3f} s", file=sys.stderr)  # fmt: skip
-    print(f"{'mode':16} {'kvhive repeat s':>16} {'reference repeat s':>19} {'kvhive/ref':>11}")
+    print(f"{'mode':16} {'kvhive repeat s':>16} {'reference repeat s':>19} {'kvhive/ref':>11} "
+          f"{'margin s':>9} {'spread s (kvhive, ref)':>23}")  # fmt: skip
     for mode, r in results.items():
         k, ref = r["kvhive"]["repeat_median_s"], r["reference"]["repeat_median_s"]
+        sk, sr = r["kvhive"]["repeat_spread_s"], r["reference"]["repeat_spread_s"]
         same = r["kvhive"]["token_ids"] == r["reference"]["token_ids"]
-        print(f"{mode:16} {k:16.3f} {ref:19.3f} {k / ref:11.3f}  same tokens: {same}")
+        r["margin_s"] = round(ref - k, 4)
+        r["margin_exceeds_spread"] = ref - k > max(sk, sr)
+        print(f"{mode:16} {k:16.3f} {ref:19.3f} {k / ref:11.3f} {ref - k:9.3f} "
+              f"{sk:11.3f} {sr:11.3f}  same tokens: {same}, margin > spread: "
+              f"{r['margin_exceeds_spread']}")  # fmt: skip
     if a.json:
         Path(a.json).write_text(json.dumps(
             {"args": vars(a), "results": results}, indent=2) + "\n")  # fmt: skip
