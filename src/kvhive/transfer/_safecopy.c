@@ -20,6 +20,13 @@
  *
  * Nothing is allocated or locked between sigsetjmp and the end of the copy, so abandoning
  * a memcpy half-way leaves no state behind; the rows copied before the fault stay copied.
+ *
+ * copy_blocks() is the paged-KV fast path under the same guard: instead of one int64
+ * offset per row (built by numpy for every chunk), it takes a plan made once per
+ * registration -- per object plane its segment, block step, object offset and the byte
+ * offsets of its rows inside block 0 -- and the chunk's block ids, and computes every
+ * row's address itself.  Rows of 16..1024 bytes (a multiple of 16) are copied by fixed-
+ * size inlined vector moves instead of a memcpy call per row.
  */
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
@@ -29,6 +36,13 @@
 #include <signal.h>
 #include <stdint.h>
 #include <string.h>
+
+#if defined(__SSE2__)
+#include <emmintrin.h>
+#define HAVE_SSE2 1
+#else
+#define HAVE_SSE2 0
+#endif
 
 /* The recovery point of this thread's copy in progress, NULL outside copy_rows. */
 static __thread sigjmp_buf *volatile guard_jmp = NULL;
@@ -245,8 +259,296 @@ done:
     return result;
 }
 
+/* ---- copy_blocks: rows addressed by (plane, block, row) ------------------------------ */
+
+/* One row of a compile-time size N (a multiple of 16 up to 1024 when SSE2 is there):
+ * unrolled 16-byte moves, no call.  Other sizes: memcpy. */
+static inline __attribute__((always_inline)) void copy_row(char *d, const char *s, size_t n)
+{
+#if HAVE_SSE2
+    if (__builtin_constant_p(n) && n % 16 == 0 && n <= 1024) {
+        for (size_t i = 0; i < n; i += 64) {
+            if (i + 64 <= n) {
+                __m128i a = _mm_loadu_si128((const __m128i *)(s + i));
+                __m128i b = _mm_loadu_si128((const __m128i *)(s + i + 16));
+                __m128i c = _mm_loadu_si128((const __m128i *)(s + i + 32));
+                __m128i e = _mm_loadu_si128((const __m128i *)(s + i + 48));
+                _mm_storeu_si128((__m128i *)(d + i), a);
+                _mm_storeu_si128((__m128i *)(d + i + 16), b);
+                _mm_storeu_si128((__m128i *)(d + i + 32), c);
+                _mm_storeu_si128((__m128i *)(d + i + 48), e);
+            } else {
+                for (size_t j = i; j < n; j += 16) {
+                    _mm_storeu_si128((__m128i *)(d + j), _mm_loadu_si128((const __m128i *)(s + j)));
+                }
+            }
+        }
+        return;
+    }
+#endif
+    memcpy(d, s, n);
+}
+
+/* Rows of one (plane, block): q-th row between obj + q * rb and eng + st[q]. */
+#define ROWS_CASE(N)                                                                     \
+    case N:                                                                              \
+        if (to_engine) {                                                                 \
+            for (Py_ssize_t q = 0; q < nq; q++) copy_row(eng + st[q], obj + q * N, N);  \
+        } else {                                                                         \
+            for (Py_ssize_t q = 0; q < nq; q++) copy_row(obj + q * N, eng + st[q], N);  \
+        }                                                                                \
+        break;
+
+static inline void copy_block_rows(char *obj, char *eng, const int64_t *st, Py_ssize_t nq,
+                                   Py_ssize_t rb, int to_engine)
+{
+    switch (rb) {
+        ROWS_CASE(32)
+        ROWS_CASE(64)
+        ROWS_CASE(128)
+        ROWS_CASE(256)
+        ROWS_CASE(512)
+        ROWS_CASE(1024)
+    default:
+        if (to_engine) {
+            for (Py_ssize_t q = 0; q < nq; q++) memcpy(eng + st[q], obj + q * rb, (size_t)rb);
+        } else {
+            for (Py_ssize_t q = 0; q < nq; q++) memcpy(obj + q * rb, eng + st[q], (size_t)rb);
+        }
+    }
+}
+
+#ifndef PREFETCH_AHEAD
+#define PREFETCH_AHEAD 1
+#endif
+#define PREFETCH_MAX_ROW 1024
+
+typedef struct {
+    char *obj;
+    char **segbase;          /* per segment */
+    const int64_t *pseg;     /* per plane: segment index */
+    const int64_t *pstep;    /* per plane: bytes per block id */
+    const int64_t *pobj;     /* per plane: object offset of the plane */
+    const int64_t *statics;  /* [planes, nq]: row offsets in block 0 */
+    const int64_t *ids;      /* n block ids */
+    Py_ssize_t n, first, nq, rb, u0, u1;
+    int to_engine;
+} blocks_job;
+
+static __attribute__((noinline)) int guarded_blocks(const blocks_job *job)
+{
+    sigjmp_buf jb;
+    if (sigsetjmp(jb, 1) != 0) {
+        return 1; /* the handler cleared guard_jmp */
+    }
+    guard_jmp = &jb;
+    const Py_ssize_t n = job->n, nq = job->nq, rb = job->rb;
+    const Py_ssize_t block_bytes = nq * rb;
+    /* Blocks lie at random places in the engine's segments, a few KiB each: the hardware
+     * prefetchers stop at their ends, so the next unit's engine rows are prefetched
+     * while this one is copied (short rows only; long rows stream by themselves). */
+    const int prefetch = rb <= PREFETCH_MAX_ROW && PREFETCH_AHEAD > 0;
+    for (Py_ssize_t u = job->u0; u < job->u1; u++) {
+        Py_ssize_t p = u / n, b = u % n;
+        char *eng = job->segbase[job->pseg[p]] + job->ids[b] * job->pstep[p];
+        char *obj = job->obj + job->pobj[p] + (job->first + b) * block_bytes;
+        if (prefetch && u + PREFETCH_AHEAD < job->u1) {
+            Py_ssize_t u2 = u + PREFETCH_AHEAD, p2 = u2 / n, b2 = u2 % n;
+            const char *e2 = job->segbase[job->pseg[p2]] + job->ids[b2] * job->pstep[p2];
+            const int64_t *st2 = job->statics + p2 * nq;
+            for (Py_ssize_t q = 0; q < nq; q++) {
+                for (Py_ssize_t off = 0; off < rb; off += 64) {
+                    if (job->to_engine) {
+                        __builtin_prefetch(e2 + st2[q] + off, 1, 3);
+                    } else {
+                        __builtin_prefetch(e2 + st2[q] + off, 0, 3);
+                    }
+                }
+            }
+        }
+        copy_block_rows(obj, eng, job->statics + p * nq, nq, rb, job->to_engine);
+    }
+    guard_jmp = NULL;
+    return 0;
+}
+
+/* A C-contiguous int64 array of exactly `want` items (or any length when want < 0);
+ * its length goes to *len. */
+static int get_int64s(PyObject *obj, Py_buffer *view, const char *what, Py_ssize_t want,
+                      Py_ssize_t *len)
+{
+    if (get_offsets(obj, view, what) != 0) {
+        return -1;
+    }
+    *len = view->len / 8;
+    if (want >= 0 && *len != want) {
+        PyErr_Format(PyExc_ValueError, "%s has %zd items, expected %zd", what, *len, want);
+        PyBuffer_Release(view);
+        return -1;
+    }
+    return 0;
+}
+
+PyDoc_STRVAR(copy_blocks_doc,
+"copy_blocks(obj, segments, plane_seg, plane_step, plane_obj, statics, ids, first,\n"
+"            blocks_per_chunk, row_bytes, to_engine, u0, u1, /) -> None | int\n"
+"\n"
+"Copy the rows of units u0 <= u < u1 of a paged-KV chunk, unit u = (plane p = u // n,\n"
+"block b = u % n) with n = len(ids).  Row q of unit (p, b) lies at\n"
+"    segments[plane_seg[p]] + ids[b] * plane_step[p] + statics[p, q]      (engine side)\n"
+"    obj + plane_obj[p] + ((first + b) * Q + q) * row_bytes              (object side)\n"
+"and moves engine -> object, or object -> engine when to_engine.  plane_* are int64\n"
+"arrays of P items, statics an int64 array of P * Q items, ids an int64 array; segments\n"
+"a tuple of buffers (writable when to_engine; obj writable otherwise).  Every address is\n"
+"checked against its buffer before any byte moves (ValueError).  Runs without the GIL;\n"
+"returns None, or the faulting address when a page raised SIGBUS.");
+
+static PyObject *copy_blocks(PyObject *self, PyObject *const *args, Py_ssize_t nargs)
+{
+    (void)self;
+    if (nargs != 13) {
+        PyErr_SetString(PyExc_TypeError, "copy_blocks takes 13 arguments");
+        return NULL;
+    }
+    Py_ssize_t sc[6]; /* first, blocks_per_chunk, row_bytes, to_engine, u0, u1 */
+    for (int i = 0; i < 6; i++) {
+        sc[i] = PyLong_AsSsize_t(args[7 + i]);
+        if (sc[i] == -1 && PyErr_Occurred()) {
+            return NULL;
+        }
+    }
+    const Py_ssize_t first = sc[0], nbpc = sc[1], rb = sc[2], u0 = sc[4], u1 = sc[5];
+    const int to_engine = sc[3] != 0;
+    if (rb <= 0 || first < 0 || nbpc <= 0) {
+        PyErr_SetString(PyExc_ValueError, "row_bytes, blocks_per_chunk must be positive, first >= 0");
+        return NULL;
+    }
+    if (!PyTuple_Check(args[1])) {
+        PyErr_SetString(PyExc_TypeError, "segments must be a tuple");
+        return NULL;
+    }
+    const Py_ssize_t nseg = PyTuple_GET_SIZE(args[1]);
+    Py_buffer objv = {0}, pseg = {0}, pstep = {0}, pobj = {0}, stat = {0}, idsv = {0};
+    int have_obj = 0, have_pseg = 0, have_pstep = 0, have_pobj = 0, have_stat = 0, have_ids = 0;
+    Py_buffer *segv = NULL;
+    char **segbase = NULL;
+    Py_ssize_t nsegv = 0;
+    PyObject *result = NULL;
+
+    if (PyObject_GetBuffer(args[0], &objv, PyBUF_C_CONTIGUOUS | (to_engine ? 0 : PyBUF_WRITABLE)) !=
+        0) {
+        goto done;
+    }
+    have_obj = 1;
+    segv = PyMem_Calloc(nseg ? nseg : 1, sizeof(Py_buffer));
+    segbase = PyMem_Calloc(nseg ? nseg : 1, sizeof(char *));
+    if (segv == NULL || segbase == NULL) {
+        PyErr_NoMemory();
+        goto done;
+    }
+    for (; nsegv < nseg; nsegv++) {
+        if (PyObject_GetBuffer(PyTuple_GET_ITEM(args[1], nsegv), &segv[nsegv],
+                               PyBUF_C_CONTIGUOUS | (to_engine ? PyBUF_WRITABLE : 0)) != 0) {
+            goto done;
+        }
+        segbase[nsegv] = (char *)segv[nsegv].buf;
+    }
+    Py_ssize_t np_, tmp, n, nstat;
+    if (get_int64s(args[2], &pseg, "plane_seg", -1, &np_) != 0) goto done;
+    have_pseg = 1;
+    if (get_int64s(args[3], &pstep, "plane_step", np_, &tmp) != 0) goto done;
+    have_pstep = 1;
+    if (get_int64s(args[4], &pobj, "plane_obj", np_, &tmp) != 0) goto done;
+    have_pobj = 1;
+    if (get_int64s(args[5], &stat, "statics", -1, &nstat) != 0) goto done;
+    have_stat = 1;
+    if (get_int64s(args[6], &idsv, "ids", -1, &n) != 0) goto done;
+    have_ids = 1;
+    if (np_ <= 0 || nstat <= 0 || nstat % np_ != 0) {
+        PyErr_SetString(PyExc_ValueError, "statics must hold the same number of rows per plane");
+        goto done;
+    }
+    const Py_ssize_t nq = nstat / np_;
+    const int64_t *ps = pseg.buf, *pst = pstep.buf, *po = pobj.buf, *st = stat.buf;
+    const int64_t *ids = idsv.buf;
+    int64_t idmax = 0;
+    for (Py_ssize_t b = 0; b < n; b++) {
+        if (ids[b] < 0) {
+            PyErr_Format(PyExc_ValueError, "block id %lld is negative", (long long)ids[b]);
+            goto done;
+        }
+        if (ids[b] > idmax) idmax = ids[b];
+    }
+    int64_t units, block_bytes, plane_span;
+    if (n > nbpc - first || __builtin_mul_overflow((int64_t)np_, (int64_t)n, &units) ||
+        u0 < 0 || u1 < u0 || u1 > units) {
+        PyErr_SetString(PyExc_ValueError, "block range or unit range outside the chunk");
+        goto done;
+    }
+    if (__builtin_mul_overflow((int64_t)nq, (int64_t)rb, &block_bytes) ||
+        __builtin_mul_overflow(block_bytes, (int64_t)nbpc, &plane_span)) {
+        PyErr_SetString(PyExc_ValueError, "plane too large");
+        goto done;
+    }
+    for (Py_ssize_t p = 0; p < np_; p++) {
+        int64_t end, reach;
+        if (ps[p] < 0 || ps[p] >= nseg) {
+            PyErr_Format(PyExc_ValueError, "plane %zd names segment %lld of %zd", p,
+                         (long long)ps[p], nseg);
+            goto done;
+        }
+        if (po[p] < 0 || __builtin_add_overflow(po[p], plane_span, &end) || end > objv.len) {
+            PyErr_Format(PyExc_ValueError, "plane %zd outside the %zd-byte object", p, objv.len);
+            goto done;
+        }
+        int64_t lo = st[p * nq], hi = st[p * nq];
+        for (Py_ssize_t q = 1; q < nq; q++) {
+            int64_t v = st[p * nq + q];
+            lo = v < lo ? v : lo;
+            hi = v > hi ? v : hi;
+        }
+        if (lo < 0 || pst[p] < 0 || __builtin_mul_overflow(idmax, pst[p], &reach) ||
+            __builtin_add_overflow(reach, hi, &end) || __builtin_add_overflow(end, rb, &end) ||
+            end > segv[ps[p]].len) {
+            PyErr_Format(PyExc_ValueError, "plane %zd rows outside the %zd-byte segment", p,
+                         segv[ps[p]].len);
+            goto done;
+        }
+    }
+    if (ensure_handler() != 0) {
+        PyErr_SetFromErrno(PyExc_OSError);
+        goto done;
+    }
+    blocks_job job = {
+        .obj = (char *)objv.buf, .segbase = segbase, .pseg = ps, .pstep = pst, .pobj = po,
+        .statics = st, .ids = ids, .n = n, .first = first, .nq = nq, .rb = rb,
+        .u0 = u0, .u1 = u1, .to_engine = to_engine,
+    };
+    int faulted = 0;
+    if (u1 > u0) {
+        guard_addr = NULL; /* touch the thread-locals here, never first in the handler */
+        guard_jmp = NULL;
+        PyThreadState *ts = PyEval_SaveThread();
+        faulted = guarded_blocks(&job);
+        PyEval_RestoreThread(ts);
+    }
+    result = faulted ? PyLong_FromVoidPtr(guard_addr) : Py_NewRef(Py_None);
+done:
+    if (have_ids) PyBuffer_Release(&idsv);
+    if (have_stat) PyBuffer_Release(&stat);
+    if (have_pobj) PyBuffer_Release(&pobj);
+    if (have_pstep) PyBuffer_Release(&pstep);
+    if (have_pseg) PyBuffer_Release(&pseg);
+    for (Py_ssize_t i = 0; i < nsegv; i++) PyBuffer_Release(&segv[i]);
+    PyMem_Free(segv);
+    PyMem_Free(segbase);
+    if (have_obj) PyBuffer_Release(&objv);
+    return result;
+}
+
 static PyMethodDef methods[] = {
     {"copy_rows", (PyCFunction)(void (*)(void))copy_rows, METH_FASTCALL, copy_rows_doc},
+    {"copy_blocks", (PyCFunction)(void (*)(void))copy_blocks, METH_FASTCALL, copy_blocks_doc},
     {NULL, NULL, 0, NULL},
 };
 

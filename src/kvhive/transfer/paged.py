@@ -9,35 +9,37 @@ once, works out a copy plan, and then moves one chunk per call:
 Copy plan.  Each (layer, kv) plane of a chunk object is ``[B, BS, NH, HS]``
 elements, contiguous.  The engine side is some strided view; we find the
 longest run of elements that is contiguous on both sides (a whole block for
-NHD-style layouts, one head row of ``HS`` elements for HND) and cut it into
-"rows" of ``r`` elements, ``r`` dividing every stride involved.  A chunk is
-then, in byte offsets into the segment::
+NHD-style layouts and MLA, one head row of ``HS`` elements for HND) and cut it
+into "rows" of ``r`` elements, ``r`` dividing every stride involved.  At
+registration every plane ``p`` of the object gets (:class:`_BlockPlan`, one
+per registration, reused by every request)::
 
-    object plane (kv, layer) = rows at   off[b, q] = static[kv, layer, q]
-                                                    + block_ids[b] * block_step[layer]
+    engine row q of block id   = segment[seg[p]] + id * step[p] + static[p, q]
+    object row q of block b    = obj + obj_off[p] + (b * Q + q) * row_bytes
 
-so a gather is one row batch per (kv, layer) -- or per chunk when all layers
-share one segment -- and a scatter the matching batch the other way.  numpy
-computes the offsets; the rows are moved by the SIGBUS-safe native helper
-(:mod:`kvhive.transfer.safecopy`), in C, without the GIL, at memcpy speed: a
-worker that shrinks its segment gets a failed store or retrieve, never a
-crashed server.  There is no Python loop per token or block.
+and a copy hands the plan and the chunk's block ids to the SIGBUS-safe native
+helper (:func:`kvhive.transfer.safecopy.copy_blocks`), which computes every
+row's address itself, checks them all against the buffers, and moves the rows
+in C without the GIL -- rows of 32..1024 bytes by inlined fixed-size moves.
+Per request nothing is built but the block-id array: no per-row offset table,
+no Python loop per layer, token or block.  A worker that shrinks its segment
+gets a failed store or retrieve, never a crashed server.
 
-Large chunks are copied by two threads at once (the caller and one helper, see
-``COPY_THREADS``): on the 2-core dev box one thread copies ~9.5 GB/s and two
-~14 GB/s, so a 32 MiB chunk is gathered ~1.5x faster.  Each thread copies
-whole (layer, kv) planes, or for one all-layers batch half of its rows.
+Requests of several chunks (:meth:`PagedKV.gather_many`,
+:meth:`PagedKV.scatter_many`) are one batch: its (chunk, plane, block) units
+are dealt to ``COPY_THREADS`` threads (the caller and a helper) when the batch
+holds at least ``PARALLEL_MIN_BYTES``; below that the hand-off to a helper
+(~50 us) costs more than it saves.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import hashlib
-import itertools
 import math
 import os
 import threading
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
@@ -52,28 +54,44 @@ from kvhive.transfer.shm import SegmentOwner, SegmentTable, ShmMapping, tensor_v
 
 
 @dataclass(frozen=True, slots=True)
-class _Run:
-    """Consecutive object layers ``[j0, j1)`` whose pages are rows of one segment."""
+class _BlockPlan:
+    """Where the rows of some object planes are, for the native copy (module doc).
 
-    seg: np.ndarray = field(repr=False)  # flat uint8 view of the whole segment mapping
-    name: str  # the segment's name (for errors)
+    Made once per registration; immutable.  The segment arrays are the registration's
+    mappings (valid until :meth:`PagedKV.close`, which waits for copies in flight).
+    All planes of one plan share ``row_bytes`` and rows per block (``rows``).
+    """
+
+    segs: tuple[np.ndarray, ...] = field(repr=False)  # flat uint8 views of the segments
+    names: tuple[str, ...]  # their names (for errors)
+    plane_seg: np.ndarray  # [P] int64: index into segs
+    plane_step: np.ndarray  # [P] int64: bytes per block id
+    plane_obj: np.ndarray  # [P] int64: object byte offset of the plane
+    statics: np.ndarray  # [P * rows] int64: row byte offsets within block 0
+    rows: int  # rows per block (Q)
     row_bytes: int
-    j0: int
-    j1: int
-    static: np.ndarray  # [kv_size, j1 - j0, rows_per_block] int64: byte offsets in block 0
-    block_step: np.ndarray  # [j1 - j0] int64: bytes per block id
+
+    @property
+    def planes(self) -> int:
+        return int(self.plane_seg.size)
+
+    def segment_at(self, addr: int) -> str:
+        """The name of the segment mapped at address ``addr`` (all names if none)."""
+        for seg, name in zip(self.segs, self.names, strict=True):
+            base = seg.ctypes.data
+            if base <= addr < base + seg.size:
+                return name
+        return ", ".join(self.names)
 
 
-# Gathers read the engine's shared pages one memcpy per row.  From 4 KiB rows
-# up glibc's memcpy uses "rep movsb", which reads these 4 KiB-paged
-# shared-memory pages at ~2.5 GB/s on the 2-core dev box against ~8-10 GB/s
-# for rows of 128-512 bytes (bench_paged.py), so gather rows are cut to at
-# most this many bytes.  Scatters write the pages, which prefers long rows;
-# they are not cut.
-GATHER_ROW_CAP = 256
+# Rows longer than this many bytes are cut into pieces of at most this size for
+# gathers (None: never cut).  An older note blamed glibc's "rep movsb" for slow reads
+# of 4 KiB+ rows from shared pages; re-measured with bench_paged.py (MLA: 18 KiB
+# block rows; NHD: 32 KiB) uncut rows are as fast or faster, so nothing is cut.
+GATHER_ROW_CAP: int | None = None
 
 
-# A chunk of at least this many bytes is copied by COPY_THREADS threads; below it the
+# A request of at least this many bytes is copied by COPY_THREADS threads; below it the
 # hand-off to a helper (~50 us) costs more than it saves.
 PARALLEL_MIN_BYTES = 4 << 20
 COPY_THREADS = max(1, min(2, os.cpu_count() or 1))
@@ -93,12 +111,85 @@ def _helper_pool() -> ThreadPoolExecutor:
     return _helpers
 
 
-def _run_parts(parts: list[list[Callable[[], None]]]) -> None:
-    """Run each part's copies in order; part 0 on this thread, the others on helpers.
+@dataclass(frozen=True, slots=True)
+class _Job:
+    """One chunk's rows of one plan: object ``obj`` (the caller's L1 view, borrowed for
+    the call), block ``ids`` landing at object blocks ``first ..``."""
+
+    plan: _BlockPlan
+    obj: np.ndarray
+    ids: np.ndarray  # int64
+    first: int
+    blocks_per_chunk: int
+
+    @property
+    def units(self) -> int:
+        return self.plan.planes * int(self.ids.size)
+
+    @property
+    def unit_bytes(self) -> int:
+        return self.plan.rows * self.plan.row_bytes
+
+
+def _run_job(job: _Job, u0: int, u1: int, to_engine: bool) -> None:
+    p = job.plan
+    safecopy.copy_blocks(
+        job.obj,
+        p.segs,
+        p.plane_seg,
+        p.plane_step,
+        p.plane_obj,
+        p.statics,
+        job.ids,
+        job.first,
+        job.blocks_per_chunk,
+        p.row_bytes,
+        to_engine,
+        u0,
+        u1,
+        where=p.segment_at,
+    )
+
+
+_Part = list[tuple[_Job, int, int]]
+
+
+def _deal(jobs: Sequence[_Job], k: int) -> list[_Part]:
+    """The jobs' units cut into at most ``k`` parts of about equal bytes, in order."""
+    total = sum(j.units * j.unit_bytes for j in jobs)
+    cuts = [total * t // k for t in range(1, k)]
+    parts: list[_Part] = [[]]
+    pos = 0  # bytes dealt so far
+    for job in jobs:
+        u, ub = 0, job.unit_bytes
+        while u < job.units:
+            t = len(parts) - 1
+            if t < len(cuts):
+                end = min(job.units, u + max(0, -(-(cuts[t] - pos) // ub)))
+                if end == u:  # part t holds its share
+                    parts.append([])
+                    continue
+            else:
+                end = job.units
+            parts[-1].append((job, u, end))
+            pos += (end - u) * ub
+            u = end
+    return [part for part in parts if part]
+
+
+def _run_jobs(jobs: Sequence[_Job], to_engine: bool) -> None:
+    """Run every job; on COPY_THREADS threads when they move PARALLEL_MIN_BYTES or more.
     Returns when all are done; the first error is raised after every part finished."""
-    futures = [_helper_pool().submit(_run_all, p) for p in parts[1:] if p]
+    nbytes = sum(j.units * j.unit_bytes for j in jobs)
+    k = COPY_THREADS if nbytes >= PARALLEL_MIN_BYTES else 1
+    if k <= 1:
+        for job in jobs:
+            _run_job(job, 0, job.units, to_engine)
+        return
+    parts = _deal(jobs, k)
+    futures = [_helper_pool().submit(_run_part, p, to_engine) for p in parts[1:]]
     try:
-        _run_all(parts[0])
+        _run_part(parts[0], to_engine)
     finally:
         errors = [f.exception() for f in futures]
     for exc in errors:
@@ -106,19 +197,9 @@ def _run_parts(parts: list[list[Callable[[], None]]]) -> None:
             raise exc
 
 
-def _run_all(tasks: list[Callable[[], None]]) -> None:
-    for task in tasks:
-        task()
-
-
-def _split(tasks: list[Callable[[], None]], nbytes: int) -> list[list[Callable[[], None]]]:
-    """Tasks (equal-sized copies) dealt into COPY_THREADS contiguous parts, or one part."""
-    k = COPY_THREADS if nbytes >= PARALLEL_MIN_BYTES else 1
-    if k <= 1 or len(tasks) < 2:
-        return [tasks]
-    k = min(k, len(tasks))
-    step = -(-len(tasks) // k)
-    return [tasks[i : i + step] for i in range(0, len(tasks), step)]
+def _run_part(part: _Part, to_engine: bool) -> None:
+    for job, u0, u1 in part:
+        _run_job(job, u0, u1, to_engine)
 
 
 def _largest_divisor_at_most(n: int, cap: int) -> int:
@@ -161,48 +242,49 @@ def _row_plan(view: LayerView, max_row_elems: int | None = None) -> tuple[int, n
     return r, static.astype(np.intp), s_blk // r
 
 
-def _plan_runs(
-    layout: KVLayout, maps: Mapping[str, ShmMapping], max_row_elems: int | None
-) -> list[_Run]:
-    """Row plans of the transferred layers, consecutive layers on one segment merged."""
-    runs: list[_Run] = []
-    # Layers with the same geometry share one ``static`` array, so a copy computes each
-    # distinct row offset once per chunk (see PagedKV._indices).
-    statics: dict[tuple[bytes, tuple[int, ...]], np.ndarray] = {}
+def _plan_blocks(
+    layout: KVLayout, maps: Mapping[str, ShmMapping], max_row_elems: int | None, chunk_size: int
+) -> tuple[_BlockPlan, ...]:
+    """Block plans of the transferred layers' planes: one plan for the planes that share a
+    row size and rows per block (normally all of them)."""
+    kv_size, nl = layout.kv_size, layout.num_layers
+    plane_bytes = chunk_size * layout.hidden * layout.itemsize
+    seg_index: dict[str, int] = {}
+    segs: list[np.ndarray] = []
+    # (row_bytes, rows) -> planes as (seg, step, obj offset, statics)
+    groups: dict[tuple[int, int], list[tuple[int, int, int, np.ndarray]]] = {}
     for j, i in enumerate(layout.layer_indices):
         lv = layout.layers[i]
         assert lv is not None
         r, static_rows, block_rows = _row_plan(lv, max_row_elems)
         rb = r * layout.itemsize
-        static = (static_rows * rb).astype(np.int64)
-        static = statics.setdefault((static.tobytes(), static.shape), static)
-        block_step = block_rows * rb
-        seg = maps[lv.desc.shm_name].array
-        end = int(static.max()) + (lv.num_blocks - 1) * block_step + rb
+        static = static_rows.astype(np.int64) * rb  # [kv, rows]
+        step = block_rows * rb
+        name = lv.desc.shm_name
+        seg = maps[name].array
+        end = int(static.max()) + (lv.num_blocks - 1) * step + rb
         if end > seg.size:  # cannot happen after the span check; the helper checks again
-            raise RegistrationError(f"layer {i} pages exceed segment {lv.desc.shm_name!r}")
-        prev = runs[-1] if runs else None
-        if (
-            prev is not None
-            and prev.seg is seg
-            and prev.row_bytes == rb
-            and prev.static.shape[2] == static.shape[1]
-        ):
-            runs[-1] = dataclasses.replace(
-                prev,
-                j1=j + 1,
-                static=np.concatenate([prev.static, static[:, None, :]], axis=1),
-                block_step=np.append(prev.block_step, block_step).astype(np.int64),
-            )
-        else:
-            steps = np.array([block_step], np.int64)
-            static3 = _interned(statics, static[:, None, :])
-            runs.append(_Run(seg, lv.desc.shm_name, rb, j, j + 1, static3, steps))
-    return runs
-
-
-def _interned(cache: dict[tuple[bytes, tuple[int, ...]], np.ndarray], a: np.ndarray) -> np.ndarray:
-    return cache.setdefault((a.tobytes(), a.shape), a)
+            raise RegistrationError(f"layer {i} pages exceed segment {name!r}")
+        if name not in seg_index:
+            seg_index[name] = len(segs)
+            segs.append(seg)
+        planes = groups.setdefault((rb, static.shape[1]), [])
+        for kv in range(kv_size):
+            planes.append((seg_index[name], step, (kv * nl + j) * plane_bytes, static[kv]))
+    names = tuple(seg_index)
+    return tuple(
+        _BlockPlan(
+            segs=tuple(segs),
+            names=names,
+            plane_seg=np.array([p[0] for p in planes], np.int64),
+            plane_step=np.array([p[1] for p in planes], np.int64),
+            plane_obj=np.array([p[2] for p in planes], np.int64),
+            statics=np.ascontiguousarray(np.stack([p[3] for p in planes]).reshape(-1)),
+            rows=rows,
+            row_bytes=rb,
+        )
+        for (rb, rows), planes in groups.items()
+    )
 
 
 class PagedKV:
@@ -243,8 +325,8 @@ class PagedKV:
         self._closed = False
         # Where every registered layer's elements are (checksums), by index.
         self._layers: list[_LayerBytes | None] = []
-        self._gather_runs: list[_Run] = []
-        self._scatter_runs: list[_Run] = []
+        self._gather_plans: tuple[_BlockPlan, ...] = ()
+        self._scatter_plans: tuple[_BlockPlan, ...] = ()
         self._build(layout)
 
     # -- construction -------------------------------------------------------
@@ -302,8 +384,13 @@ class PagedKV:
                     isz,
                 )
             )
-        self._gather_runs = _plan_runs(layout, maps, GATHER_ROW_CAP // layout.itemsize)
-        self._scatter_runs = _plan_runs(layout, maps, None)
+        self._scatter_plans = _plan_blocks(layout, maps, None, self.chunk_size)
+        cap = GATHER_ROW_CAP
+        self._gather_plans = (
+            self._scatter_plans
+            if cap is None or all(p.row_bytes <= cap for p in self._scatter_plans)
+            else _plan_blocks(layout, maps, max(1, cap // layout.itemsize), self.chunk_size)
+        )
 
     # -- lifecycle ------------------------------------------------------------
 
@@ -325,8 +412,8 @@ class PagedKV:
             self._closed = True
             while self._active:
                 self._cond.wait()
-            self._gather_runs = []
-            self._scatter_runs = []
+            self._gather_plans = ()
+            self._scatter_plans = ()
             self._layers = []
         self._segments.close()
 
@@ -383,40 +470,24 @@ class PagedKV:
 
     # -- copies -----------------------------------------------------------------
 
-    def _plane_bytes(self) -> int:
-        return self.blocks_per_chunk * self.layout.hidden * self.block_size * self.layout.itemsize
-
     def gather(self, block_ids: Sequence[int], out: np.ndarray) -> None:
         """Copy one chunk from the engine pages into ``out`` (the object's bytes)."""
-        ids = self._block_ids(block_ids, self.blocks_per_chunk)
-        dst = self._flat(out, "out")
-        if not dst.flags.writeable:
-            raise ValueError("out must be writable")
-        self._enter()
-        try:
-            kv_size, nl = self.layout.kv_size, self.layout.num_layers
-            plane = self._plane_bytes()
-            tasks: list[Callable[[], None]] = []
-            memo: dict[tuple[int, int, int], np.ndarray] = {}
-            for run in self._gather_runs:
-                rb = run.row_bytes
-                if run.j0 == 0 and run.j1 == nl:  # every layer: the whole object at once
-                    offs = (
-                        run.static[:, :, None, :]
-                        + ids[None, None, :, None] * run.block_step[None, :, None, None]
-                    ).reshape(-1)
-                    k = COPY_THREADS if self.object_nbytes >= PARALLEL_MIN_BYTES else 1
-                    cuts = [offs.size * i // k for i in range(k + 1)]
-                    for a, b in itertools.pairwise(cuts):
-                        tasks.append(_copy(dst[a * rb : b * rb], None, run, offs[a:b]))
-                    continue
-                for kv in range(kv_size):
-                    offs = _indices(memo, run, kv, ids).reshape(-1)
-                    part = dst[(kv * nl + run.j0) * plane : (kv * nl + run.j1) * plane]
-                    tasks.append(_copy(part, None, run, offs))
-            _run_parts(_split(tasks, self.object_nbytes))
-        finally:
-            self._exit()
+        self.gather_many([(block_ids, out)])
+
+    def gather_many(self, chunks: Sequence[tuple[Sequence[int], np.ndarray]]) -> None:
+        """Copy several chunks, ``(block_ids, out)`` each, as one batch (one request).
+
+        Every chunk is validated before any byte moves.  ``out`` buffers are borrowed for
+        the call only.  On a failure (TransferFailed) some chunks may be partly written.
+        """
+        todo = []
+        for block_ids, out in chunks:
+            ids = self._block_ids(block_ids, self.blocks_per_chunk).astype(np.int64, copy=False)
+            dst = self._flat(out, "out")
+            if not dst.flags.writeable:
+                raise ValueError("out must be writable")
+            todo.append((ids, dst))
+        self._copy([(dst, ids, 0) for ids, dst in todo], to_engine=False)
 
     def scatter(self, src: np.ndarray, block_ids: Sequence[int], skip_tokens: int = 0) -> None:
         """Copy one chunk object into the engine pages.
@@ -424,33 +495,49 @@ class PagedKV:
         The first ``floor(skip_tokens / BS)`` blocks of the chunk are left
         untouched (vLLM may share them with other requests, §14).
         """
-        if isinstance(skip_tokens, bool) or not isinstance(skip_tokens, int) or skip_tokens < 0:
-            raise BadRequest(f"skip_tokens must be a non-negative integer, got {skip_tokens!r}")
-        ids = self._block_ids(block_ids, self.blocks_per_chunk)
-        flat = self._flat(src, "src")
-        skip = skip_tokens // self.block_size
-        if skip >= self.blocks_per_chunk:
+        self.scatter_many([(src, block_ids, skip_tokens)])
+
+    def scatter_many(self, chunks: Sequence[tuple[np.ndarray, Sequence[int], int]]) -> None:
+        """Copy several chunk objects, ``(src, block_ids, skip_tokens)`` each, into the
+        engine pages as one batch; ``skip_tokens`` as in :meth:`scatter`.
+
+        Every chunk is validated before any byte moves; ``src`` buffers are borrowed for
+        the call only.
+        """
+        todo = []
+        for src, block_ids, skip_tokens in chunks:
+            if isinstance(skip_tokens, bool) or not isinstance(skip_tokens, int):
+                raise BadRequest(f"skip_tokens must be a non-negative integer, got {skip_tokens!r}")
+            if skip_tokens < 0:
+                raise BadRequest(f"skip_tokens must be a non-negative integer, got {skip_tokens!r}")
+            ids = self._block_ids(block_ids, self.blocks_per_chunk).astype(np.int64, copy=False)
+            flat = self._flat(src, "src")
+            skip = skip_tokens // self.block_size
+            if skip < self.blocks_per_chunk:
+                todo.append((flat, ids[skip:], skip))
+        self._copy(todo, to_engine=True)
+
+    def _copy(
+        self,
+        chunks: Sequence[tuple[np.ndarray, np.ndarray, int]],
+        *,
+        to_engine: bool,
+    ) -> None:
+        """Run ``(object bytes, block ids, first object block)`` chunks through the plans
+        (the scatter plans ``to_engine``, else the gather plans)."""
+        if not chunks:
             return
         self._enter()
         try:
-            kv_size, nl, nb = self.layout.kv_size, self.layout.num_layers, self.blocks_per_chunk
-            plane = self._plane_bytes()
-            tasks: list[Callable[[], None]] = []
-            memo: dict[tuple[int, int, int], np.ndarray] = {}
-            for run in self._scatter_runs:
-                src_offs = None  # the object's rows back to back...
-                if skip:  # ...but for the skipped blocks of each layer
-                    rb, nlr, m = run.row_bytes, run.j1 - run.j0, run.static.shape[2]
-                    src_offs = (
-                        (np.arange(nlr)[:, None, None] * nb + np.arange(skip, nb)[None, :, None])
-                        * m
-                        + np.arange(m)[None, None, :]
-                    ).reshape(-1).astype(np.int64) * rb
-                for kv in range(kv_size):
-                    offs = _indices(memo, run, kv, ids[skip:]).reshape(-1)
-                    part = flat[(kv * nl + run.j0) * plane : (kv * nl + run.j1) * plane]
-                    tasks.append(_copy_in(run, offs, part, src_offs))
-            _run_parts(_split(tasks, self.object_nbytes))
+            plans = self._scatter_plans if to_engine else self._gather_plans
+            bpc = self.blocks_per_chunk
+            jobs = [
+                _Job(plan, obj, ids, first, bpc)
+                for obj, ids, first in chunks
+                for plan in plans
+                if ids.size
+            ]
+            _run_jobs(jobs, to_engine)
         finally:
             self._exit()
 
@@ -499,47 +586,6 @@ class PagedKV:
             return out
         finally:
             self._exit()
-
-
-def _indices(
-    memo: dict[tuple[int, int, int], np.ndarray], run: _Run, kv: int, ids: np.ndarray
-) -> np.ndarray:
-    """Row indices ``[layers, blocks, rows per block]`` of plane ``kv`` of ``run`` for the
-    chunk's block ``ids``; runs that share their geometry share the result (``memo``, one
-    per copy call: ``ids`` is fixed within it)."""
-    key = (
-        id(run.static),
-        kv,
-        id(run.block_step) if len(run.block_step) > 1 else -int(run.block_step[0]),
-    )
-    idx = memo.get(key)
-    if idx is None:
-        idx = memo[key] = (
-            run.static[kv][:, None, :] + ids[None, :, None] * run.block_step[:, None, None]
-        )
-    return idx
-
-
-def _copy(
-    dst: np.ndarray, dst_offs: np.ndarray | None, run: _Run, src_offs: np.ndarray
-) -> Callable[[], None]:
-    """A gather task: rows of ``run``'s segment at ``src_offs`` into ``dst``."""
-
-    def copy() -> None:
-        safecopy.copy_rows(dst, dst_offs, run.seg, src_offs, run.row_bytes, segment=run.name)
-
-    return copy
-
-
-def _copy_in(
-    run: _Run, dst_offs: np.ndarray, src: np.ndarray, src_offs: np.ndarray | None
-) -> Callable[[], None]:
-    """A scatter task: rows of ``src`` (at ``src_offs``) into ``run``'s segment."""
-
-    def copy() -> None:
-        safecopy.copy_rows(run.seg, dst_offs, src, src_offs, run.row_bytes, segment=run.name)
-
-    return copy
 
 
 def _md5(data: bytes) -> str:

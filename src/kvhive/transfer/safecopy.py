@@ -35,12 +35,13 @@ import numpy as np
 from kvhive.errors import RegistrationError, TransferFailed
 
 _native: Callable[..., int | None] | None
+_native_blocks: Callable[..., int | None] | None
 try:
     from kvhive.transfer import _safecopy
 except ImportError as exc:  # not built: see require()
-    _native, _MISSING = None, str(exc)
+    _native, _native_blocks, _MISSING = None, None, str(exc)
 else:
-    _native, _MISSING = _safecopy.copy_rows, ""
+    _native, _native_blocks, _MISSING = _safecopy.copy_rows, _safecopy.copy_blocks, ""
 
 
 def available() -> bool:
@@ -50,7 +51,7 @@ def available() -> bool:
 
 def require() -> None:
     """Raise RegistrationError when the native copy helper is not built."""
-    if _native is None:
+    if _native is None or _native_blocks is None:
         raise RegistrationError(
             "cpu_shm copies need kvhive's native copy helper (kvhive.transfer._safecopy), "
             f"which is not built ({_MISSING}); reinstall with `pip install -e .` "
@@ -81,5 +82,59 @@ def copy_rows(
     if fault is not None:
         raise TransferFailed(
             f"shared-memory segment {segment!r} no longer backs its registered size "
+            f"(SIGBUS at {fault:#x}): the worker truncated or shrank it"
+        )
+
+
+def copy_blocks(
+    obj: np.ndarray,
+    segments: tuple[np.ndarray, ...],
+    plane_seg: np.ndarray,
+    plane_step: np.ndarray,
+    plane_obj: np.ndarray,
+    statics: np.ndarray,
+    ids: np.ndarray,
+    first: int,
+    blocks_per_chunk: int,
+    row_bytes: int,
+    to_engine: bool,
+    u0: int,
+    u1: int,
+    *,
+    where: Callable[[int], str],
+) -> None:
+    """Copy units ``u0 <= u < u1`` of a paged-KV chunk between the object ``obj`` and the
+    engine ``segments`` (flat ``uint8`` arrays), without the GIL; unit ``u`` is (plane
+    ``u // len(ids)``, block ``u % len(ids)``) and its rows are at::
+
+        engine: segments[plane_seg[p]] + ids[b] * plane_step[p] + statics[p * Q + q]
+        object: obj + plane_obj[p] + ((first + b) * Q + q) * row_bytes
+
+    (``Q = len(statics) // len(plane_seg)``; engine -> object, or object -> engine when
+    ``to_engine``).  All arrays but ``obj``/``segments`` are C-contiguous ``int64``.
+    Every address is checked before any byte moves (ValueError).  Raises TransferFailed
+    when a page raised SIGBUS (the segment ``where(address)`` names shrank).
+    """
+    if _native_blocks is None:
+        require()
+    assert _native_blocks is not None
+    fault = _native_blocks(
+        obj,
+        segments,
+        plane_seg,
+        plane_step,
+        plane_obj,
+        statics,
+        ids,
+        first,
+        blocks_per_chunk,
+        row_bytes,
+        to_engine,
+        u0,
+        u1,
+    )
+    if fault is not None:
+        raise TransferFailed(
+            f"shared-memory segment {where(fault)!r} no longer backs its registered size "
             f"(SIGBUS at {fault:#x}): the worker truncated or shrank it"
         )

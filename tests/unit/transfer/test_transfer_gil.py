@@ -64,7 +64,7 @@ def test_gather_and_scatter_release_the_gil(shm_segment: Callable[[int], ShmSegm
         TensorDesc("bfloat16", shape, st, li * per, seg.name, NL * per * 2) for li in range(NL)
     ]
     with PagedKV.from_descriptors(descs, {"kv_layout": "NHD"}, [], C) as kv:
-        assert len(kv._gather_runs) == 1 and kv.object_nbytes == 32 << 20
+        assert len(kv._gather_plans) == 1 and kv.object_nbytes == 32 << 20
         out = np.empty(kv.object_nbytes, np.uint8)
         ids = [3, 1, 7, 0]
         gather = best_of(lambda: kv.gather(ids, out))

@@ -318,7 +318,7 @@ def test_gather_with_rows_cut_short(
     e = build(case, shm_segment)
     dt = np.dtype("<u2")
     with PagedKV.from_descriptors(e.descs, e.hints, [], C) as kv:
-        assert all(run.row_bytes <= cap for run in kv._gather_runs)
+        assert all(p.row_bytes <= cap for p in kv._gather_plans)
         ids = [int(x) for x in rng.permutation(NB)[:B]]
         out = np.zeros(kv.object_nbytes, np.uint8)
         kv.gather(ids, out)
