@@ -193,10 +193,14 @@ class TransferService:
                 [obj for obj, _ in todo], inst.geometry.nbytes, WriterOwner(inst.instance_id)
             )
             taken = [s for s in slots if s is not None]
-            try:
-                for slot, (_, blocks) in zip(slots, todo, strict=True):
-                    if slot is not None:
-                        backend.gather(blocks, self.l1.view(slot))
+            try:  # one batch: the copy engine deals the request's chunks to its threads
+                backend.gather_many(
+                    [
+                        (blocks, self.l1.view(slot))
+                        for slot, (_, blocks) in zip(slots, todo, strict=True)
+                        if slot is not None
+                    ]
+                )
             except BaseException:
                 self.l1.abort(taken)
                 raise
@@ -238,10 +242,11 @@ class TransferService:
                     f"{sum(s is None for s in slots)} of {len(keys)} chunks are no longer in L1"
                 )
             c = self.chunk_size
+            batch = []
             for i, (slot, blocks) in enumerate(zip(slots, per_chunk, strict=True)):
                 assert slot is not None
-                chunk_skip = min(max(skip - i * c, 0), c)
-                backend.scatter(self.l1.view(slot), blocks, chunk_skip)
+                batch.append((self.l1.view(slot), blocks, min(max(skip - i * c, 0), c)))
+            backend.scatter_many(batch)  # one batch, as in store
         finally:
             self.l1.unlock([s.key for s in slots if s is not None], pin)
 

@@ -5,6 +5,7 @@ buffer, following a copy plan made once at registration:
 
     gather(block_ids, out)            engine pages --> object bytes   (store)
     scatter(src, block_ids, skip)     object bytes --> engine pages   (retrieve)
+    gather_many / scatter_many        the same for all chunks of one request, as one batch
 
 :class:`~kvhive.transfer.paged.PagedKV` (numpy over ``cpu_shm`` segments) is the CPU
 backend; a CUDA backend (IPC-opened device tensors) implements the same calls.
@@ -55,6 +56,10 @@ class CopyBackend(Protocol):
     def gather(self, block_ids: Sequence[int], out: np.ndarray) -> None: ...
 
     def scatter(self, src: np.ndarray, block_ids: Sequence[int], skip_tokens: int = 0) -> None: ...
+
+    def gather_many(self, chunks: Sequence[tuple[Sequence[int], np.ndarray]]) -> None: ...
+
+    def scatter_many(self, chunks: Sequence[tuple[np.ndarray, Sequence[int], int]]) -> None: ...
 
     @property
     def segment_owners(self) -> Sequence[SegmentOwner]: ...

@@ -618,3 +618,53 @@ def test_default_kv_layout_without_hint(shm_segment: Segment) -> None:
         assert kv.kv_format is KVFormat.FUSED_HND  # the reference CPU server's default
     with PagedKV.from_descriptors(e.descs, {}, [], C, default_kv_layout="NHD") as kv:
         assert kv.kv_format is KVFormat.FUSED_NHD
+
+
+@pytest.mark.parametrize("case", CASES)
+@pytest.mark.parametrize("threads", [1, 2])
+def test_many_chunks_in_one_batch_match_the_reference(
+    case: str,
+    threads: int,
+    shm_segment: Segment,
+    rng: np.random.Generator,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """gather_many/scatter_many (one request's chunks, dealt to the copy threads) move the
+    same bytes as the per-chunk reference; skip_tokens applies per chunk."""
+    monkeypatch.setattr(paged, "COPY_THREADS", threads)
+    monkeypatch.setattr(paged, "PARALLEL_MIN_BYTES", 0)  # deal even tiny batches
+    e = build(case, shm_segment)
+    dt = np.dtype("<u2")
+    with PagedKV.from_descriptors(e.descs, e.hints, [], C) as kv:
+        perm = [int(x) for x in rng.permutation(NB)]
+        chunks = [perm[0:B], perm[B : 2 * B], [perm[-1]] * B]
+        outs = [np.zeros(kv.object_nbytes, np.uint8) for _ in chunks]
+        kv.gather_many(list(zip(chunks, outs, strict=True)))
+        for ids, out in zip(chunks, outs, strict=True):
+            assert np.array_equal(out.view(dt).reshape(kv.object_shape), ref_gather(e, ids, dt))
+
+        srcs = [rng.integers(0, 256, kv.object_nbytes, dtype=np.uint8) for _ in chunks[:2]]
+        skips = [BS + 1, 0]
+        before = snapshot(e)
+        for src, ids, skip in zip(srcs, chunks, skips, strict=False):
+            ref_scatter(e, src.view(dt).reshape(kv.object_shape), ids, skip)
+        expected = snapshot(e)
+        restore(e, before)
+        kv.scatter_many(list(zip(srcs, chunks, skips, strict=False)))
+        assert snapshot(e) == expected
+
+
+def test_a_batch_is_checked_before_any_byte_moves(shm_segment: Segment) -> None:
+    e = build("hnd", shm_segment)
+    with PagedKV.from_descriptors(e.descs, e.hints, [], C) as kv:
+        good = np.zeros(kv.object_nbytes, np.uint8)
+        with pytest.raises(BadRequest):
+            kv.gather_many([([0, 1], good), ([0, NB], np.zeros_like(good))])
+        assert not good.any()
+        before = snapshot(e)
+        with pytest.raises(BadRequest):
+            kv.scatter_many([(good + 1, [0, 1], 0), (good, [0, 1], -1)])
+        assert snapshot(e) == before
+        kv.gather_many([])  # nothing to do
+        kv.scatter_many([(good, [0, 1], C)])  # every block skipped
+        assert snapshot(e) == before
