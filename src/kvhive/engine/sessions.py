@@ -6,8 +6,9 @@ is checked against every new token list (a rewritten list rehashes, §23 item 14
 the TTL counts from last use (item 15), and a second lookup for the same request
 releases the locks of the first instead of orphaning them (item 16).
 
-Memory is bounded (issue 10, fault 8): the cached tokens are kept as one native
-uint32 array (4 bytes per token, not a list of Python ints at ~38), and the table holds
+Memory is bounded (issue 10, fault 8): the cached tokens are kept as big-endian uint32
+words (4 bytes per token, not a list of Python ints at ~38: a 0.5.7 key's own bytes, a
+view of its request frame, or one array converted from a 0.5.6 list), and the table holds
 at most ``max_sessions`` sessions (:data:`MAX_SESSIONS` by default).  Creating one more
 evicts the least recently used session; the eviction listener (the
 :class:`~kvhive.engine.lookups.LookupService`) ends it as ``end_session`` would, releasing
@@ -19,6 +20,7 @@ the session TTL.
 from __future__ import annotations
 
 import array
+import sys
 import threading
 import time
 from collections import OrderedDict
@@ -40,18 +42,25 @@ it fails cleanly and is recomputed).  Memory: about 4.6 bytes per token of each 
 longest token list (tokens, chunk hashes and lookup keys)."""
 
 _U32 = next(code for code in "IL" if array.array(code).itemsize == 4)
+_SWAP = sys.byteorder == "little"
+_NO_TOKENS = PackedTokens(b"")
 
 
-def compact_tokens(tokens: Sequence[int], n: int) -> array.array[int]:
-    """The first ``n`` token ids as one native uint32 array; BadRequest for a token that
-    is not an integer in 0..2**32-1 (the hasher's rule).  Packed tokens (a 0.5.7 key) are
-    copied and byte-swapped in C, never turned into Python ints."""
+def compact_tokens(tokens: Sequence[int], n: int) -> PackedTokens:
+    """The first ``n`` token ids as big-endian uint32 words -- the bytes blake3 hashes and
+    a 0.5.7 key carries.  Packed tokens are a zero-copy view of the request's own bytes; a
+    list is converted once, in C (``array``, then a byte swap in place), never kept as
+    Python ints.  BadRequest for a token that is not an integer in 0..2**32-1 (the
+    hasher's rule)."""
     if isinstance(tokens, PackedTokens):
-        return (tokens[:n] if len(tokens) > n else tokens).native()
+        return tokens[:n] if len(tokens) > n else tokens
     try:
-        return array.array(_U32, tokens[:n] if len(tokens) > n else tokens)
+        words = array.array(_U32, tokens[:n] if len(tokens) > n else tokens)
     except (OverflowError, TypeError, ValueError):
         raise BadRequest(f"token ids must be integers in 0..{U32_MAX}") from None
+    if _SWAP:
+        words.byteswap()
+    return PackedTokens(memoryview(words))
 
 
 @dataclass(slots=True)
@@ -124,7 +133,7 @@ class LookupJob:
 @dataclass(slots=True)
 class Session:
     request_id: str
-    tokens: array.array[int] = field(default_factory=lambda: array.array(_U32))
+    tokens: PackedTokens = field(default_factory=lambda: _NO_TOKENS)  # ``compact_tokens``
     hashes: list[ChunkHash] = field(default_factory=list)
     last_used: float = 0.0
     lookup: LookupState | None = None  # consumed result (hit length known)
@@ -210,23 +219,19 @@ class Sessions:
         if n_chunks == 0:
             return []
         usable = min(len(cached), n_chunks)
-        ids = compact_tokens(tokens, n_chunks * c)  # one C-level conversion, reused below
-        if usable:
-            n = usable * c
-            head = seen if n == len(seen) else seen[:n]
-            if (ids if n == len(ids) else ids[:n]) != head:  # the token list was rewritten
-                usable = 0
+        # One C-level conversion for a list (none for packed tokens), reused below.
+        words = compact_tokens(tokens, n_chunks * c)
+        if usable and not seen.same_prefix(words, usable * c):  # the list was rewritten
+            usable = 0
         if usable == n_chunks:
             return cached[:n_chunks]
         known = cached[:usable]
-        # Packed tokens are hashed from their own bytes (blake3 hashes exactly those).
-        source = tokens if isinstance(tokens, PackedTokens) else ids
         # The hasher's digests are this server's chunk hashes.
-        fresh = known + cast(list[ChunkHash], self._hasher.extend(known, source, n_chunks))
+        fresh = known + cast(list[ChunkHash], self._hasher.extend(known, words, n_chunks))
         with self._lock:
             if session.hashes is cached or len(fresh) > len(session.hashes):
                 session.hashes = fresh
-                session.tokens = ids
+                session.tokens = words
         return fresh
 
     def expired(self) -> list[Session]:

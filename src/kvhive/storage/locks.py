@@ -6,6 +6,9 @@ key carry their own deadline::
 
     key -> {owner: Hold(count, deadline)}        owner -> {keys it holds}
 
+(internally holds are keyed by a per-owner record with an identity hash, so a call on N
+keys hashes its owner once; an owner's record lives exactly while it holds a key)
+
 * ``acquire`` adds ``count`` holds for the owner and moves only that owner's deadline to
   ``now + ttl``; if the owner's previous holds had expired, its count restarts.
 * A hold whose deadline has passed counts as unlocked; it is pruned lazily, whenever its key
@@ -26,7 +29,7 @@ from __future__ import annotations
 import time
 from collections.abc import Callable, Hashable, Iterable
 from dataclasses import dataclass
-from typing import Generic, TypeVar
+from typing import Any, Generic, TypeVar
 
 from kvhive.storage.owners import Owner
 
@@ -42,63 +45,90 @@ class Hold:
     deadline: float
 
 
+class _Holder:
+    """One owner as the table knows it while it holds anything: the owner and its keys.
+
+    Per-key holds are keyed by this record, whose hash is its identity (C-level), so a lock
+    operation on N keys hashes the owner once rather than N times (an owner record's own
+    ``__hash__`` runs in Python)."""
+
+    __slots__ = ("owner", "keys")
+
+    def __init__(self, owner: Owner) -> None:
+        self.owner = owner
+        self.keys: set[Any] = set()
+
+
 class TTLLockTable(Generic[K]):
     """Counted locks per (key, owner), each owner with its own deadline (module docstring)."""
 
-    __slots__ = ("ttl", "_clock", "_by_key", "_by_owner")
+    __slots__ = ("ttl", "_clock", "_by_key", "_holders")
 
     def __init__(self, ttl: float, clock: Clock = time.monotonic) -> None:
         if ttl <= 0:
             raise ValueError(f"ttl must be positive, got {ttl}")
         self.ttl = ttl
         self._clock = clock
-        self._by_key: dict[K, dict[Owner, Hold]] = {}
-        self._by_owner: dict[Owner, set[K]] = {}
+        self._by_key: dict[K, dict[_Holder, Hold]] = {}
+        # owner -> its record; present exactly while the owner holds at least one key
+        self._holders: dict[Owner, _Holder] = {}
 
     def acquire(self, keys: Iterable[K], owner: Owner, count: int = 1) -> None:
         """Add ``count`` holds of ``owner`` on each key; refreshes that owner's deadline."""
         if count < 1:
             raise ValueError(f"lock count must be >= 1, got {count}")
+        keys = keys if isinstance(keys, list) else list(keys)
+        if not keys:  # leave no empty index entry behind
+            return
         now = self._clock()
         deadline = now + self.ttl
-        owned = self._by_owner.get(owner)
-        if owned is None:
-            owned = self._by_owner[owner] = set()
+        holder = self._holders.get(owner)
+        if holder is None:
+            holder = self._holders[owner] = _Holder(owner)
         by_key = self._by_key
         for key in keys:
             holds = by_key.get(key)
             if holds is None:  # the common case first: nobody holds this key yet
-                by_key[key] = {owner: Hold(count, deadline)}
-                owned.add(key)
+                by_key[key] = {holder: Hold(count, deadline)}
                 continue
-            hold = holds.get(owner)
+            hold = holds.get(holder)
             if hold is None:
-                holds[owner] = Hold(count, deadline)
-                owned.add(key)
+                holds[holder] = Hold(count, deadline)
             elif hold.deadline <= now:  # expired: start over rather than resurrect
                 hold.count, hold.deadline = count, deadline
             else:
                 hold.count += count
                 hold.deadline = deadline
-        if not owned:  # empty key list: leave no empty index entry behind
-            del self._by_owner[owner]
+        holder.keys.update(keys)  # one C-level pass: the owner now holds every key
 
     def release(self, key: K, owner: Owner, count: int = 1) -> int:
         """Give back up to ``count`` live holds; returns how many were released.
 
         Expired holds release nothing (0): the lock was already gone.
         """
-        holds = self._by_key.get(key)
-        hold = holds.get(owner) if holds else None
-        if hold is None:
+        return self.release_many((key,), owner, count)
+
+    def release_many(self, keys: Iterable[K], owner: Owner, count: int = 1) -> int:
+        """:meth:`release` for each key (one clock reading for all); returns the total."""
+        holder = self._holders.get(owner)
+        if holder is None:
             return 0
-        if hold.deadline <= self._clock():
-            self._forget(key, owner)
-            return 0
-        released = min(count, hold.count)
-        hold.count -= released
-        if hold.count == 0:
-            self._forget(key, owner)
+        now = self._clock()
+        by_key = self._by_key
+        released = 0
+        for key in keys:
+            holds = by_key.get(key)
+            hold = holds.get(holder) if holds else None
+            if hold is None:
+                continue
+            if hold.deadline <= now:
+                self._forget(key, holder)
+                continue
+            n = min(count, hold.count)
+            released += n
+            hold.count -= n
+            if hold.count == 0:
+                self._forget(key, holder)
         return released
 
     def is_locked(self, key: K) -> bool:
@@ -109,8 +139,8 @@ class TTLLockTable(Generic[K]):
         now = self._clock()
         dead = [o for o, h in holds.items() if h.deadline <= now]
         live = len(dead) < len(holds)
-        for owner in dead:
-            self._forget(key, owner)
+        for holder in dead:
+            self._forget(key, holder)
         return live
 
     def live_count(self, key: K) -> int:
@@ -128,12 +158,10 @@ class TTLLockTable(Generic[K]):
 
     def drop(self, key: K) -> None:
         """Forget every hold on ``key`` (the object is gone)."""
-        for owner in self._by_key.pop(key, {}):
-            owned = self._by_owner.get(owner)
-            if owned is not None:
-                owned.discard(key)
-                if not owned:
-                    del self._by_owner[owner]
+        for holder in self._by_key.pop(key, {}):
+            holder.keys.discard(key)
+            if not holder.keys:
+                del self._holders[holder.owner]
 
     def drop_holds(self, key: K, match: Callable[[Owner], bool]) -> int:
         """Forget the holds on ``key`` of the owners ``match`` accepts (however many and
@@ -143,11 +171,11 @@ class TTLLockTable(Generic[K]):
             return 0
         now = self._clock()
         dropped = 0
-        for owner in [o for o in holds if match(o)]:
-            hold = holds[owner]
+        for holder in [h for h in holds if match(h.owner)]:
+            hold = holds[holder]
             if hold.deadline > now:
                 dropped += hold.count
-            self._forget(key, owner)
+            self._forget(key, holder)
             if key not in self._by_key:
                 break
         return dropped
@@ -156,24 +184,28 @@ class TTLLockTable(Generic[K]):
         """Drop all holds of owners for which ``match`` is true; returns live holds dropped."""
         now = self._clock()
         released = 0
-        for owner in [o for o in self._by_owner if match(o)]:
-            for key in list(self._by_owner.get(owner, ())):
-                hold = self._by_key[key][owner]
+        by_key = self._by_key
+        for holder in [h for o, h in self._holders.items() if match(o)]:
+            for key in holder.keys:
+                holds = by_key[key]
+                hold = holds.pop(holder)
                 if hold.deadline > now:
                     released += hold.count
-                self._forget(key, owner)
+                if not holds:
+                    del by_key[key]
+            holder.keys.clear()
+            del self._holders[holder.owner]
         return released
 
     def clear(self) -> None:
         self._by_key.clear()
-        self._by_owner.clear()
+        self._holders.clear()
 
-    def _forget(self, key: K, owner: Owner) -> None:
+    def _forget(self, key: K, holder: _Holder) -> None:
         holds = self._by_key[key]
-        del holds[owner]
+        del holds[holder]
         if not holds:
             del self._by_key[key]
-        owned = self._by_owner[owner]
-        owned.discard(key)
-        if not owned:
-            del self._by_owner[owner]
+        holder.keys.discard(key)
+        if not holder.keys:
+            del self._holders[holder.owner]

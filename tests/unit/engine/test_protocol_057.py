@@ -85,6 +85,18 @@ def test_a_chunk_stored_by_one_version_is_found_by_the_other(stored):
     assert stored.l1.stats().read_locked_objects == 0
 
 
+def test_a_packed_key_is_hashed_and_cached_from_its_own_bytes():
+    """Zero copy end to end: the session keeps a view of the decoded frame, no ints, no copy."""
+    frame = bytearray(t.pack_tokens(TOKENS).data)
+    sessions = Sessions(TokenHasher("blake3", C), ttl=60.0)
+    s = sessions.get("r")
+    assert s is not None
+    got = sessions.hashes(s, t.PackedTokens(frame), 3)
+    assert got == TokenHasher("blake3", C).chunk_hashes(TOKENS)[:3]
+    assert s.tokens.data.obj is frame and len(s.tokens) == 3 * C
+    assert sessions.hashes(s, TOKENS, 4)[:3] == got  # the chain is reused for a list too
+
+
 def test_session_cache_serves_either_form():
     sessions = Sessions(TokenHasher("blake3", C), ttl=60.0)
     s = sessions.get("r")

@@ -80,3 +80,41 @@ def test_drop_and_bad_count(clk: Clock) -> None:
         t.acquire(["k"], WriterOwner(1), count=0)
     with pytest.raises(ValueError):
         TTLLockTable(0.0, clk)
+
+
+def test_release_many_is_release_per_key(clk: Clock) -> None:
+    t: TTLLockTable[str] = TTLLockTable(5.0, clk)
+    t.acquire(["a", "b", "c"], A, count=2)
+    t.acquire(["b"], NEW)
+    assert t.release_many(["a", "b", "x"], A, 1) == 2  # "x": not held, nothing
+    assert [t.live_count(k) for k in "abc"] == [1, 2, 2]
+    assert t.release_many(["a", "b", "c"], A, 5) == 4
+    assert [t.is_locked(k) for k in "abc"] == [False, True, False]
+    assert t.release_many(["a"], OLD) == 0  # an owner holding nothing
+    clk.now = 6.0
+    assert t.release_many(["b"], NEW) == 0  # expired: nothing to give back
+
+
+def test_owner_records_go_with_their_last_hold(clk: Clock) -> None:
+    """The owner index holds exactly the owners holding something, whichever way their
+    holds end (release, expiry pruning, drop, drop_holds, release_owners)."""
+    t: TTLLockTable[str] = TTLLockTable(5.0, clk)
+    lookup = LookupOwner("r", "m", 1)
+    t.acquire([], A)  # nothing to hold: no record
+    assert t._holders == {}
+    t.acquire(["a", "b"], A)
+    t.acquire(iter(["b", "c"]), lookup)  # any iterable
+    assert set(t._holders) == {A, lookup}
+    t.release("a", A)
+    t.drop("b")
+    assert set(t._holders) == {lookup}  # A held only a and b
+    assert t.drop_holds("c", lambda o: o == lookup) == 1
+    assert t._holders == {} and t._by_key == {}
+    t.acquire(["a"], A)
+    clk.now = 9.0
+    assert not t.is_locked("a")  # pruned
+    assert t._holders == {} and t._by_key == {}
+    t.acquire(["a", "b"], A, count=3)
+    t.acquire(["b"], lookup)
+    assert t.release_owners(lambda o: o == A) == 6
+    assert set(t._holders) == {lookup} and list(t._by_key) == ["b"]

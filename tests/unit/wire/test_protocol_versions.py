@@ -63,6 +63,17 @@ def test_packed_tokens_is_a_zero_copy_sequence_of_ints():
         t.PackedTokens(b"\0" * 6)
 
 
+def test_packed_tokens_compare_their_bytes():
+    p = t.PackedTokens(PACKED)
+    other = t.pack_tokens([1, 2, 3, 9])
+    assert p.same_prefix(other, 3) and p.same_prefix(p, 5)
+    assert not p.same_prefix(other, 4)  # the 4th token differs
+    assert not other.same_prefix(p, 5)  # fewer tokens than asked for
+    assert p.same_prefix(other, 0)
+    assert p[:3] == other[:3] and p != other and p[:4] != other
+    assert t.PackedTokens(b"") == t.PackedTokens(bytearray())
+
+
 # ---- keys in either form ---------------------------------------------------------------
 
 

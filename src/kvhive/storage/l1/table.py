@@ -194,7 +194,7 @@ class ObjectTable:
         self._policy.on_touched([key for key in keys if key in self._objects])
 
     def unlock(self, keys: list[ObjectKey], owner: Owner, count: int) -> int:
-        released = sum(self._reads.release(key, owner, count) for key in keys)
+        released = self._reads.release_many(keys, owner, count)
         if self._temporary:
             self._drop_unlocked_temporary(keys)
         self._doomed.free_unread(keys, self._reads.is_locked)
