@@ -143,7 +143,7 @@ class LookupService:
         self, key: t.CacheKey, session: Session, state: LookupState
     ) -> list[list[ObjectKey]]:
         """Lock the L1 prefix for every rank; return the rows (all ranks' keys per chunk)
-        after it that a prefetcher may still load from L2."""
+        after it that a prefetcher may still load from L2 (none without a prefetcher)."""
         if key.num_kv_readers < 1:
             raise BadRequest(f"num_kv_readers={key.num_kv_readers}: must be >= 1")
         n_chunks = min(key.end, len(key.token_ids)) // self.chunk_size
@@ -171,6 +171,8 @@ class LookupService:
                     k.lookup_owner(key, rank),
                     key.num_kv_readers,
                 )
+        if self.prefetcher is None:  # nobody loads the rest: do not build its rows
+            return []
         return [[per_rank[r][i] for r in per_rank] for i in range(state.hit_chunks, n_chunks)]
 
     def _first_chunk(self, key: t.CacheKey, n_chunks: int) -> int:
