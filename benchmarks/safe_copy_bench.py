@@ -54,6 +54,7 @@ import statistics
 import sys
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -96,32 +97,42 @@ def build(layout: str, nb: int) -> tuple[list[ShmSegment], PagedKV]:
     return segs, PagedKV.from_descriptors(descs, {"kv_layout": layout}, [], C)
 
 
-def plan(kv: PagedKV, ids: np.ndarray, runs: list[paged._Run]) -> list[tuple[int, int, np.ndarray]]:
-    """(run index, object byte offset, segment byte offset of each row) per (run, kv plane)
-    of a chunk, rows in object order."""
-    nl = kv.layout.num_layers
-    plane = kv.object_nbytes // (kv.layout.kv_size * nl)
+@dataclass(frozen=True)
+class PlaneRows:
+    """One object plane of a chunk: its segment, row size, object offset and the segment
+    byte offset of each row, in object order (from the registration's block plan)."""
+
+    seg: np.ndarray
+    name: str
+    row_bytes: int
+    obj0: int
+    offs: np.ndarray
+
+
+def plan(kv: PagedKV, ids: np.ndarray, to_engine: bool) -> list[PlaneRows]:
+    """Per object plane of a chunk, the rows the native copy moves (``paged._BlockPlan``)."""
     out = []
-    for r_i, run in enumerate(runs):
-        for k in range(kv.layout.kv_size):
-            offs = run.static[k][:, None, :] + ids[None, :, None] * run.block_step[:, None, None]
-            out.append((r_i, (k * nl + run.j0) * plane, offs.reshape(-1)))
+    for bp in kv._scatter_plans if to_engine else kv._gather_plans:
+        st = bp.statics.reshape(bp.planes, bp.rows)
+        for p in range(bp.planes):
+            offs = (st[p][None, :] + ids[:, None] * bp.plane_step[p]).reshape(-1)
+            i = int(bp.plane_seg[p])
+            out.append(PlaneRows(bp.segs[i], bp.names[i], bp.row_bytes, int(bp.plane_obj[p]), offs))
     return out
 
 
 def io_calls(
-    kv: PagedKV, ids: np.ndarray, runs: list[paged._Run]
+    kv: PagedKV, ids: np.ndarray, to_engine: bool
 ) -> list[tuple[str, int, list[tuple[int, int]]]]:
     """preadv/pwritev calls of a chunk: (segment name, file offset, [(object offset, length),
     ...]) -- one call per contiguous file range (rows sorted by file offset; at most IOV_MAX
     pieces), object pieces merged where they are contiguous too."""
     out = []
-    for r_i, obj0, offs in plan(kv, ids, runs):
-        run = runs[r_i]
-        rb = run.row_bytes
+    for pr in plan(kv, ids, to_engine):
+        rb, offs = pr.row_bytes, pr.offs
         order = np.argsort(offs, kind="stable")
         f_sorted = offs[order]
-        o_sorted = obj0 + order * rb
+        o_sorted = pr.obj0 + order * rb
         brk = np.flatnonzero(np.diff(f_sorted) != rb) + 1
         starts = np.concatenate([[0], brk]).tolist()
         ends = np.concatenate([brk, [offs.size]]).tolist()
@@ -129,7 +140,7 @@ def io_calls(
             for c0 in range(a, b, IOV_MAX):
                 c1 = min(b, c0 + IOV_MAX)
                 pieces = [(int(o), rb) for o in o_sorted[c0:c1]]
-                out.append((run.name, int(f_sorted[c0]), _merge(pieces)))
+                out.append((pr.name, int(f_sorted[c0]), _merge(pieces)))
     return out
 
 
@@ -190,13 +201,13 @@ def measure_layout(layout: str, runs_n: int, row: Row) -> None:
                 g_all.append(
                     [
                         (fds[n], off, [omv[o : o + ln] for o, ln in pieces])
-                        for n, off, pieces in io_calls(kv, ids, kv._gather_runs)
+                        for n, off, pieces in io_calls(kv, ids, False)
                     ]
                 )
                 s_all.append(
                     [
                         (fds[n], off, [omv[o : o + ln] for o, ln in pieces])
-                        for n, off, pieces in io_calls(kv, ids, kv._scatter_runs)
+                        for n, off, pieces in io_calls(kv, ids, True)
                     ]
                 )
 
@@ -220,19 +231,17 @@ def measure_layout(layout: str, runs_n: int, row: Row) -> None:
 
         # the old, unsafe numpy copies (np.take / fancy assignment on the mapping)
         def np_gather(ids: np.ndarray, out: np.ndarray) -> None:
-            for r_i, obj0, offs in plan(kv, ids, kv._gather_runs):
-                run = kv._gather_runs[r_i]
-                rb = run.row_bytes
-                rows_v = run.seg[: run.seg.size // rb * rb].reshape(-1, rb)
-                part = out[obj0 : obj0 + offs.size * rb].reshape(-1, rb)
+            for pr in plan(kv, ids, False):
+                rb, offs = pr.row_bytes, pr.offs
+                rows_v = pr.seg[: pr.seg.size // rb * rb].reshape(-1, rb)
+                part = out[pr.obj0 : pr.obj0 + offs.size * rb].reshape(-1, rb)
                 np.take(rows_v, offs // rb, axis=0, out=part, mode="clip")
 
         def np_scatter(ids: np.ndarray, out: np.ndarray) -> None:
-            for r_i, obj0, offs in plan(kv, ids, kv._scatter_runs):
-                run = kv._scatter_runs[r_i]
-                rb = run.row_bytes
-                rows_v = run.seg[: run.seg.size // rb * rb].reshape(-1, rb)
-                rows_v[offs // rb] = out[obj0 : obj0 + offs.size * rb].reshape(-1, rb)
+            for pr in plan(kv, ids, True):
+                rb, offs = pr.row_bytes, pr.offs
+                rows_v = pr.seg[: pr.seg.size // rb * rb].reshape(-1, rb)
+                rows_v[offs // rb] = out[pr.obj0 : pr.obj0 + offs.size * rb].reshape(-1, rb)
 
         np_pairs = [(np.asarray(i, np.int64), o) for i, o in pairs]
         npg = cycling([functools.partial(np_gather, i, o) for i, o in np_pairs])
@@ -253,7 +262,7 @@ def main() -> None:
         "--gather-row-cap",
         type=int,
         default=paged.GATHER_ROW_CAP,
-        help="bytes per gather row (kvhive: %(default)s)",
+        help="bytes per gather row at most (kvhive: %(default)s = uncut)",
     )
     args = ap.parse_args()
     paged.GATHER_ROW_CAP = args.gather_row_cap
