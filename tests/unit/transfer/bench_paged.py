@@ -1,6 +1,7 @@
 """Throughput, profile and GIL behaviour of PagedKV (a script, not a test).
 
     PYTHONPATH=tests .venv/bin/python tests/unit/transfer/bench_paged.py [--layouts] [--gil]
+        [--geometries smollm2,8b,mla] [--threads N] [--parallel-min-mib M]
 
 Geometries, as vLLM's CPU backend registers them (one shared-memory segment per
 layer, bf16, block size 16, 256-token chunks):
@@ -185,7 +186,9 @@ def bench_geometry(g: Geometry, runs: int) -> None:
             for op in ("gather", "scatter"):
 
                 def once(req: object, op: str = op) -> None:
-                    for obj, ids in zip(objs, req, strict=False):  # type: ignore[call-overload]
+                    k = next(turn)  # another object each request: none is still in cache
+                    mine = objs[k % 16 :] + objs[: k % 16]
+                    for obj, ids in zip(mine, req, strict=False):  # type: ignore[call-overload]
                         if op == "gather":
                             kv.gather(ids, obj)
                         else:
@@ -305,7 +308,13 @@ def main() -> None:
     ap.add_argument("--runs", type=int, default=15)
     ap.add_argument("--layouts", action="store_true")
     ap.add_argument("--gil", action="store_true")
+    ap.add_argument("--threads", type=int, help="COPY_THREADS (default: the module's)")
+    ap.add_argument("--parallel-min-mib", type=float, help="PARALLEL_MIN_BYTES in MiB")
     a = ap.parse_args()
+    if a.threads is not None:
+        paged.COPY_THREADS = a.threads
+    if a.parallel_min_mib is not None:
+        paged.PARALLEL_MIN_BYTES = int(a.parallel_min_mib * MIB)
     for name in a.geometries.split(","):
         if name:
             bench_geometry(GEOMETRIES[name], a.runs)
