@@ -506,9 +506,7 @@ class PagedKV:
         """
         todo = []
         for src, block_ids, skip_tokens in chunks:
-            if isinstance(skip_tokens, bool) or not isinstance(skip_tokens, int):
-                raise BadRequest(f"skip_tokens must be a non-negative integer, got {skip_tokens!r}")
-            if skip_tokens < 0:
+            if isinstance(skip_tokens, bool) or not isinstance(skip_tokens, int) or skip_tokens < 0:
                 raise BadRequest(f"skip_tokens must be a non-negative integer, got {skip_tokens!r}")
             ids = self._block_ids(block_ids, self.blocks_per_chunk).astype(np.int64, copy=False)
             flat = self._flat(src, "src")
