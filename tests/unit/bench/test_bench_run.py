@@ -89,6 +89,7 @@ def test_run_bench_report_structure_and_ratios(tmp_path) -> None:
         for n in ("1", "4"):
             for stat in ("p50", "p99"):
                 assert f"lookup/kvhive/{label}/{n}/{stat}" in keys
+                assert f"lookup/kvhive057/{label}/{n}/{stat}" in keys  # 0.5.7 keys, kvhive
     assert {"noop/kvhive/p50", "noop/kvhive/p99", "healthy/l1-0.25gb"} <= keys
     healthy = report.row("healthy/l1-0.25gb")
     assert healthy is not None and 0 < (healthy.kvhive or 0) < 60
