@@ -147,6 +147,11 @@ def test_default_targets_cover_the_issue() -> None:
     assert len(transfer) == 8  # 2 modes x 2 sizes x store/retrieve
     assert any("5x reference" in n for n in names) and any("3x reference" in n for n in names)
     assert "lookup hit 1 chunk p50 <= 0.25 ms" in names
-    assert "lookup hit 400 chunks p50 <= 2 ms" in names
+    by_name = {t.name: t.row for t in targets}
+    assert (
+        by_name["lookup hit 400 chunks p50 <= 2 ms (0.5.7 keys)"] == "lookup/kvhive057/hit/400/p50"
+    )
+    assert by_name["lookup hit 1 chunk p50 <= 0.25 ms (0.5.7 keys)"] == "lookup/kvhive057/hit/1/p50"
+    assert "engine/32L-8H-128D/cold/retrieve/1" in by_name.values()
     assert "empty round trip p50 <= 0.1 ms" in names
     assert "healthy <= 1.5 s at L1 16 GB" in names
