@@ -18,6 +18,15 @@ from kvhive.wire import types as t
 from support.descriptors import cpu_shm_descriptor, cpu_shm_ext
 
 
+def truncate(name: str, nbytes: int) -> None:
+    """Resize segment ``name`` (no leading ``/``) the way a misbehaving worker would."""
+    fd = _posixshmem.shm_open("/" + name, os.O_RDWR, mode=0o600)
+    try:
+        os.ftruncate(fd, nbytes)
+    finally:
+        os.close(fd)
+
+
 class ShmSegment:
     """A POSIX shared-memory segment we create, like a worker does.
 

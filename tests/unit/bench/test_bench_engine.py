@@ -16,14 +16,6 @@ from kvhive.bench.servers import ServerProcess
 pytestmark = pytest.mark.timeout(240)
 
 
-@pytest.fixture(scope="module")
-def server(tmp_path_factory: pytest.TempPathFactory):
-    s = ServerProcess("kvhive", 1, log_path=tmp_path_factory.mktemp("bench") / "kvhive.log")
-    s.start()
-    yield s
-    s.stop()
-
-
 def test_engine_pattern_round_trips_and_the_server_takes_no_faults(server: ServerProcess) -> None:
     """SmolLM2's 5.6 MiB chunks are 1,440 pages each: an unpopulated mapping of the engine's
     segments faults each page of a fresh block on first touch.  The server populates its

@@ -16,14 +16,6 @@ from kvhive.cli.main import main
 pytestmark = pytest.mark.timeout(180)
 
 
-@pytest.fixture(scope="module")
-def server(tmp_path_factory: pytest.TempPathFactory):
-    s = ServerProcess("kvhive", 0.5, log_path=tmp_path_factory.mktemp("bench") / "kvhive.log")
-    s.start()
-    yield s
-    s.stop()
-
-
 def test_transfer_round_trips_bytes_and_reports_gbs(server: ServerProcess) -> None:
     res = run_transfer(server.rpc_url, SHAPES["tiny"], chunks=3, per_request=(1, 3), rounds=2)
     assert res["errors"] == []

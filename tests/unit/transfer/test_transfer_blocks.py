@@ -9,7 +9,6 @@ SIGBUS contract.
 
 from __future__ import annotations
 
-import _posixshmem
 import os
 from collections.abc import Callable
 
@@ -19,7 +18,7 @@ import pytest
 from kvhive.errors import TransferFailed
 from kvhive.transfer import paged, safecopy
 from kvhive.transfer.shm import ShmMapping
-from support.shm import ShmSegment
+from support.shm import ShmSegment, truncate
 
 Segment = Callable[[int], ShmSegment]
 PAGE = os.sysconf("SC_PAGE_SIZE")
@@ -152,14 +151,6 @@ def test_copy_blocks_needs_a_writable_side() -> None:
     with pytest.raises((ValueError, BufferError, TypeError)):
         safecopy.copy_blocks(*plan.args(obj, np.array([0], np.int64), 0, False), where=str)
     safecopy.copy_blocks(*plan.args(obj, np.array([0], np.int64), 0, True), where=str)
-
-
-def truncate(name: str, nbytes: int) -> None:
-    fd = _posixshmem.shm_open("/" + name, os.O_RDWR, mode=0o600)
-    try:
-        os.ftruncate(fd, nbytes)
-    finally:
-        os.close(fd)
 
 
 @pytest.mark.parametrize("to_engine", [False, True])

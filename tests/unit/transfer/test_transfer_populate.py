@@ -5,7 +5,6 @@ through the SIGBUS-safe copy helper (the way a retrieve writes engine pages)."""
 
 from __future__ import annotations
 
-import os
 import resource
 import threading
 from collections.abc import Callable
@@ -17,7 +16,7 @@ from kvhive.transfer import populate as pop
 from kvhive.transfer import safecopy, shm
 from kvhive.transfer.populate import PAGE, PIECE_BYTES, PopulateStats, Prefaulter
 from kvhive.transfer.shm import SegmentTable
-from support.shm import ShmSegment
+from support.shm import ShmSegment, truncate
 
 Segment = Callable[[int], ShmSegment]
 SIZE = 8 << 20  # 2,048 pages
@@ -74,11 +73,7 @@ def test_populating_a_shrunk_segment_fails_softly(shm_segment: Segment) -> None:
     table = SegmentTable(populate=False)
     try:
         m = table.acquire(seg.name, SIZE)
-        fd = os.open(f"/dev/shm/{seg.name}", os.O_RDWR)
-        try:
-            os.ftruncate(fd, PAGE)
-        finally:
-            os.close(fd)
+        truncate(seg.name, PAGE)
         assert pop.read_touch(m.address, SIZE) is False
         if pop.populate_supported():
             assert pop.populate(m.address, SIZE) is False

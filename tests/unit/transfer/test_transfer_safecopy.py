@@ -9,7 +9,6 @@ fails one test instead of killing the test run.
 
 from __future__ import annotations
 
-import _posixshmem
 import hashlib
 import os
 import signal
@@ -28,18 +27,10 @@ from kvhive.transfer.descriptors import TensorDesc
 from kvhive.transfer.paged import PagedKV
 from kvhive.transfer.shm import ShmMapping
 from support.descriptors import contiguous_strides
-from support.shm import ShmSegment
+from support.shm import ShmSegment, truncate
 
 Segment = Callable[[int], ShmSegment]
 PAGE = os.sysconf("SC_PAGE_SIZE")
-
-
-def truncate(name: str, nbytes: int) -> None:
-    fd = _posixshmem.shm_open("/" + name, os.O_RDWR, mode=0o600)
-    try:
-        os.ftruncate(fd, nbytes)
-    finally:
-        os.close(fd)
 
 
 def run_child(code: str) -> subprocess.CompletedProcess[str]:
