@@ -7,9 +7,12 @@ engine's segments.  One engine (kvhive's client, one thread) against one server:
 
 1. a KV cache of ``cache_gib`` (at least what the cold pass needs), every page written by
    the engine first, as a running engine's are; registration is timed;
-2. after ``settle_s`` (an engine's own start-up after registering takes longer), the
-   **cold** pass: ``cold_requests[p]`` requests of ``p`` chunks each store from blocks no
-   earlier request used, then each is looked up and retrieved into other unused blocks;
+2. after ``settle_s`` (an engine's own start-up after registering takes longer) and
+   :data:`PRIMING_REQUESTS` untimed 1-chunk requests on blocks set aside for them (a fresh
+   server's first requests run slower whatever their blocks: code paths and threads warm
+   up), the **cold** pass: ``cold_requests[p]`` requests of ``p`` chunks each store from
+   blocks no earlier request used, then each is looked up and retrieved into other unused
+   blocks;
 3. an untimed **warm-up** pass stores from and retrieves into every block of the cache;
 4. the **warm** pass: ``warm_requests[p]`` requests whose source and destination tables are
    drawn at random from the whole cache (blocks shared with earlier requests included).
@@ -46,6 +49,8 @@ from kvhive.bench.kvengine import KvhiveEngine, make_tokens
 from kvhive.bench.kvload import SETTLE_S, Progress, latency_summary
 
 PHASES = ("cold", "warm")
+#: Untimed requests before the cold pass (on their own blocks, never reused by it).
+PRIMING_REQUESTS = 8
 
 
 def server_minor_faults(pid: int | None) -> int | None:
@@ -222,7 +227,7 @@ def cache_chunks_for(
     shape: KVShape, chunk_tokens: int, cache_gib: float, cold_requests: Mapping[int, int]
 ) -> int:
     """Chunks of cache: ``cache_gib`` worth, and at least what the cold pass consumes."""
-    need = 2 * sum(p * n for p, n in cold_requests.items()) + 1
+    need = 2 * (sum(p * n for p, n in cold_requests.items()) + PRIMING_REQUESTS) + 1
     return max(need, int(cache_gib * 2**30) // shape.chunk_bytes(chunk_tokens))
 
 
@@ -267,6 +272,7 @@ def run_engine(
         time.sleep(settle_s)
         pool = w.all_blocks[:]
         w.rng.shuffle(pool)
+        w.run(w.fresh_tables(1, PRIMING_REQUESTS, pool), None, errors)
         passes = {"cold": {p: w.fresh_tables(p, n, pool) for p, n in cold_requests.items()}}
         out["phases"]["cold"] = _measure(w, passes["cold"], server_pid, errors)
         say(_describe("cold", out["phases"]["cold"]))
