@@ -87,6 +87,7 @@ class Arena:
             flags = mmap.MAP_PRIVATE | getattr(mmap, "MAP_NORESERVE", 0)
             self._mm = mmap.mmap(-1, size_bytes + align - 1, flags=flags)
             pad = -_address(self._mm) % align
+            _advise_huge_pages(self._mm)
         self.array: np.ndarray = np.frombuffer(self._mm, np.uint8, size_bytes, pad)
         self.base_address = _address_of(self.array)
         self.heap_bytes = (
@@ -179,6 +180,20 @@ class Arena:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+def _advise_huge_pages(mm: mmap.mmap) -> None:
+    """Ask for transparent huge pages on the anonymous arena (``MADV_HUGEPAGE``; a no-op
+    where THP is off).  With 4 KiB pages a 32 MiB store or retrieve walks 8,192 page
+    translations on the L1 side alone; numpy gets huge pages for its own large buffers the
+    same way, which is why an in-process copy ran faster than the same copy into L1."""
+    advice = getattr(mmap, "MADV_HUGEPAGE", None)
+    if advice is None:
+        return
+    try:
+        mm.madvise(advice)
+    except OSError as exc:  # EINVAL on kernels built without THP
+        log.debug("MADV_HUGEPAGE on the L1 arena refused: %s", exc)
 
 
 def _address_of(array: np.ndarray) -> int:

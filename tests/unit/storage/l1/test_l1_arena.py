@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import mmap
 import os
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -113,3 +114,25 @@ def test_shm_arena_is_visible_by_name_and_unlinked_on_close() -> None:
 def test_shm_arena_cannot_be_lazy() -> None:
     with pytest.raises(ValueError):
         Arena(MiB, align=4096, lazy=True, shm_name="nope")
+
+
+def test_anonymous_arena_asks_for_huge_pages() -> None:
+    """The L1 side of a 32 MiB copy is 8,192 page translations with 4 KiB pages: the
+    anonymous arena is advised MADV_HUGEPAGE (used where transparent huge pages are on)."""
+    thp = "/sys/kernel/mm/transparent_hugepage/enabled"
+    if not os.path.exists(thp) or "[never]" in Path(thp).read_text():
+        pytest.skip("transparent huge pages are off here")
+    with Arena(64 * MiB, align=2 * MiB) as a:
+        assert a.wait_prefault(timeout=30)
+        start = a.base_address
+        huge = 0
+        with open("/proc/self/smaps") as f:
+            inside = False
+            for line in f:
+                head = line.split()[0]
+                if "-" in head and ":" not in head:
+                    lo, hi = (int(x, 16) for x in head.split("-"))
+                    inside = lo <= start < hi
+                elif inside and line.startswith("AnonHugePages:"):
+                    huge = int(line.split()[1]) * 1024
+        assert huge >= 32 * MiB
