@@ -227,6 +227,8 @@ class SegmentTable:
     def _populated(self, stats: PopulateStats) -> None:
         with self._lock:
             names = sorted(self._maps)
+        if not names:  # everything was released before it was populated: nothing to say
+            return
         log.info(
             "populated %.1f MiB of engine segment pages in %.3f s (%d failed piece(s)): %s",
             stats.bytes_done / 2**20, stats.seconds, stats.failures, ", ".join(names[:4])
