@@ -77,9 +77,20 @@ class Request:
 
 @dataclass
 class _OpSamples:
+    """One operation's samples in a pass: request seconds, server faults, failures."""
+
     times: list[float] = field(default_factory=list)
     faults: list[int] = field(default_factory=list)
     failures: int = 0
+
+
+@dataclass(frozen=True, slots=True)
+class PassSamples:
+    """What :meth:`EngineWorkload.run` measured: stores, retrieves, lookup seconds."""
+
+    store: _OpSamples
+    retrieve: _OpSamples
+    lookups: list[float]
 
 
 class EngineWorkload:
@@ -156,7 +167,7 @@ class EngineWorkload:
 
     def run(
         self, reqs: Sequence[Request], server_pid: int | None, errors: list[str]
-    ) -> dict[str, _OpSamples | list[float]]:
+    ) -> PassSamples:
         """Store every request, then look up and retrieve each; samples per operation."""
         store, retrieve, lookups = _OpSamples(), _OpSamples(), []
         eng = self.eng
@@ -191,7 +202,7 @@ class EngineWorkload:
             elif not self.holds_pattern(r.dst, r.seed):
                 retrieve.failures += 1
                 _err(errors, f"retrieved bytes differ from the stored ones ({r.rid})")
-        return {"store": store, "retrieve": retrieve, "lookup": lookups}
+        return PassSamples(store, retrieve, lookups)
 
     def warm_up(self) -> None:
         """Untimed: store from and retrieve into every block (16 chunks per request)."""
@@ -295,9 +306,7 @@ def _measure(
     chunk_bytes = w.shape.chunk_bytes(w.chunk)
     for p, reqs in by_p.items():
         samples = w.run(reqs, server_pid, errors)
-        for op in ("store", "retrieve"):
-            s = samples[op]
-            assert isinstance(s, _OpSamples)
+        for op, s in (("store", samples.store), ("retrieve", samples.retrieve)):
             med = statistics.median(s.times)
             res[op][str(p)] = {
                 "gbs": round(p * chunk_bytes / med / 1e9, 4),
@@ -306,9 +315,7 @@ def _measure(
                 "failures": s.failures,
                 "faults_per_chunk": round(statistics.median(s.faults) / p, 1) if s.faults else None,
             }
-        lk = samples["lookup"]
-        assert isinstance(lk, list)
-        res["lookup"][str(p)] = latency_summary(lk)
+        res["lookup"][str(p)] = latency_summary(samples.lookups)
     return res
 
 
