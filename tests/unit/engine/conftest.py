@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import uuid
 from collections.abc import Callable, Iterator
 
 import numpy as np
@@ -51,20 +52,32 @@ def clock() -> FakeClock:
     return FakeClock()
 
 
-@pytest.fixture
-def engine(clock: FakeClock) -> Iterator[CacheEngine]:
-    l1 = make_l1(manager_kwargs={"clock": clock})
-    eng = CacheEngine(
+def build_engine(
+    clock: FakeClock, *, pool: bool = False, null_block_id: int = 0, size_bytes: int = 64 << 20
+) -> CacheEngine:
+    """A CacheEngine on ``clock`` with both transfer modes and an L1 of ``size_bytes``;
+    with ``pool`` that L1 is a shared pool (engine-driven clients map it by its name).
+    The caller closes its registry and L1."""
+    shm = f"kvhive-eng-test-{uuid.uuid4().hex[:8]}" if pool else ""
+    l1 = make_l1(size_bytes=size_bytes, shm_name=shm, manager_kwargs={"clock": clock})
+    return CacheEngine(
         l1=l1,
         sessions=Sessions(TokenHasher("blake3", C), ttl=600.0, clock=clock),
         registry=Registry(reap_timeout=120.0, registration_grace=3600.0, clock=clock),
         transfer_modes=frozenset({"lmcache_driven", "engine_driven"}),
-        null_block_id=0,
+        null_block_id=null_block_id,
         inflight=InFlight(60.0),
+        pool_name=l1.arena.shm_segment_name,
+        pool_size=size_bytes if pool else 0,
     )
+
+
+@pytest.fixture
+def engine(clock: FakeClock) -> Iterator[CacheEngine]:
+    eng = build_engine(clock)
     yield eng
     eng.registry.close()
-    l1.close()
+    eng.l1.close()
 
 
 def key(

@@ -6,46 +6,25 @@ from __future__ import annotations
 
 import mmap
 import os
-import uuid
 from collections.abc import Iterator
 
 import numpy as np
 import pytest
-from conftest import C, FakeClock, key
+from conftest import C, FakeClock, build_engine, key
 
 from kvhive.engine.engine import CacheEngine
-from kvhive.engine.registry import Registry
-from kvhive.engine.sessions import Sessions
 from kvhive.errors import BadRequest, TransferFailed
-from kvhive.hashing import TokenHasher
-from kvhive.observability.health import InFlight
 from kvhive.storage.l1.arena import SHM_DIR
 from kvhive.wire import types as t
-from support.l1 import make_l1
 
 TOKENS = list(range(1, 4 * C + 1))
 LAYERS, HIDDEN = 2, 16  # object: [2, LAYERS, C, HIDDEN] float16
 OBJ_BYTES = 2 * LAYERS * C * HIDDEN * 2
 
 
-def build(clock: FakeClock, *, pool: bool) -> CacheEngine:
-    shm = f"kvhive-ed-test-{uuid.uuid4().hex[:8]}" if pool else ""
-    l1 = make_l1(size_bytes=16 << 20, shm_name=shm, manager_kwargs={"clock": clock})
-    return CacheEngine(
-        l1=l1,
-        sessions=Sessions(TokenHasher("blake3", C), ttl=600.0, clock=clock),
-        registry=Registry(reap_timeout=120.0, registration_grace=3600.0, clock=clock),
-        transfer_modes=frozenset({"lmcache_driven", "engine_driven"}),
-        null_block_id=0,
-        inflight=InFlight(60.0),
-        pool_name=l1.arena.shm_segment_name,
-        pool_size=16 << 20 if pool else 0,
-    )
-
-
 @pytest.fixture
 def pooled() -> Iterator[tuple[CacheEngine, mmap.mmap]]:
-    eng = build(FakeClock(), pool=True)
+    eng = build_engine(FakeClock(), pool=True, size_bytes=16 << 20)
     name = eng.engine_driven.pool_name
     fd = os.open(os.path.join(SHM_DIR, name), os.O_RDWR)  # map the pool as the worker does
     try:
@@ -150,7 +129,7 @@ def test_pickle_strategy_round_trip():
     torch = pytest.importorskip("torch")
     from kvhive.transfer import pickle_codec
 
-    eng = build(FakeClock(), pool=False)
+    eng = build_engine(FakeClock(), size_bytes=16 << 20)
     ed = eng.engine_driven
     try:
         assert ed.register_kv_cache_engine_driven_context(payload()).shm_name == ""

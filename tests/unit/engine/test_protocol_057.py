@@ -4,27 +4,23 @@ engine's prefix-cache hit, abandoned lookups' ``extra_ranges``, ``skipped_chunks
 
 from __future__ import annotations
 
-import uuid
 from collections.abc import Iterator
 
 import msgspec
 import numpy as np
 import pytest
-from conftest import C, FakeClock, register
+from conftest import C, FakeClock, build_engine, register
 
 from kvhive.engine.engine import CacheEngine
-from kvhive.engine.registry import Registry
 from kvhive.engine.retired import MAX_RETIRED
 from kvhive.engine.sessions import Sessions
 from kvhive.errors import BadRequest, UnsupportedError
 from kvhive.hashing import TokenHasher
 from kvhive.keys import ObjectKey, pack_kv_rank
-from kvhive.observability.health import InFlight
 from kvhive.storage.owners import LookupOwner
 from kvhive.transfer import pickle_codec
 from kvhive.transfer import tensor_envelope as te
 from kvhive.wire import types as t
-from support.l1 import make_l1
 
 TOKENS = list(range(1, 4 * C + 1))  # 4 full chunks
 BLOCKS = list(range(1, 9))  # 2 blocks per chunk
@@ -216,25 +212,9 @@ OBJ_BYTES = 2 * LAYERS * C * HIDDEN * 2
 LAYOUT = te.TensorLayout.of(SHAPE, "float16")
 
 
-def build(*, pool: bool, null_block_id: int = 0) -> CacheEngine:
-    clock = FakeClock()
-    shm = f"kvhive-ed57-{uuid.uuid4().hex[:8]}" if pool else ""
-    l1 = make_l1(size_bytes=16 << 20, shm_name=shm, manager_kwargs={"clock": clock})
-    return CacheEngine(
-        l1=l1,
-        sessions=Sessions(TokenHasher("blake3", C), ttl=600.0, clock=clock),
-        registry=Registry(reap_timeout=120.0, registration_grace=3600.0, clock=clock),
-        transfer_modes=frozenset({"lmcache_driven", "engine_driven"}),
-        null_block_id=null_block_id,
-        inflight=InFlight(60.0),
-        pool_name=l1.arena.shm_segment_name,
-        pool_size=16 << 20 if pool else 0,
-    )
-
-
 @pytest.fixture
 def inline() -> Iterator[CacheEngine]:
-    eng = build(pool=False, null_block_id=5)
+    eng = build_engine(FakeClock(), null_block_id=5, size_bytes=16 << 20)
     yield eng
     eng.registry.close()
     eng.l1.close()
@@ -242,7 +222,7 @@ def inline() -> Iterator[CacheEngine]:
 
 @pytest.fixture
 def pooled() -> Iterator[CacheEngine]:
-    eng = build(pool=True)
+    eng = build_engine(FakeClock(), pool=True, size_bytes=16 << 20)
     yield eng
     eng.registry.close()
     eng.l1.close()
