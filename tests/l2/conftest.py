@@ -64,6 +64,14 @@ def _stop(proc: subprocess.Popen) -> None:
         proc.wait(5)
 
 
+def nixl_available() -> None:
+    """Skip (fail in CI) unless NIXL's cu12 build imports."""
+    try:
+        import nixl_cu12._api  # noqa: F401
+    except ImportError as exc:
+        unavailable(f"NIXL is not installed ({exc}): pip install --no-deps nixl-cu12==1.5.1")
+
+
 @pytest.fixture(scope="session")
 def redis_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[str, int]]:
     exe = shutil.which("redis-server") or shutil.which("valkey-server")
@@ -145,6 +153,11 @@ def adapter_json(request: pytest.FixtureRequest, tmp_path: Path) -> Callable[...
             base = {"s3_endpoint": endpoint, "s3_region": "us-east-1", "disable_tls": True,
                     "aws_access_key_id": "test", "aws_secret_access_key": "test",
                     "s3_num_io_threads": 2}  # fmt: skip
+        elif kind == "nixl_store":
+            nixl_available()
+            base = {"backend": "POSIX", "pool_size": 4, "backend_params": {
+                "file_path": str(tmp_path / kind), "use_direct_io": "false",
+                "file_size": str(1 << 20)}}  # fmt: skip
         else:
             raise ValueError(kind)
         return {"type": kind, **base, **extra}

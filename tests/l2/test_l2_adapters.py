@@ -98,7 +98,10 @@ def test_capacity_refuses_and_eviction_makes_room(
 
     if kind == "fs":
         pytest.skip("fs has no capacity setting (reference); its quota eviction is tested below")
-    extra = dict(CAPACITY[kind])
+    extra = dict(CAPACITY.get(kind, {}))
+    if kind == "nixl_store":  # 52 pages of 4 KiB: three framed objects of 17 pages fit
+        params = {**adapter_json(kind)["backend_params"], "file_size": str(13 * 4096)}
+        extra = {"backend_params": params}
     if kind == "dax":
         extra["max_dax_size_gb"] = (3 * ((1 << 18) + 4096) + 2 * 12288 + 1000) / 2**30  # 3 slots
     policy = {"eviction_policy": "LRU", "trigger_watermark": 0.5, "eviction_ratio": 0.5}
@@ -204,6 +207,16 @@ def _corrupt(
         size = store.get(key, [blob])
         blob[100] ^= 0xFF
         store.put(key, [blob[:size]])  # signed like any write, bytes flipped
+    elif kind == "nixl_store":  # flip a byte of the object's first page in its pool file
+        store = adapter.adapter.store  # type: ignore[attr-defined]
+        run = store._index[key].pages[0]
+        item, page = divmod(run.start, store._per_item)
+        path = Path(raw["backend_params"]["file_path"]) / store._files.names[item]
+        with open(path, "r+b") as f:
+            f.seek(page * store.page + 100)
+            byte = f.read(1)
+            f.seek(-1, os.SEEK_CUR)
+            f.write(bytes([byte[0] ^ 0xFF]))
     elif kind == "plugin":
         store = adapter.adapter.store  # type: ignore[attr-defined]
         blob = bytearray(store._data[key])
@@ -211,7 +224,7 @@ def _corrupt(
         store._data[key] = bytes(blob)
 
 
-@pytest.mark.parametrize("durable_kind", [*DURABLE, "plugin"])
+@pytest.mark.parametrize("durable_kind", [*DURABLE, "plugin", "nixl_store"])
 def test_corruption_is_a_counted_miss_and_removed(
     durable_kind: str, adapter_json: Any, open_adapter: Opener, request: Any
 ) -> None:

@@ -46,7 +46,6 @@ FLAG = "--l2-adapter"
 Integrity = Literal["checksum", "raw"]
 """Object format of an adapter: ``checksum`` frames objects with a CRC trailer, ``raw`` not."""
 FaultOp = Literal["store", "lookup", "load", "delete"]
-LATER = ("nixl_store", "nixl_store_dynamic", "mooncake_store")
 SECRETS = frozenset({"aws_secret_access_key", "password"})
 _CHECK, _JSON = "kvhive_check", "kvhive_json"
 
@@ -156,6 +155,9 @@ class AdapterConfig(JsonRecord):
 
     TYPE: ClassVar[str] = ""
     """The JSON ``type`` this record class describes (the key in :data:`ADAPTER_TYPES`)."""
+    PASSTHROUGH: ClassVar[str] = ""
+    """Name of a mapping field that collects every key the type does not declare (the
+    backend's own settings, forwarded untouched: ``mooncake_store``); "" rejects them."""
 
     index: int = field(default=0, metadata={_JSON: False})
     """Position of the adapter in the cascade (flag order); reads prefer lower indices."""
@@ -432,6 +434,157 @@ class DaxAdapterConfig(AdapterConfig):
         return (DaxDevice(device_path=self.device_path, max_dax_size_gb=self.max_dax_size_gb),)
 
 
+NIXL_BACKENDS = ("GDS", "GDS_MT", "POSIX", "HF3FS", "OBJ", "AZURE_BLOB", "IBM_SCALE")
+NixlBackend = Literal["GDS", "GDS_MT", "POSIX", "HF3FS", "OBJ", "AZURE_BLOB", "IBM_SCALE"]
+NixlFileBackend = Literal["GDS", "GDS_MT", "POSIX", "HF3FS", "IBM_SCALE"]
+NIXL_FILE_BACKENDS = frozenset(get_args(NixlFileBackend))
+
+
+def _string_map(v: Mapping[str, Any]) -> str | None:
+    bad = [k for k, x in v.items() if not isinstance(x, str | int | float | bool)]
+    return f"values must be strings (key {bad[0]!r})" if bad else None
+
+
+def _strings(params: Mapping[str, Any]) -> dict[str, str]:
+    """``backend_params`` as NIXL takes them: every value a string (JSON true -> "true")."""
+    return {k: str(v).lower() if isinstance(v, bool) else str(v) for k, v in params.items()}
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class NixlStoreAdapterConfig(AdapterConfig):
+    """``nixl_store``: a fixed pool of NIXL storage: ``pool_size`` files of ``file_size``
+    bytes (file backends; ``backend_params`` needs ``file_path`` and ``use_direct_io``;
+    ``file_size`` defaults to the L1 alignment and must be a multiple of it) or
+    ``pool_size`` objects of one L1 page each (``OBJ``).  Objects take whole pages."""
+
+    TYPE: ClassVar[str] = "nixl_store"
+    backend: NixlBackend = json_field()
+    backend_params: Mapping[str, Any] = json_field(factory=dict, check=_string_map)
+    pool_size: int = json_field(check=positive)
+    transfer_threads: int = _workers(2)  # kvhive: concurrent NIXL transfers
+
+    def check(self) -> None:
+        if self.backend in NIXL_FILE_BACKENDS:
+            for key in ("file_path", "use_direct_io"):
+                if key not in self.backend_params:
+                    raise self.fail(f"backend {self.backend} needs backend_params.{key}")
+        size = self.backend_params.get("file_size")
+        if size is not None and not (str(size).isdigit() and int(size) > 0):
+            raise self.fail(f"backend_params.file_size must be a positive integer (got {size!r})")
+
+    @property
+    def params(self) -> dict[str, str]:
+        return _strings(self.backend_params)
+
+    @property
+    def direct_io(self) -> bool:
+        return str(self.backend_params.get("use_direct_io", "false")).lower() == "true"
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class NixlStoreDynamicAdapterConfig(AdapterConfig):
+    """``nixl_store_dynamic``: one file per object under ``backend_params.file_path``
+    (``use_direct_io``, the required ``max_capacity_gb`` > 0 and ``shard_dirs`` ("true":
+    two levels of directories from the hash) also live in ``backend_params``)."""
+
+    TYPE: ClassVar[str] = "nixl_store_dynamic"
+    backend: NixlFileBackend = json_field()
+    backend_params: Mapping[str, Any] = json_field(factory=dict, check=_string_map)
+    num_workers: int = _workers(4)  # kvhive: concurrent per-file transfers
+
+    def check(self) -> None:
+        for key in ("file_path", "use_direct_io", "max_capacity_gb"):
+            if key not in self.backend_params:
+                raise self.fail(f"backend_params.{key} is required")
+        try:
+            gb = float(self.backend_params["max_capacity_gb"])
+        except ValueError:
+            gb = 0.0
+        if not gb > 0:
+            raise self.fail(
+                "backend_params.max_capacity_gb must be a number > 0 "
+                f"(got {self.backend_params['max_capacity_gb']!r})"
+            )
+
+    @property
+    def params(self) -> dict[str, str]:
+        return _strings(self.backend_params)
+
+    @property
+    def direct_io(self) -> bool:
+        return str(self.backend_params["use_direct_io"]).lower() == "true"
+
+    @property
+    def shard_dirs(self) -> bool:
+        return str(self.backend_params.get("shard_dirs", "false")).lower() == "true"
+
+    @property
+    def capacity_gb(self) -> float:
+        return float(self.backend_params["max_capacity_gb"])
+
+
+MOONCAKE_LANES = ("lookup", "retrieve", "store", "delete")
+MOONCAKE_LEGACY = {"device_name": "rdma_devices", "master_server_address": "master_server_addr"}
+MOONCAKE_REQUIRED = ("local_hostname", "metadata_server")
+
+
+def _lanes(v: Mapping[str, Any]) -> str | None:
+    for lane, n in v.items():
+        if lane not in MOONCAKE_LANES:
+            return f"keys must be among {', '.join(MOONCAKE_LANES)} (got {lane!r})"
+        if isinstance(n, bool) or not isinstance(n, int) or n <= 0:
+            return f"values must be integers > 0 (got {lane}={n!r})"
+    return None
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class MooncakeStoreAdapterConfig(AdapterConfig):
+    """``mooncake_store``: objects in a Mooncake Store cluster.  Every key this record does
+    not declare goes, as a string, to ``MooncakeDistributedStore.setup`` (``setup_config``):
+    ``local_hostname`` and ``metadata_server`` are required there, ``master_server_addr``
+    names the master.  ``num_workers`` threads serve every lane not in ``per_op_workers``
+    (``lookup``, ``retrieve``, ``store``, ``delete``); ``setup_timeout_s`` bounds the
+    connection at start (Mooncake itself retries for about 90 s)."""
+
+    TYPE: ClassVar[str] = "mooncake_store"
+    PASSTHROUGH: ClassVar[str] = "setup_config"
+    num_workers: int = _workers(4)
+    per_op_workers: Mapping[str, Any] = json_field(factory=dict, check=_lanes)
+    max_capacity_gb: float = _capacity()  # kvhive: usage figures and eviction
+    setup_timeout_s: float = json_field(30.0, positive)  # kvhive
+    setup_config: Mapping[str, Any] = json_field(factory=dict, check=_string_map)
+
+    def check(self) -> None:
+        for legacy, current in MOONCAKE_LEGACY.items():
+            if legacy in self.setup_config:
+                raise self.fail(
+                    f"field '{legacy}' is an old lmcache name that Mooncake ignores "
+                    f"(it would then dial its default and retry for ~90 s): use '{current}'"
+                )
+        for key in MOONCAKE_REQUIRED:
+            if key not in self.setup_config:
+                raise self.fail(f"field '{key}' is required (Mooncake's setup needs it)")
+
+    @property
+    def setup(self) -> dict[str, str]:
+        """The settings for ``MooncakeDistributedStore.setup``, every value a string."""
+        return _strings(self.setup_config)
+
+    def to_dict(self) -> dict[str, Any]:
+        """As given: Mooncake's settings at top level, after ``type``."""
+        view = AdapterConfig.to_dict(self)
+        setup = view.pop("setup_config")
+        return {"type": view.pop("type"), **setup, **view}
+
+    def workers(self, lane: str) -> int:
+        """Threads of ``lane`` (one of :data:`MOONCAKE_LANES`)."""
+        return int(self.per_op_workers.get(lane, self.num_workers))
+
+    @property
+    def capacity_gb(self) -> float:
+        return self.max_capacity_gb
+
+
 @dataclass(frozen=True, slots=True, kw_only=True)
 class FaultInjectAdapterConfig(AdapterConfig):
     """``fault_inject``: wraps the ``inner`` adapter (same index) and breaks it on purpose.
@@ -461,7 +614,9 @@ ADAPTER_TYPES: Mapping[str, type[AdapterConfig]] = MappingProxyType({
     cls.TYPE: cls
     for cls in (FsAdapterConfig, FsNativeAdapterConfig, MockAdapterConfig, S3AdapterConfig,
                 RespAdapterConfig, PluginAdapterConfig, NativePluginAdapterConfig,
-                RawBlockAdapterConfig, DaxAdapterConfig, FaultInjectAdapterConfig)
+                RawBlockAdapterConfig, DaxAdapterConfig, NixlStoreAdapterConfig,
+                NixlStoreDynamicAdapterConfig, MooncakeStoreAdapterConfig,
+                FaultInjectAdapterConfig)
 })  # fmt: skip
 """Every supported adapter ``type`` and its record class: the one table of type names
 (the builders in ``kvhive.storage.l2.registry`` are keyed by the same names)."""
@@ -476,12 +631,10 @@ def parse_adapter(index: int, raw: Any) -> AdapterConfig:
     if not isinstance(raw, dict):
         raise _fail(where, f"must be a JSON object (got {type(raw).__name__})")
     kind = raw.get("type")
-    known = ", ".join(sorted([*ADAPTER_TYPES, *LATER]))
+    known = ", ".join(sorted(ADAPTER_TYPES))
     if not isinstance(kind, str):
         raise _fail(where, f"field 'type' is required; one of {known}")
     where = f"#{index} ({kind})"
-    if kind in LATER:
-        raise _fail(where, f"adapter type '{kind}' is not supported yet (later issue)")
     cls = ADAPTER_TYPES.get(kind)
     if cls is None:
         raise _fail(where, f"unknown adapter type '{kind}'; one of {known}")
@@ -489,6 +642,14 @@ def parse_adapter(index: int, raw: Any) -> AdapterConfig:
         raise _fail(where, "field 'serde' is not supported yet (later issue)")
     if raw.get("integrity", "") is None:  # null: the type's default, as when absent
         raw = {k: v for k, v in raw.items() if k != "integrity"}
+    passthrough = cls.PASSTHROUGH
+    if passthrough:  # the keys the record does not declare are the backend's own settings
+        declared = {k.name for k in record_keys(cls)} - {passthrough}
+        own = {k: v for k, v in raw.items() if k in declared or k == "type"}
+        rest = {k: v for k, v in raw.items() if k not in own}
+        if passthrough in rest:
+            raise _fail(where, f"field '{passthrough}' is not a key: give its keys at top level")
+        raw = {**own, passthrough: rest}
     return cls(index=index, **_kwargs(cls, raw, where, index, {"type"}))
 
 

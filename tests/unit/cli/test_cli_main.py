@@ -80,7 +80,7 @@ def test_a_failing_command_exits_1_with_a_logged_traceback(
         (["--hash-algorithm", "xxhash"], "kvhive server: error: --hash-algorithm must be one of builtin, sha256_cbor, blake3 (got 'xxhash')"),
         (["--engine-type", "blend"], "kvhive server: error: --engine-type: not supported by kvhive: --engine-type blend (the CacheBlend engine and its cb_* operations) is not built; use --engine-type default"),
         (["--transport", "grpc"], "kvhive server: error: --transport: not supported by kvhive: --transport grpc is not built; kvhive serves LMCache's ZMQ protocol only (--transport zmq, the default)"),
-        (["--l2-adapter", '{"type": "nixl_store"}'], "kvhive server: error: --l2-adapter #0 (nixl_store): adapter type 'nixl_store' is not supported yet (later issue)"),
+        (["--l2-adapter", '{"type": "nixl_store", "backend": "POSIX", "pool_size": 4}'], "kvhive server: error: --l2-adapter #0 (nixl_store): backend POSIX needs backend_params.file_path"),
         (["--l2-adapter", '{"type": "fs"}'], "kvhive server: error: --l2-adapter #0 (fs): field 'base_path' is required"),
         (["--enable-tracing"], "kvhive server: error: --enable-tracing requires --otlp-endpoint"),
         (["--runtime-plugin-config", "{x"], "kvhive server: error: --runtime-plugin-config must be valid JSON (Expecting property name enclosed in double quotes: line 1 column 2 (char 1))"),

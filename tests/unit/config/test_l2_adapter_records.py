@@ -35,6 +35,10 @@ MINIMAL: dict[str, dict[str, Any]] = {
     "native_plugin": {"library_path": "/l.so"},
     "raw_block": {"device_path": "/d", "slot_bytes": 8192},
     "dax": {"device_path": "/d", "max_dax_size_gb": 1, "slot_bytes": 4096},
+    "nixl_store": {"backend": "OBJ", "pool_size": 4},
+    "nixl_store_dynamic": {"backend": "POSIX", "backend_params": {
+        "file_path": "/d", "use_direct_io": "false", "max_capacity_gb": "1"}},
+    "mooncake_store": {"local_hostname": "127.0.0.1", "metadata_server": "P2PHANDSHAKE"},
     "fault_inject": {"inner": MOCK},
 }
 
@@ -172,3 +176,92 @@ def test_errors_name_index_type_field_and_what_is_allowed(raw: Any, message: str
     with pytest.raises(ConfigError) as info:
         parse_adapter(0, raw)
     assert (info.value.flag, info.value.message) == ("--l2-adapter", message)
+
+
+# -- nixl_store, nixl_store_dynamic, mooncake_store ---------------------------------------------
+
+NIXL_POSIX = {"type": "nixl_store", "backend": "POSIX", "pool_size": 64,
+              "backend_params": {"file_path": "/data/l2", "use_direct_io": "false"}}  # fmt: skip
+
+
+def test_nixl_store_record_reads_the_seed_example() -> None:
+    cfg = parse_adapter(0, dict(NIXL_POSIX))
+    assert cfg.type == "nixl_store"
+    assert cfg.params == {"file_path": "/data/l2", "use_direct_io": "false"}
+    assert cfg.direct_io is False
+    obj = parse_adapter(1, {"type": "nixl_store", "backend": "OBJ", "backend_params": {},
+                            "pool_size": 32})  # fmt: skip
+    assert obj.params == {}
+    # JSON booleans and numbers become the strings NIXL takes
+    cfg = parse_adapter(0, {**NIXL_POSIX, "backend_params": {"file_path": "/d", "use_direct_io": True,
+                                                               "file_size": 8192}})  # fmt: skip
+    assert cfg.params == {"file_path": "/d", "use_direct_io": "true", "file_size": "8192"}
+    assert cfg.direct_io is True
+
+
+NIXL_ERRORS = [
+    ({**NIXL_POSIX, "backend": "NVME"}, "field 'backend' must be one of GDS, GDS_MT, POSIX, HF3FS, OBJ, AZURE_BLOB, IBM_SCALE"),
+    ({**NIXL_POSIX, "pool_size": 0}, "field 'pool_size' must be > 0"),
+    ({"type": "nixl_store", "backend": "POSIX", "backend_params": {"file_path": "/d"}, "pool_size": 1},
+     "backend POSIX needs backend_params.use_direct_io"),
+    ({**NIXL_POSIX, "backend_params": {"file_path": "/d", "use_direct_io": "false", "file_size": "4k"}},
+     "backend_params.file_size must be a positive integer"),
+    ({**NIXL_POSIX, "backend_params": {"file_path": ["x"], "use_direct_io": "false"}},
+     "values must be strings (key 'file_path')"),
+    ({"type": "nixl_store_dynamic", "backend": "OBJ", "backend_params": {}},
+     "field 'backend' must be one of GDS, GDS_MT, POSIX, HF3FS, IBM_SCALE"),
+    ({"type": "nixl_store_dynamic", "backend": "POSIX",
+      "backend_params": {"file_path": "/d", "use_direct_io": "false"}},
+     "backend_params.max_capacity_gb is required"),
+    ({"type": "nixl_store_dynamic", "backend": "POSIX",
+      "backend_params": {"file_path": "/d", "use_direct_io": "false", "max_capacity_gb": "0"}},
+     "backend_params.max_capacity_gb must be a number > 0 (got '0')"),
+]  # fmt: skip
+
+
+@pytest.mark.parametrize(("raw", "fragment"), NIXL_ERRORS)
+def test_nixl_records_reject_bad_json(raw: dict, fragment: str) -> None:
+    with pytest.raises(ConfigError) as err:
+        parse_adapter(0, raw)
+    assert fragment in str(err.value)
+
+
+def test_nixl_store_dynamic_record() -> None:
+    cfg = parse_adapter(2, {"type": "nixl_store_dynamic", "backend": "POSIX", "persist_enabled": False,
+                            "backend_params": {"file_path": "/d", "use_direct_io": "false",
+                                               "max_capacity_gb": 2, "shard_dirs": "true"}})  # fmt: skip
+    assert (cfg.capacity_gb, cfg.shard_dirs, cfg.direct_io, cfg.persist_enabled) == (2.0, True, False, False)
+
+
+MOONCAKE = {"type": "mooncake_store", "local_hostname": "127.0.0.1", "metadata_server": "P2PHANDSHAKE",
+            "global_segment_size": 268435456, "protocol": "tcp", "master_server_addr": "127.0.0.1:50151"}  # fmt: skip
+
+
+def test_mooncake_record_forwards_undeclared_keys_as_strings() -> None:
+    cfg = parse_adapter(0, {**MOONCAKE, "num_workers": 2, "per_op_workers": {"store": 3},
+                            "persist_enabled": True})  # fmt: skip
+    assert cfg.setup == {"local_hostname": "127.0.0.1", "metadata_server": "P2PHANDSHAKE",
+                         "global_segment_size": "268435456", "protocol": "tcp",
+                         "master_server_addr": "127.0.0.1:50151"}  # fmt: skip
+    assert (cfg.workers("store"), cfg.workers("lookup")) == (3, 2)
+    assert cfg.to_dict()["protocol"] == "tcp"  # shown as given, at top level
+
+
+MOONCAKE_ERRORS = [
+    ({**MOONCAKE, "master_server_address": "10.0.0.1:50051"},
+     "field 'master_server_address' is an old lmcache name that Mooncake ignores"),
+    ({**MOONCAKE, "device_name": "mlx5_0"}, "use 'rdma_devices'"),
+    ({k: v for k, v in MOONCAKE.items() if k != "metadata_server"}, "field 'metadata_server' is required"),
+    ({**MOONCAKE, "per_op_workers": {"scan": 2}}, "keys must be among lookup, retrieve, store, delete"),
+    ({**MOONCAKE, "per_op_workers": {"store": 0}}, "values must be integers > 0 (got store=0)"),
+    ({**MOONCAKE, "num_workers": 0}, "field 'num_workers' must be > 0"),
+    ({**MOONCAKE, "setup_config": {"a": "b"}}, "field 'setup_config' is not a key"),
+    ({**MOONCAKE, "extra": {"nested": 1}}, "values must be strings (key 'extra')"),
+]  # fmt: skip
+
+
+@pytest.mark.parametrize(("raw", "fragment"), MOONCAKE_ERRORS)
+def test_mooncake_record_rejects_legacy_and_bad_keys(raw: dict, fragment: str) -> None:
+    with pytest.raises(ConfigError) as err:
+        parse_adapter(0, raw)
+    assert fragment in str(err.value)

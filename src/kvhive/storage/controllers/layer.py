@@ -22,6 +22,7 @@ from kvhive.storage.controllers.eviction import L2EvictionController
 from kvhive.storage.controllers.prefetch import PrefetchController, SizeOf
 from kvhive.storage.controllers.store import StoreController
 from kvhive.storage.l1.manager import L1Manager
+from kvhive.storage.l2.base import HostRegion
 from kvhive.storage.l2.managed import ManagedAdapter
 from kvhive.storage.l2.registry import build_adapter
 from kvhive.storage.quota import QuotaRegistry
@@ -29,12 +30,15 @@ from kvhive.storage.quota import QuotaRegistry
 log = logging.getLogger(__name__)
 
 
-def open_adapters(config: L2Config, bus: EventBus = DISABLED) -> list[ManagedAdapter]:
-    """Build every configured adapter in order; on failure close the opened ones and raise."""
+def open_adapters(
+    config: L2Config, bus: EventBus = DISABLED, host: HostRegion | None = None
+) -> list[ManagedAdapter]:
+    """Build every configured adapter in order; on failure close the opened ones and raise.
+    ``host`` is the L1 arena, for adapters that register it with their backend."""
     opened: list[ManagedAdapter] = []
     try:
         for spec in config.specs:
-            opened.append(ManagedAdapter(spec, build_adapter(spec), bus))
+            opened.append(ManagedAdapter(spec, build_adapter(spec, host), bus))
     except BaseException:
         for adapter in opened:
             adapter.close()
@@ -63,7 +67,9 @@ class L2Layer:
     ) -> None:
         self.config = config
         self.l1 = l1
-        self.adapters = open_adapters(config, bus)
+        arena = l1.arena
+        host = HostRegion(arena.base_address, arena.size_bytes, arena.align)
+        self.adapters = open_adapters(config, bus, host)
         self.drain_timeout = drain_timeout
         self.store = StoreController(
             l1,

@@ -43,11 +43,29 @@ from __future__ import annotations
 from abc import ABC, abstractmethod
 from collections.abc import Iterator, Sequence
 from concurrent.futures import Future
+from dataclasses import dataclass
 from typing import Any, ClassVar
 
 from kvhive.keys import ObjectKey
 
 Results = Future  # Future[list[bool]]: one outcome per key, in key order
+
+
+@dataclass(frozen=True, slots=True)
+class HostRegion:
+    """The L1 arena as an adapter that registers host memory with its backend sees it (NIXL:
+    one registration of the whole range at start).  ``base`` is the arena's address, ``size``
+    its reserved bytes (a lazy arena's pages are not all backed), ``align`` the L1 alignment.
+    Buffers the adapter receives usually lie inside it; an adapter must still accept one that
+    does not (tests, benchmarks) and register that one for the transfer alone."""
+
+    base: int
+    size: int
+    align: int
+
+    def holds(self, address: int, nbytes: int) -> bool:
+        """Whether ``[address, address + nbytes)`` lies inside the region."""
+        return self.base <= address and address + nbytes <= self.base + self.size
 
 
 class L2Adapter(ABC):

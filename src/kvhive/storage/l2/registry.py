@@ -16,7 +16,7 @@ import importlib
 from collections.abc import Callable
 
 from kvhive.config.l2_adapters import AdapterConfig
-from kvhive.storage.l2.base import L2Adapter
+from kvhive.storage.l2.base import HostRegion, L2Adapter
 
 Builder = Callable[..., L2Adapter]
 """``build(cfg)`` or, for a wrapper, ``build(cfg, inner)``; ``cfg`` is the type's record."""
@@ -32,8 +32,14 @@ BUILDERS: dict[str, str] = {
     "native_plugin": f"{_PKG}.native_plugin:build",
     "raw_block": f"{_PKG}.raw_block:build_raw_block",
     "dax": f"{_PKG}.raw_block:build_dax",
+    "nixl_store": f"{_PKG}.nixl_static:build",
+    "nixl_store_dynamic": f"{_PKG}.nixl_dynamic:build",
+    "mooncake_store": f"{_PKG}.mooncake:build",
     "fault_inject": f"{_PKG}.fault:build",
 }
+HOST_AWARE = frozenset({"nixl_store", "nixl_store_dynamic"})
+"""Types whose builder also takes ``host=`` (the L1 arena as a :class:`HostRegion`, or None
+when there is none, e.g. an adapter opened by the bench)."""
 
 
 def builder_of(kind: str) -> Builder:
@@ -46,16 +52,19 @@ def builder_of(kind: str) -> Builder:
     return builder
 
 
-def build_adapter(cfg: AdapterConfig) -> L2Adapter:
+def build_adapter(cfg: AdapterConfig, host: HostRegion | None = None) -> L2Adapter:
     """Open the adapter described by ``cfg`` (imports, connects, opens files).
 
     A wrapper type (``cfg.wraps`` set, e.g. ``fault_inject``) gets its inner adapter, built
-    first, as a second argument; if the wrapper fails, the inner adapter is closed.
+    first, as a second argument; if the wrapper fails, the inner adapter is closed.  Types in
+    :data:`HOST_AWARE` also get ``host``, the L1 arena.
     """
     inner_cfg = cfg.wraps
     if inner_cfg is None:
+        if cfg.type in HOST_AWARE:
+            return builder_of(cfg.type)(cfg, host=host)
         return builder_of(cfg.type)(cfg)
-    inner = build_adapter(inner_cfg)
+    inner = build_adapter(inner_cfg, host)
     try:
         return builder_of(cfg.type)(cfg, inner)
     except BaseException:

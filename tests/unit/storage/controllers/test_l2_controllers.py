@@ -294,7 +294,7 @@ def test_adapter_json_errors_name_index_field_and_choices() -> None:
     cases = [
         ({"type": "fs", "base_path": "/x", "use_odirect": "yes"}, "#0 (fs): field 'use_odirect' must be true or false"),
         ({"type": "raw_block", "device_path": "/d", "slot_bytes": 5000}, "multiple of block_align"),
-        ({"type": "mooncake_store"}, "not supported yet (later issue)"),
+        ({"type": "mooncake_store"}, "#0 (mooncake_store): field 'local_hostname' is required"),
         ({"type": "fs", "base_path": "/x", "serde": {"type": "fp8"}}, "'serde' is not supported yet"),
         ({"type": "frob"}, "unknown adapter type 'frob'; one of dax, fault_inject"),
         ({"type": "mock", "max_size_gb": 1, "mock_bandwidth_gb": 1, "eviction": {"eviction_policy": "ARC"}},
