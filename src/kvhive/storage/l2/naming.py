@@ -110,3 +110,54 @@ def parse_block_name(name: str) -> ObjectKey | None:
     """Inverse of :func:`block_name`."""
     parts = name.split(SEP)
     return _parse(parts, urllib.parse.unquote(parts[0]))
+
+
+# -- nixl_store_dynamic ----------------------------------------------------------------------
+#
+#   <nixl_model(model)>_<kv_rank:08x>_<group>_<hash>[@<salt>].bin, with shard_dirs inside
+#   <hash[0:2]>/<hash[2:4]>/ (LMCache's DynamicNixlStoreL2Adapter).  The reference writes the
+#   model with "/" -> "--", which is not injective ("a/b" and "a--b" share files); as for fs,
+#   kvhive keeps the reference's name wherever "--" decodes back to the same model and
+#   percent-escapes every other model (such names always contain "%", reference names never).
+
+NIXL_SLASH = "--"
+NIXL_SUFFIX = ".bin"
+
+
+def nixl_model(model: str) -> str:
+    """The model part of a nixl_store_dynamic file name (injective, see above)."""
+    ref = model.replace("/", NIXL_SLASH)
+    if "%" not in model and ref.replace(NIXL_SLASH, "/") == model:
+        return ref
+    return "".join(_FS_ESCAPES.get(c, c) for c in model)
+
+
+def nixl_name(key: ObjectKey) -> str:
+    """File name of ``key`` for nixl_store_dynamic (example: model ``org/m``, world 1 rank 0,
+    group 0, hash ``0101...``, salt ``s`` -> ``org--m_01000100_0_0101010101010101@s.bin``)."""
+    salt = f"{SEP}{key.cache_salt}" if key.cache_salt else ""
+    return (f"{nixl_model(key.model_name)}_{key.kv_rank:08x}_{key.object_group_id:x}_"
+            f"{key.chunk_hash.hex()}{salt}{NIXL_SUFFIX}")  # fmt: skip
+
+
+def nixl_relpath(key: ObjectKey, shard_dirs: bool) -> str:
+    """Path of ``key``'s file relative to ``file_path``: the name, below
+    ``<hash[0:2]>/<hash[2:4]>/`` with ``shard_dirs`` (as the reference joins them, so a hash
+    shorter than 2 bytes gets fewer levels)."""
+    if not shard_dirs:
+        return nixl_name(key)
+    digest = key.chunk_hash.hex()
+    return "/".join(p for p in (digest[:2], digest[2:4], nixl_name(key)) if p)
+
+
+def parse_nixl_name(name: str) -> ObjectKey | None:
+    """Inverse of :func:`nixl_name`; None for any other name (temp files, foreign files)."""
+    if not name.endswith(NIXL_SUFFIX):
+        return None
+    head, _, salt = name[: -len(NIXL_SUFFIX)].partition(SEP)
+    parts = head.rsplit("_", 3)
+    if len(parts) != 4:
+        return None
+    model = urllib.parse.unquote(parts[0]) if "%" in parts[0] else parts[0].replace(NIXL_SLASH, "/")
+    key = _parse([*parts, salt], model)
+    return key if key is not None and nixl_name(key) == name else None
