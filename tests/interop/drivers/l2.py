@@ -52,9 +52,12 @@ def main() -> None:
     p.add_argument("--block-size", type=int, default=16)
     p.add_argument("--expect-l1-freed", action="store_true")
     p.add_argument("--no-clear", action="store_true")
+    p.add_argument("--layers", type=int, default=common.ModelShape.num_layers)
+    p.add_argument("--kv-heads", type=int, default=common.ModelShape.num_kv_heads)
+    p.add_argument("--head-size", type=int, default=common.ModelShape.head_size)
     args = p.parse_args()
 
-    shape = common.ModelShape()
+    shape = common.ModelShape(args.layers, args.kv_heads, args.head_size)
     h = common.VllmHarness(args.url, args.model, args.block_size, "lmcache_driven")
     c, b, n = h.chunk_size, h.blocks_in_chunk, args.chunks
     src, dst = common.src_dst_blocks(n, b)

@@ -7,9 +7,6 @@ installed and KVHIVE_REQUIRE_SERVICES is unset; CI sets it, so a missing package
 from __future__ import annotations
 
 import os
-import threading
-import time
-from concurrent import futures
 
 import pytest
 
@@ -28,52 +25,18 @@ def _require(module: str):
         pytest.skip(f"{module} is not installed (pip install 'kvhive[tracing]')")
 
 
-grpc = _require("grpc")
-trace_service = _require("opentelemetry.proto.collector.trace.v1.trace_service_pb2")
-trace_grpc = _require("opentelemetry.proto.collector.trace.v1.trace_service_pb2_grpc")
+_require("grpc")
+_require("opentelemetry.proto.collector.trace.v1.trace_service_pb2_grpc")
 _require("opentelemetry.sdk.trace")
 _require("opentelemetry.exporter.otlp.proto.grpc.trace_exporter")
 
 
-class Receiver(trace_grpc.TraceServiceServicer):
-    """A minimal OTLP trace collector: keeps every exported span with its resource."""
-
-    def __init__(self) -> None:
-        self.spans: list[tuple[dict, object]] = []
-        self.got = threading.Condition()
-
-    def Export(self, request, context):  # the gRPC method name
-        with self.got:
-            for rs in request.resource_spans:
-                resource = {a.key: a.value.string_value for a in rs.resource.attributes}
-                for ss in rs.scope_spans:
-                    for span in ss.spans:
-                        self.spans.append((resource, span))
-            self.got.notify_all()
-        return trace_service.ExportTraceServiceResponse()
-
-    def wait_for(self, names: set[str], timeout: float = 20.0) -> None:
-        deadline = time.monotonic() + timeout
-        with self.got:
-            while not names <= {s.name for _, s in self.spans}:
-                left = deadline - time.monotonic()
-                assert left > 0, (
-                    f"spans {names} not received; got {[s.name for _, s in self.spans]}"
-                )
-                self.got.wait(left)
-
-
 @pytest.fixture
 def receiver():
-    port = free_port()
-    server = grpc.server(futures.ThreadPoolExecutor(max_workers=2))
-    rec = Receiver()
-    trace_grpc.add_TraceServiceServicer_to_server(rec, server)
-    server.add_insecure_port(f"127.0.0.1:{port}")
-    server.start()
-    rec.endpoint = f"http://127.0.0.1:{port}"
-    yield rec
-    server.stop(grace=None)
+    from support.otlp import otlp_receiver
+
+    with otlp_receiver(f"127.0.0.1:{free_port()}") as rec:
+        yield rec
 
 
 def attrs(span) -> dict:

@@ -12,7 +12,11 @@ Three ways to obtain it::
             relative to the segment start.
 
 Pages are pre-faulted in a background thread (``kvhive.transfer.populate.Prefaulter``) so start-up and
-growth stay fast.  Offsets handed out by the allocator index ``Arena.array``.
+growth stay fast: all of an eager or shm arena at once, but a lazy arena only
+``POPULATE_AHEAD_BYTES`` beyond the highest byte handed out so far (``note_used``), so its
+memory grows with use (``--l1-init-size-gb 20`` on a 24 GiB machine takes what the cache holds,
+not 20 GiB at start) while writers still find their pages populated.  Offsets handed out by
+the allocator index ``Arena.array``.
 
 Alignment: the base of anonymous arenas is aligned to ``align`` by over-reserving
 ``align - 1`` bytes and skipping the unaligned head (never touched, so it costs no memory).
@@ -25,6 +29,7 @@ import contextlib
 import logging
 import mmap
 import os
+import sys
 
 import numpy as np
 
@@ -36,6 +41,10 @@ log = logging.getLogger(__name__)
 
 GRANULE_BYTES = 64 << 20
 GROW_STEP_BYTES = 1 << 30
+POPULATE_AHEAD_BYTES = 1 << 30
+# Python < 3.12 lacks the constant; without it the kernel's overcommit heuristic refuses a
+# lazy arena larger than RAM + swap (the seed example's 100 GiB on a 24 GiB machine).
+MAP_NORESERVE = getattr(mmap, "MAP_NORESERVE", 0x4000 if sys.platform == "linux" else 0)
 SHM_PREFIX = "lmcache_l1_pool_"
 SHM_DIR = "/dev/shm"
 
@@ -84,7 +93,7 @@ class Arena:
             self._mm = self._map_shm(self.shm_segment_name, size_bytes)
             pad = 0
         else:
-            flags = mmap.MAP_PRIVATE | getattr(mmap, "MAP_NORESERVE", 0)
+            flags = mmap.MAP_PRIVATE | MAP_NORESERVE
             self._mm = mmap.mmap(-1, size_bytes + align - 1, flags=flags)
             pad = -_address(self._mm) % align
             _advise_huge_pages(self._mm)
@@ -100,7 +109,11 @@ class Arena:
             Prefaulter(self.base_address, "kvhive-l1-prefault") if populating else None
         )
         self._touch_on_grow = prefault and not populating and lazy
-        self._prefault(0, self.heap_bytes)
+        self._populated = 0  # bytes from the start queued for population (lazy arenas)
+        if lazy and self._prefaulter is not None:
+            self.note_used(0)
+        else:
+            self._prefault(0, self.heap_bytes)
 
     # -- growth ----------------------------------------------------------------------------
 
@@ -116,8 +129,22 @@ class Arena:
         steps = max(1, -(-min_extra // self._grow_step))
         old = self.heap_bytes
         self.heap_bytes = min(self.size_bytes, old + steps * self._grow_step)
-        self._prefault(old, self.heap_bytes)
+        if self._prefaulter is None:
+            self._prefault(old, self.heap_bytes)
         return self.heap_bytes - old
+
+    def note_used(self, end: int) -> None:
+        """The allocator handed out bytes up to offset ``end``: keep population of a lazy
+        arena ``POPULATE_AHEAD_BYTES`` ahead of it (within the heap).  Called by the owner
+        under its mutex; a no-op for other arenas and while far enough ahead."""
+        if not self.lazy or self._prefaulter is None or self._closed:
+            return
+        if end + POPULATE_AHEAD_BYTES // 2 <= self._populated:
+            return
+        target = min(self.heap_bytes, end + POPULATE_AHEAD_BYTES)
+        if target > self._populated:
+            self._prefaulter.submit(self._populated, target)
+            self._populated = target
 
     def wait_prefault(self, timeout: float | None = None) -> bool:
         """Block until queued pre-faulting is done (tests, benchmarks); True when idle."""

@@ -165,6 +165,9 @@ class L1Manager:
         with self._mu:
             self._check_open()
             out = self._table.reserve(keys, nbytes, owner, self._clock(), self._reclaimer.allocate)
+            ends = [slot.offset + slot.nbytes for slot in out if slot is not None]
+            if ends:
+                self._arena.note_used(max(ends))
         self._events.drain()
         return out
 

@@ -136,3 +136,49 @@ def test_anonymous_arena_asks_for_huge_pages() -> None:
                 elif inside and line.startswith("AnonHugePages:"):
                     huge = int(line.split()[1]) * 1024
         assert huge >= 2 * MiB  # at least one huge page (fewer if memory is fragmented)
+
+
+def _resident_bytes(a: Arena, start: int, end: int) -> int:
+    """Bytes of ``a.array[start:end]`` in memory (mincore), page granular."""
+    import ctypes
+
+    libc = ctypes.CDLL(None, use_errno=True)
+    page = mmap.PAGESIZE
+    base = a.base_address + start - (a.base_address + start) % page
+    n = -(-(a.base_address + end - base) // page)
+    vec = (ctypes.c_ubyte * n)()
+    assert libc.mincore(ctypes.c_void_p(base), ctypes.c_size_t(n * page), vec) == 0
+    return sum(v & 1 for v in vec) * page
+
+
+def test_lazy_arena_is_populated_only_ahead_of_use(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A lazy arena with a big initial heap (the seed's --l1-init-size-gb 20) must not take
+    all of it at start: population runs POPULATE_AHEAD_BYTES ahead of what was handed out."""
+    if not arena_mod.populate_supported():
+        pytest.skip("the kernel lacks MADV_POPULATE_WRITE")
+    monkeypatch.setattr(arena_mod, "POPULATE_AHEAD_BYTES", 8 * MiB)
+    with Arena(256 * MiB, align=4096, lazy=True, init_bytes=128 * MiB) as a:
+        assert a.heap_bytes == 128 * MiB
+        assert a.wait_prefault(timeout=30)
+        assert 8 * MiB <= _resident_bytes(a, 0, 128 * MiB) <= 10 * MiB
+        a.note_used(3 * MiB)  # still 5 MiB ahead: nothing more
+        assert a.wait_prefault(timeout=30)
+        assert _resident_bytes(a, 8 * MiB, 128 * MiB) <= 2 * MiB
+        a.note_used(40 * MiB)
+        assert a.wait_prefault(timeout=30)
+        assert _resident_bytes(a, 0, 48 * MiB) >= 46 * MiB  # up to 40 + 8 MiB
+        assert _resident_bytes(a, 50 * MiB, 128 * MiB) <= 2 * MiB
+        a.note_used(127 * MiB)  # never beyond the heap
+        assert a.wait_prefault(timeout=30)
+        assert _resident_bytes(a, 128 * MiB, 256 * MiB) <= 2 * MiB
+
+
+def test_a_lazy_arena_larger_than_ram_and_swap_maps() -> None:
+    """The seed's example asks for --l1-size-gb 100 --l1-use-lazy; without MAP_NORESERVE the
+    overcommit heuristic refuses such a mapping on a smaller machine (ENOMEM at start)."""
+    with open("/proc/meminfo") as f:
+        info = {line.split(":")[0]: int(line.split()[1]) * 1024 for line in f}
+    size = 4 * (info["MemTotal"] + info.get("SwapTotal", 0))
+    with Arena(size, align=4096, lazy=True, init_bytes=1) as a:
+        a.array[a.heap_bytes - 1] = 1
+        assert a.size_bytes == size
