@@ -395,3 +395,44 @@ def test_server_stores_and_serves_after_a_restart(direct: bool, tmp_path: Path) 
         assert res["bytes_equal"] is True and res["read_locked_after_session"] == 0
         l2 = second.status()["l2"]["adapters"][0]
         assert l2["scanned"] == CHUNKS and l2["objects"] == CHUNKS  # usage rebuilt at start
+
+
+def _nixl_shim(where: Path) -> Path:
+    """A PYTHONPATH entry holding only NIXL: ``nixl_cu12`` (kvhive's build) and a ``nixl``
+    package whose ``_api`` is ``nixl_cu12._api`` (what the reference imports)."""
+    import nixl_cu12
+
+    site = Path(nixl_cu12.__file__).resolve().parent.parent
+    (where / "nixl").mkdir(parents=True)
+    (where / "nixl" / "__init__.py").write_text("")
+    (where / "nixl" / "_api.py").write_text("from nixl_cu12._api import *  # noqa: F403\n")
+    for name in ("nixl_cu12", "nixl_cu12.libs"):
+        if (site / name).exists():
+            (where / name).symlink_to(site / name)
+    return where
+
+
+@pytest.mark.interop
+def test_files_written_by_the_reference_adapter_are_served(
+    tmp_path: Path, open_nixl: Opener
+) -> None:
+    from kvhive.bench.servers import subprocess_env
+
+    python = _client_python()
+    root, sizes = tmp_path / "l2", [256 << 10, 1 << 20, 8192]
+    env = subprocess_env(PYTHONPATH=str(_nixl_shim(tmp_path / "shim")))
+    proc = subprocess.run([python, str(Path(__file__).with_name("nixl_reference_writer.py")),
+                           str(root), "true", ",".join(map(str, sizes))], capture_output=True,
+                          text=True, timeout=120, env=env, check=False)  # fmt: skip
+    assert proc.returncode == 0 and f'{RESULT_MARK}{{"stored": "{sum(sizes)}"}}' in proc.stdout, (
+        proc.stdout[-3000:] + proc.stderr[-3000:]
+    )
+    keys = [ObjectKey(i.to_bytes(8, "big"), "org/m", RANK, 0, "s" if i % 2 else "")
+            for i in range(len(sizes))]  # fmt: skip
+    assert files_of(root) == {nixl_relpath(k, True) for k in keys}
+    want = [np.random.default_rng(i).integers(0, 256, n, np.uint8) for i, n in enumerate(sizes)]
+    adapter = open_nixl(config(root, shard=True))
+    assert adapter.rebuild_usage() == 3 and adapter.usage().used_bytes == sum(sizes)
+    assert done(adapter.lookup(keys)) == [True] * 3
+    ok, bufs = load_all(adapter, keys, sizes)
+    assert ok == [True] * 3 and same(bufs, want)
