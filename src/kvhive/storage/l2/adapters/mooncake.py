@@ -215,6 +215,7 @@ class MooncakeAdapter(L2Adapter):
         }
         self._close_deadline = close_deadline_s
         self._lock = threading.Lock()
+        self._closed = False
         self.counters = {"errors": 0, "corrupt": 0, "missing": 0}
 
     # -- contract --------------------------------------------------------------------------
@@ -255,7 +256,11 @@ class MooncakeAdapter(L2Adapter):
     def close(self) -> None:
         """Cancel queued jobs, wait up to ``close_deadline_s`` for running ones, then close
         the client (about 1 s: it unmounts its segment).  A job still running: logged, and
-        the client is left open under it (process exit reclaims it)."""
+        the client is left open under it (process exit reclaims it).  Idempotent."""
+        with self._lock:
+            if self._closed:
+                return
+            self._closed = True
         end = time.monotonic() + self._close_deadline
         stuck = sum(p.shutdown(max(0.0, end - time.monotonic())) for p in self._pools.values())
         if stuck:
