@@ -7,7 +7,7 @@ import sys
 from collections.abc import Callable
 from typing import Any
 
-from kvhive.bench.config import CLIENTS, MODES, SECTIONS, SHAPES, BenchConfig
+from kvhive.bench.config import CLIENTS, L2_TIERS, MODES, SECTIONS, SHAPES, BenchConfig
 
 
 def _csv(
@@ -119,6 +119,44 @@ def add_bench_arguments(p: argparse.ArgumentParser) -> None:
         help="python of the lmcache client venv (default: "
         "scripts/setup_client_venv.sh --print-path)",
     )
+    p.add_argument(
+        "--l2-tiers",
+        type=_csv(L2_TIERS),
+        default=d.l2_tiers,
+        help=f"adapters of the l2 section (from {', '.join(L2_TIERS)}; default: all)",
+    )
+    p.add_argument("--l2-reps", type=int, default=d.l2_reps, help="timed objects per l2 tier")
+    p.add_argument("--l2-object-mib", type=int, default=d.l2_object_mib)
+    p.add_argument(
+        "--l2-dir",
+        default=None,
+        help="the l2 section's files go to a fresh directory under this one, removed after "
+        "(default: the system temp dir)",
+    )
+    p.add_argument(
+        "--l2-tmpfs-dir", default=None, help="tmpfs directory of the dax tier (default /dev/shm)"
+    )
+    p.add_argument(
+        "--l2-dd-bs-mib", type=int, default=d.l2_dd_bs_mib, help="dd block size of file floors"
+    )
+    p.add_argument(
+        "--l2-cold",
+        action=argparse.BooleanOptionalAction,
+        default=d.l2_cold,
+        help="also time reads after dropping the bench's own files from the page cache",
+    )
+    p.add_argument(
+        "--l2-raw",
+        action=argparse.BooleanOptionalAction,
+        default=d.l2_raw,
+        help='also time integrity "raw" for tiers that add a checksum trailer',
+    )
+    p.add_argument(
+        "--l2-warm-mib",
+        type=int,
+        default=d.l2_warm_mib,
+        help="MiB of memory touched and freed before the l2 timings (0: none)",
+    )
     p.add_argument("--log-dir", default=None, help="keep server logs here")
     p.add_argument(
         "--json", dest="json_path", default=None, metavar="PATH", help="write the report as JSON"
@@ -152,6 +190,15 @@ def config_from_args(a: argparse.Namespace) -> BenchConfig:
         server_args=tuple(a.server_arg),
         client_python=a.client_python,
         log_dir=a.log_dir,
+        l2_tiers=a.l2_tiers,
+        l2_reps=a.l2_reps,
+        l2_object_mib=a.l2_object_mib,
+        l2_dir=a.l2_dir,
+        l2_tmpfs_dir=a.l2_tmpfs_dir,
+        l2_dd_bs_mib=a.l2_dd_bs_mib,
+        l2_cold=a.l2_cold,
+        l2_raw=a.l2_raw,
+        l2_warm_mib=a.l2_warm_mib,
     )
     if a.quick:
         cfg.shapes = ("smollm2-135m",)
@@ -165,6 +212,7 @@ def config_from_args(a: argparse.Namespace) -> BenchConfig:
         cfg.engine_shapes = ("smollm2-135m",)
         cfg.engine_cache_gib = min(cfg.engine_cache_gib, 0.25)
         cfg.engine_cold_requests, cfg.engine_warm_requests = ((1, 2), (16, 1)), ((1, 3), (16, 1))
+        cfg.l2_reps = min(cfg.l2_reps, 2)
     return cfg
 
 

@@ -71,10 +71,15 @@ SHAPES: dict[str, KVShape] = {
 }
 
 
-SECTIONS = ("memcpy", "healthy", "engine", "transfer", "concurrency", "lookup", "noop")
+SECTIONS = ("memcpy", "healthy", "engine", "transfer", "concurrency", "lookup", "noop", "l2")
 CLIENTS = ("lmcache", "kvhive")
 MODES = ("lmcache_driven", "engine_driven")
 BIG = "32L-8H-128D"
+#: Adapter configurations of the ``l2`` section (``kvhive.bench.l2_section.TIERS``)
+L2_TIERS = (
+    "fs", "fs_odirect", "fs_native", "fs_native_odirect", "nixl_posix", "nixl_posix_dynamic",
+    "nixl_obj", "resp", "s3", "mooncake", "dax", "mock",
+)  # fmt: skip
 
 
 @dataclass
@@ -108,3 +113,18 @@ class BenchConfig:
     #: (chunks per request, requests) of the cold and the warm pass
     engine_cold_requests: tuple[tuple[int, int], ...] = ((1, 6), (16, 2))
     engine_warm_requests: tuple[tuple[int, int], ...] = ((1, 12), (16, 3))
+    # the l2 section (kvhive.bench.l2_section): adapters vs their floors, one object per call
+    l2_tiers: tuple[str, ...] = L2_TIERS
+    l2_reps: int = 5
+    l2_object_mib: int = 32
+    #: scratch files go to a fresh directory under this one (None: the system temp dir)
+    l2_dir: str | None = None
+    #: the tmpfs directory of the dax tier's file (None: /dev/shm)
+    l2_tmpfs_dir: str | None = None
+    l2_dd_bs_mib: int = 4
+    #: also read each object after dropping this bench's own cached pages (file tiers)
+    l2_cold: bool = True
+    #: also measure integrity "raw" for tiers that frame objects with a checksum trailer
+    l2_raw: bool = True
+    #: MiB of memory touched and freed before timing (a VM's never-used pages are slow)
+    l2_warm_mib: int = 1024

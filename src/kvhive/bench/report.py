@@ -5,7 +5,9 @@ Every row holds kvhive's figure and, with ``--vs-reference``, the reference's, m
 same run.  Ratios are computed here, from those values only:
 
 * ``vs_memcpy``  = figure / plain memcpy GB/s of this machine (bandwidth rows);
-* ``vs_reference`` = kvhive / reference (> 1 is better for GB/s, < 1 is better for latency).
+* ``vs_reference`` = kvhive / reference (> 1 is better for GB/s, < 1 is better for latency);
+* ``vs_floor``   = figure / ``floor``, the row's own floor measured beside it (the ``l2``
+  section: ``dd``, memcpy or a raw client of the same service).
 """
 
 from __future__ import annotations
@@ -35,6 +37,8 @@ class Row:
     reference_vs_memcpy: float | None = None
     vs_reference: float | None = None
     note: str = ""
+    floor: float | None = None
+    vs_floor: float | None = None
 
 
 @dataclass
@@ -43,9 +47,9 @@ class Target:
 
     name: str
     row: str
-    #: "vs_memcpy" (ratio >= threshold), "vs_reference" (ratio >= threshold) or
+    #: "vs_memcpy", "vs_reference", "vs_floor" (ratio >= threshold) or
     #: "max" (kvhive's figure <= threshold, in the row's unit)
-    kind: Literal["vs_memcpy", "vs_reference", "max"]
+    kind: Literal["vs_memcpy", "vs_reference", "vs_floor", "max"]
     threshold: float
     measured: float | None = None
     ok: bool | None = None  # None: not measured in this run
@@ -61,6 +65,8 @@ class BenchReport:
     rows: list[Row] = field(default_factory=list)
     targets: list[Target] = field(default_factory=list)
     errors: list[str] = field(default_factory=list)
+    #: measurements not taken here, with the reason (a service or module missing)
+    skipped: list[str] = field(default_factory=list)
 
     # -- building -------------------------------------------------------------------------
 
@@ -81,13 +87,17 @@ class BenchReport:
         unit: str,
         better: Better,
         note: str = "",
+        floor: float | None = None,
     ) -> Row:
-        """Set ``server``'s figure of row ``key`` (created on first use)."""
+        """Set ``server``'s figure of row ``key`` (created on first use), and the row's
+        ``floor`` when given."""
         r = self.row(key)
         if r is None:
             r = Row(key, group, label, unit, better, note=note)
             self.rows.append(r)
         setattr(r, server, None if value is None else float(value))
+        if floor is not None:
+            r.floor = float(floor)
         return r
 
     def finalize(self, targets: Iterable[Target] = ()) -> BenchReport:
@@ -98,6 +108,7 @@ class BenchReport:
             r.vs_memcpy = _ratio(r.kvhive, m) if bandwidth else None
             r.reference_vs_memcpy = _ratio(r.reference, m) if bandwidth else None
             r.vs_reference = _ratio(r.kvhive, r.reference)
+            r.vs_floor = _ratio(r.kvhive, r.floor)
         self.targets = [self._check(t) for t in targets]
         return self
 
@@ -105,9 +116,12 @@ class BenchReport:
         r = self.row(t.row)
         measured = None
         if r is not None:
-            measured = {"vs_memcpy": r.vs_memcpy, "vs_reference": r.vs_reference, "max": r.kvhive}[
-                t.kind
-            ]
+            measured = {
+                "vs_memcpy": r.vs_memcpy,
+                "vs_reference": r.vs_reference,
+                "vs_floor": r.vs_floor,
+                "max": r.kvhive,
+            }[t.kind]
         ok = None
         if measured is not None:
             ok = measured <= t.threshold if t.kind == "max" else measured >= t.threshold
@@ -124,6 +138,7 @@ class BenchReport:
             "rows": [asdict(r) for r in self.rows],
             "targets": [asdict(t) for t in self.targets],
             "errors": list(self.errors),
+            "skipped": list(self.skipped),
         }
 
     @classmethod
@@ -138,6 +153,7 @@ class BenchReport:
                 rows=[Row(**r) for r in data["rows"]],
                 targets=[Target(**t) for t in data.get("targets", [])],
                 errors=list(data.get("errors", [])),
+                skipped=list(data.get("skipped", [])),
             )
         except (KeyError, TypeError) as exc:
             raise ValueError(f"not a kvhive bench report: {exc}") from None
@@ -155,6 +171,9 @@ class BenchReport:
         head = ["figure", "unit", "kvhive", "x memcpy"]
         if has_ref:
             head += ["reference", "ref x memcpy", "kvhive/ref"]
+        has_floor = any(r.floor is not None for r in self.rows)
+        if has_floor:
+            head += ["floor", "x floor"]
         lines: list[list[str]] = []
         group = None
         for r in self.rows:
@@ -168,6 +187,8 @@ class BenchReport:
                     _fmt(r.reference_vs_memcpy, 2),
                     _fmt(r.vs_reference, 2),
                 ]
+            if has_floor:
+                cells += [_fmt(r.floor), _fmt(r.vs_floor, 2)]
             lines.append(cells)
         out = []
         if self.memcpy_gbs is not None:
@@ -199,6 +220,10 @@ class BenchReport:
                     ],
                 )
             )
+        if self.skipped:
+            out.append("")
+            out.append("skipped:")
+            out.extend(f"  {s}" for s in self.skipped)
         if self.errors:
             out.append("")
             out.append("errors:")

@@ -15,7 +15,10 @@ Sections (in run order):
 * ``concurrency`` the same with several engines at once (N chunks per request);
 * ``lookup``      lookup latency for 1 / 64 / 400-chunk prefixes, hit and miss, with 0.5.6
                   keys (``token_ids``) and, against kvhive, 0.5.7 keys (``token_bytes``);
-* ``noop``        the empty round trip, timed alongside a bare pyzmq echo (the floor).
+* ``noop``        the empty round trip, timed alongside a bare pyzmq echo (the floor);
+* ``l2``          write / read GB/s of 32 MiB objects through each L2 adapter, next to its
+                  floor (dd, memcpy, a raw client of the service; ``bench/l2_section.py``);
+                  needs no kvhive server.
 
 Every load measurement runs against a server started for it alone, once its memory has
 settled (see ``BenchRunner._measure``); start-up is timed separately, in ``healthy``.
@@ -40,7 +43,7 @@ from typing import Any
 import numpy as np
 
 import kvhive
-from kvhive.bench import engine_section, kvload, lmload
+from kvhive.bench import engine_section, kvload, l2_section, lmload
 from kvhive.bench.config import BIG, SHAPES, BenchConfig
 from kvhive.bench.report import BenchReport, Target
 from kvhive.bench.servers import Kind, ServerProcess, free_port, subprocess_env
@@ -80,7 +83,7 @@ def measure_memcpy(chunk_mib: int = 32, chunks: int = 16, reps: int = 3) -> floa
 
 
 def default_targets(cfg: BenchConfig) -> list[Target]:
-    out: list[Target] = engine_section.targets(cfg)
+    out: list[Target] = engine_section.targets(cfg) + l2_section.targets(cfg)
     for mode in cfg.modes:
         for p in (1, cfg.chunks):
             for op, vs_ref in (("store", 5.0), ("retrieve", 3.0)):
@@ -161,6 +164,8 @@ class BenchRunner:
             if load:
                 for kind in kinds:
                     self._load(kind, load)
+            if "l2" in cfg.sections:
+                l2_section.run(self)
         finally:
             self.report.meta = self._meta(started)
             if self._tmp is not None and not self.report.errors:

@@ -77,6 +77,7 @@ def test_dict_json_and_table(tmp_path) -> None:
         "rows",
         "targets",
         "errors",
+        "skipped",
     }
     assert {"key", "kvhive", "reference", "vs_memcpy", "vs_reference", "unit"} <= set(d["rows"][0])
     path = tmp_path / "r.json"
