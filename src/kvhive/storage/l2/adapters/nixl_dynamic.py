@@ -39,6 +39,7 @@ registered for their one transfer.  ``close`` runs once, after every job ended.
 from __future__ import annotations
 
 import contextlib
+import errno
 import logging
 import os
 import threading
@@ -220,7 +221,7 @@ class NixlFileStore(ObjectStore):
         try:
             try:
                 if self._wants_direct(length):
-                    f = OpenFile(fd, os.open(tmp, os.O_WRONLY | O_DIRECT), length)
+                    f = OpenFile(fd, self._open_direct(tmp, os.O_WRONLY), length)
                 os.ftruncate(fd, length)  # in-place writes: O_DIRECT need not extend the file
                 self._move("WRITE", parts, f, self.cfg.store_timeout_s)
             finally:
@@ -243,7 +244,9 @@ class NixlFileStore(ObjectStore):
         try:
             size = os.fstat(fd).st_size
             want = min(size, sum(p.nbytes for p in parts))
-            direct = _reopen_direct(fd, path) if self._wants_direct(want) else -1
+            direct = -1
+            if self._wants_direct(want):
+                direct = self._open_direct(f"/proc/self/fd/{fd}", os.O_RDONLY, path)
             f = OpenFile(fd, direct, size)
             self._move("READ", _prefix(parts, want), f, self.cfg.timeout_s)
         finally:
@@ -279,6 +282,25 @@ class NixlFileStore(ObjectStore):
 
     def _wants_direct(self, nbytes: int) -> bool:
         return self.direct and nbytes >= DIRECT_ALIGN
+
+    def _open_direct(self, path: str, flags: int, fallback: str = "") -> int:
+        """``path`` opened again with ``O_DIRECT`` (``fallback`` when ``path`` is missing:
+        /proc/self/fd reopens the same inode, so a rename meanwhile cannot pair two files);
+        -1, with direct I/O off from then on, where the file system refuses O_DIRECT."""
+        try:
+            try:
+                return os.open(path, flags | O_DIRECT)
+            except FileNotFoundError:
+                if not fallback:
+                    raise
+                return os.open(fallback, flags | O_DIRECT)
+        except OSError as exc:
+            if exc.errno != errno.EINVAL:
+                raise
+            log.warning("nixl_store_dynamic: %s refuses O_DIRECT; using buffered I/O",
+                        self.layout.root)  # fmt: skip
+            self.direct = False
+            return -1
 
     def _move(self, op: str, parts: Sequence[memoryview], f: OpenFile, timeout: float) -> None:
         """Register ``f`` (both descriptors), move ``parts`` from/to its start, deregister."""
@@ -332,15 +354,6 @@ class NixlFileStore(ObjectStore):
             self.layout.sweep(self._grace)
         finally:
             self._agent.close()
-
-
-def _reopen_direct(fd: int, path: str) -> int:
-    """``fd``'s inode opened again, read-only with ``O_DIRECT`` (through /proc, so a rename
-    onto ``path`` meanwhile cannot pair two different files); ``path`` without /proc."""
-    try:
-        return os.open(f"/proc/self/fd/{fd}", os.O_RDONLY | O_DIRECT)
-    except FileNotFoundError:
-        return os.open(path, os.O_RDONLY | O_DIRECT)
 
 
 def _prefix(parts: Sequence[memoryview], n: int) -> list[memoryview]:
