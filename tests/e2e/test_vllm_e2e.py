@@ -107,3 +107,30 @@ def test_fs_l2_serves_the_prefix_after_a_restart(
     assert status["counters"]["lookup_hit_chunks"] == chunks
     assert status["counters"]["retrieved_chunks"] == chunks
     assert status["counters"]["stored_chunks"] == 0  # nothing new: all came from L2
+
+
+def test_nixl_store_alone_under_skip_l1_serves_the_repeat(
+    vllm_env: VllmEnv, servers: Servers, baseline: RunResult, tmp_path: Path
+) -> None:
+    """nixl_store (real NIXL, POSIX files) as the only tier under skip_l1, as in the seed's
+    full example: the cold request's chunks go to NIXL and leave L1; the repeat finds them
+    in L2, prefetches them back and generates the same text."""
+    pytest.importorskip("nixl_cu12._api", reason="pip install --no-deps nixl-cu12==1.5.1")
+    nixl = ('{"type": "nixl_store", "backend": "POSIX", "pool_size": 8, "backend_params": '
+            f'{{"file_path": "{tmp_path / "l2"}", "use_direct_io": "false", '
+            f'"file_size": "{16 << 20}"}}}}')  # fmt: skip
+    server = servers.start(["--l2-store-policy", "skip_l1", "--eviction-policy", "noop",
+                            "--l2-adapter", nixl])  # fmt: skip
+    run = run_vllm(vllm_env, "lmcache_driven", port=server.rpc_port, repeats=2)
+    status = server.status()
+    server.stop()
+    hit = full_chunk_prefix(PROMPT_TOKENS, int(status["chunk_size"]))
+    chunks = hit // int(status["chunk_size"])
+    assert set(_loaded_tokens(run.cold).values()) == {0}, _loaded_tokens(run.cold)
+    assert set(_loaded_tokens(run.repeat).values()) == {hit}, _loaded_tokens(run.repeat)
+    for req in run.requests:
+        assert req["token_ids"] == baseline.cold["token_ids"], req["text"]
+    (adapter,) = status["l2"]["adapters"]
+    assert (adapter["stored"], adapter["loaded"]) == (chunks, chunks), adapter
+    assert status["counters"]["lookup_hit_chunks"] == chunks
+    assert status["counters"]["retrieve_failures"] == 0
