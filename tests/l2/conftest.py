@@ -158,6 +158,11 @@ def adapter_json(request: pytest.FixtureRequest, tmp_path: Path) -> Callable[...
             base = {"backend": "POSIX", "pool_size": 4, "backend_params": {
                 "file_path": str(tmp_path / kind), "use_direct_io": "false",
                 "file_size": str(1 << 20)}}  # fmt: skip
+        elif kind == "nixl_store_dynamic":
+            nixl_available()
+            base = {"backend": "POSIX", "backend_params": {
+                "file_path": str(tmp_path / kind), "use_direct_io": "false",
+                "max_capacity_gb": "1"}}  # fmt: skip
         else:
             raise ValueError(kind)
         return {"type": kind, **base, **extra}

@@ -17,7 +17,7 @@ from kvhive.keys import ObjectKey
 from kvhive.storage.controllers.prefetch import PrefetchController
 from kvhive.storage.l1.manager import L1Manager
 from kvhive.storage.l2.managed import ManagedAdapter
-from kvhive.storage.l2.naming import block_name, flat_name, fs_name
+from kvhive.storage.l2.naming import block_name, flat_name, fs_name, nixl_relpath
 
 N = 64 * 1024 + 123  # unaligned on purpose: trailers and O_DIRECT tails get exercised
 
@@ -102,6 +102,9 @@ def test_capacity_refuses_and_eviction_makes_room(
     if kind == "nixl_store":  # 52 pages of 4 KiB: three framed objects of 17 pages fit
         params = {**adapter_json(kind)["backend_params"], "file_size": str(13 * 4096)}
         extra = {"backend_params": params}
+    if kind == "nixl_store_dynamic":
+        params = {**adapter_json(kind)["backend_params"], "max_capacity_gb": str(3.5 * N / 2**30)}
+        extra = {"backend_params": params}
     if kind == "dax":
         extra["max_dax_size_gb"] = (3 * ((1 << 18) + 4096) + 2 * 12288 + 1000) / 2**30  # 3 slots
     policy = {"eviction_policy": "LRU", "trigger_watermark": 0.5, "eviction_ratio": 0.5}
@@ -172,7 +175,7 @@ def test_restart_finds_the_data(durable_kind: str, adapter_json: Any, open_adapt
     assert done(second.lookup(keys)) == [True] * 3
     ok, bufs = load_all(second, keys)
     assert ok == [True] * 3 and all(np.array_equal(a, b) for a, b in zip(bufs, data, strict=True))
-    if durable_kind in ("fs", "fs_native", "raw_block", "dax"):
+    if durable_kind in ("fs", "fs_native", "raw_block", "dax", "nixl_store_dynamic"):
         assert second.rebuild_usage() == 3  # usage survives the restart
         assert second.usage().bytes_by_salt["s"] > 0
 
@@ -207,6 +210,11 @@ def _corrupt(
         size = store.get(key, [blob])
         blob[100] ^= 0xFF
         store.put(key, [blob[:size]])  # signed like any write, bytes flipped
+    elif kind == "nixl_store_dynamic":
+        path = Path(raw["backend_params"]["file_path"]) / nixl_relpath(key, shard_dirs=False)
+        blob = bytearray(path.read_bytes())
+        blob[100] ^= 0xFF
+        path.write_bytes(bytes(blob))
     elif kind == "nixl_store":  # flip a byte of the object's first page in its pool file
         store = adapter.adapter.store  # type: ignore[attr-defined]
         run = store._index[key].pages[0]
