@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+
 import numpy as np
 import pytest
 
@@ -86,3 +88,23 @@ def test_s3_endpoint_forms_and_bounded_scatter() -> None:
     a, b = memoryview(bytearray(4)), memoryview(bytearray(2))
     _scatter([a, b], memoryview(b"123456789"), 0)  # longer than the buffers: never overruns
     assert bytes(a) + bytes(b) == b"123456"
+
+
+def test_format_2_crc_trailers_written_by_earlier_kvhive_still_verify() -> None:
+    """Objects framed before the XXH3 trailer (magic KVHVOBJ1, CRC-32, version 2) stay
+    readable, still bound to their key; new objects get format 3 (magic KVHVOBJ3)."""
+    import struct
+    import zlib
+
+    data = os.urandom(5000)
+    da, db = b"A" * 8, b"B" * 8
+    v2 = struct.pack("<8sQII", b"KVHVOBJ1", len(data), zlib.crc32(da, zlib.crc32(data)), 2)
+    integrity.verify(*read_stored(data + v2, 5000), da)
+    with pytest.raises(CorruptObject, match="checksum mismatch"):
+        integrity.verify(*read_stored(data + v2, 5000), db)
+    trailer = integrity.make_trailer(memoryview(data), da)
+    assert trailer[:8] == b"KVHVOBJ3" and len(trailer) == integrity.TRAILER_BYTES == 24
+    flipped = bytearray(data)
+    flipped[4999] ^= 1
+    with pytest.raises(CorruptObject, match="checksum mismatch"):
+        integrity.verify(*read_stored(bytes(flipped) + trailer, 5000), da)

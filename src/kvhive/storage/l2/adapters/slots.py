@@ -32,12 +32,14 @@ from typing import Any, Protocol
 from kvhive.errors import CapacityExceeded, CorruptObject, ObjectMissing
 from kvhive.keys import ObjectKey
 from kvhive.storage.l2.base import ObjectStore
+from kvhive.storage.l2.integrity import fast_check
 from kvhive.storage.l2.naming import block_name, parse_block_name, slot_identity
 
 log = logging.getLogger(__name__)
 
 SLOT_MAGIC = b"LMCBLK01"
-CRC_TAG = b"KVC1"
+CRC_TAG = b"KVC1"  # check field: CRC-32 of the payload (kvhive before XXH3; read only)
+XXH_TAG = b"KVX3"  # check field: low 32 bits of XXH3-64 of the payload (integrity.fast_check)
 _SLOT = struct.Struct("<8sQQI4s")
 _META = struct.Struct("<8sIQQI")
 
@@ -118,10 +120,8 @@ class SlotStore(ObjectStore):
             slot = self._allocate()
             self._busy.add(name)
         try:
-            crc = 0
-            for part in parts:
-                crc = zlib.crc32(part, crc)
-            head = _SLOT.pack(SLOT_MAGIC, slot_identity(name), n, crc, CRC_TAG)
+            check = fast_check(parts) & 0xFFFFFFFF
+            head = _SLOT.pack(SLOT_MAGIC, slot_identity(name), n, check, XXH_TAG)
             self.io.write(self._offset(slot), [memoryview(head.ljust(self.header, b"\0")), *parts])
         except BaseException:
             with self._lock:
@@ -158,7 +158,10 @@ class SlotStore(ObjectStore):
         if want != n:
             raise CorruptObject(f"slot {slot} holds {n} bytes, expected {want}")
         self.io.read(off + self.header, parts, off + self.header + n)
-        if tag == CRC_TAG:
+        if tag == XXH_TAG:
+            if fast_check(parts) & 0xFFFFFFFF != crc:
+                raise CorruptObject(f"slot {slot} checksum mismatch")
+        elif tag == CRC_TAG:
             got = 0
             for part in parts:
                 got = zlib.crc32(part, got)
