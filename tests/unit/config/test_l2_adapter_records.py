@@ -36,8 +36,10 @@ MINIMAL: dict[str, dict[str, Any]] = {
     "raw_block": {"device_path": "/d", "slot_bytes": 8192},
     "dax": {"device_path": "/d", "max_dax_size_gb": 1, "slot_bytes": 4096},
     "nixl_store": {"backend": "OBJ", "pool_size": 4},
-    "nixl_store_dynamic": {"backend": "POSIX", "backend_params": {
-        "file_path": "/d", "use_direct_io": "false", "max_capacity_gb": "1"}},
+    "nixl_store_dynamic": {
+        "backend": "POSIX",
+        "backend_params": {"file_path": "/d", "use_direct_io": "false", "max_capacity_gb": "1"},
+    },
     "mooncake_store": {"local_hostname": "127.0.0.1", "metadata_server": "P2PHANDSHAKE"},
     "fault_inject": {"inner": MOCK},
 }
@@ -230,7 +232,12 @@ def test_nixl_store_dynamic_record() -> None:
     cfg = parse_adapter(2, {"type": "nixl_store_dynamic", "backend": "POSIX", "persist_enabled": False,
                             "backend_params": {"file_path": "/d", "use_direct_io": "false",
                                                "max_capacity_gb": 2, "shard_dirs": "true"}})  # fmt: skip
-    assert (cfg.capacity_gb, cfg.shard_dirs, cfg.direct_io, cfg.persist_enabled) == (2.0, True, False, False)
+    assert (cfg.capacity_gb, cfg.shard_dirs, cfg.direct_io, cfg.persist_enabled) == (
+        2.0,
+        True,
+        False,
+        False,
+    )
 
 
 MOONCAKE = {"type": "mooncake_store", "local_hostname": "127.0.0.1", "metadata_server": "P2PHANDSHAKE",
