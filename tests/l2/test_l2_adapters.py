@@ -271,3 +271,23 @@ def test_slow_or_failing_backend_costs_a_miss_not_a_hang(
     assert time.monotonic() - start < 1.5
     assert l1.stats().objects == 0
     ctl.close()
+
+
+def test_objects_gone_behind_kvhives_back_stop_counting(
+    adapter_json: Any, open_adapter: Opener
+) -> None:
+    """A backend may drop objects on its own (eviction, lifecycle rules, another node): the
+    lookup or load that finds one gone is a miss and the adapter's usage forgets it."""
+    raw = adapter_json("fs")
+    adapter = open_adapter(raw)
+    keys, data = keys_for(3), payloads(3, N)
+    assert store_all(adapter, keys, data) == [True] * 3
+    assert adapter.usage().objects == 3
+    for key in keys[:2]:
+        (Path(raw["base_path"]) / fs_name(key)).unlink()
+    assert done(adapter.lookup(keys[:1] + keys[2:])) == [False, True]
+    assert (adapter.usage().objects, adapter.counters["vanished"]) == (2, 1)
+    ok, _ = load_all(adapter, keys[1:2])
+    assert ok == [False]
+    assert (adapter.usage().objects, adapter.counters["vanished"]) == (1, 2)
+    assert adapter.usage().used_bytes == adapter.adapter.footprint(N)

@@ -100,3 +100,46 @@ def _get(url: str) -> str:
 
     with urllib.request.urlopen(url, timeout=10) as resp:
         return str(resp.read().decode())
+
+
+def test_a_cascade_of_fs_nixl_and_mooncake(client_python: str, master: Master,
+                                           tmp_path: Path) -> None:  # fmt: skip
+    """fs, nixl_store_dynamic (real NIXL) and mooncake_store in one server: every chunk is
+    written behind to all three; a lookup loads from the lowest-index holder; objects removed
+    behind a tier's back are one counted miss that repairs its index, then the next tier
+    serves."""
+    pytest.importorskip("nixl_cu12._api", reason="pip install --no-deps nixl-cu12==1.5.1")
+    fs, nixl = tmp_path / "fs", tmp_path / "nixl"
+    tiers = [
+        {"type": "fs", "base_path": str(fs)},
+        {"type": "nixl_store_dynamic", "backend": "POSIX", "backend_params": {
+            "file_path": str(nixl), "use_direct_io": "false", "max_capacity_gb": "1"}},
+        {"type": "mooncake_store", **client_config(master.addr)},
+    ]  # fmt: skip
+    extra = [arg for tier in tiers for arg in ("--l2-adapter", json.dumps(tier))]
+    server = ServerProcess("kvhive", 0.1, extra, log_path=tmp_path / "server.log")
+    server.start()
+    try:
+        assert drive(client_python, server, "--phase", "store")["l2_stored"] == [CHUNKS] * 3
+        res = drive(client_python, server, "--phase", "load")
+        assert res["hit_chunks"] == CHUNKS and res["bytes_equal"] is True
+        assert res["l2_loaded"] == [CHUNKS, 0, 0]  # from fs, the first holder
+        for f in fs.glob("*.data"):
+            f.unlink()
+        res = drive(client_python, server, "--phase", "load")
+        assert res["hit_chunks"] == CHUNKS and res["bytes_equal"] is True
+        assert res["l2_loaded"] == [CHUNKS, CHUNKS, 0]  # fs asks its disk: NIXL serves
+        for f in nixl.rglob("*.bin"):
+            f.unlink()
+        res = drive(client_python, server, "--phase", "load")  # NIXL's index still has them
+        assert res["hit_chunks"] == 0 and res["l2_loaded"] == [CHUNKS, CHUNKS, 0]
+        res = drive(client_python, server, "--phase", "load")  # ... not any more: Mooncake
+        assert res["hit_chunks"] == CHUNKS and res["bytes_equal"] is True
+        assert res["l2_loaded"] == [CHUNKS, CHUNKS, CHUNKS]
+        fs_st, nixl_st, mc_st = server.status()["l2"]["adapters"]
+        for st in (fs_st, nixl_st):  # the files removed behind their backs no longer count
+            assert (st["objects"], st["vanished"]) == (0, CHUNKS), st
+        assert nixl_st["adapter"]["missing"] == CHUNKS  # one counted miss each
+        assert (mc_st["objects"], mc_st["vanished"]) == (CHUNKS, 0), mc_st
+    finally:
+        server.stop()

@@ -20,7 +20,16 @@ from kvhive.observability import events as ev
 from kvhive.observability.bus import DISABLED, EventBus
 from kvhive.storage.eviction import make_policy
 from kvhive.storage.l2.base import L2Adapter
-from kvhive.storage.l2.futures import CORRUPT, Outcome, outcome, reason, resolved, results, then
+from kvhive.storage.l2.futures import (
+    CORRUPT,
+    MISSING,
+    Outcome,
+    outcome,
+    reason,
+    resolved,
+    results,
+    then,
+)
 from kvhive.storage.l2.tracker import Tracker, Usage
 
 log = logging.getLogger(__name__)
@@ -28,7 +37,7 @@ GiB = 1 << 30
 
 _COUNTERS = ("stored", "store_failed", "store_refused_full", "store_timeouts", "lookups",
              "lookup_hits", "lookup_failed", "loaded", "load_failed", "load_corrupt",
-             "load_timeouts", "deleted", "scanned")  # fmt: skip
+             "load_timeouts", "deleted", "scanned", "vanished")  # fmt: skip
 
 
 class ManagedAdapter:
@@ -97,7 +106,12 @@ class ManagedAdapter:
             failed = f.cancelled() or f.exception() is not None
             res = outcome(f, len(keys))
             self.tracker.touched([k for k, ok in zip(keys, res, strict=True) if ok])
-            self.count(lookups=len(keys), lookup_hits=sum(res), lookup_failed=int(failed))
+            # The backend no longer holds what we counted (its own eviction, a lifecycle
+            # rule, another node's delete): stop counting it.
+            gone = 0 if failed else self.tracker.removed(
+                [k for k, ok in zip(keys, res, strict=True) if not ok])  # fmt: skip
+            self.count(lookups=len(keys), lookup_hits=sum(res), lookup_failed=int(failed),
+                       vanished=gone)  # fmt: skip
             return res
 
         return then(self._submit(self.adapter.submit_lookup, keys), seen)
@@ -115,7 +129,12 @@ class ManagedAdapter:
             res = results(f, len(keys))
             self.tracker.touched([k for k, ok in zip(keys, res, strict=True) if ok])
             corrupt = sum(1 for r in res if reason(r) == CORRUPT.reason)
-            self.count(loaded=sum(res), load_failed=len(res) - sum(res), load_corrupt=corrupt)
+            # Missing objects and corrupt ones (the adapter removed those) are gone.
+            gone = self.tracker.removed(
+                [k for k, r in zip(keys, res, strict=True)
+                 if reason(r) in (MISSING.reason, CORRUPT.reason)])  # fmt: skip
+            self.count(loaded=sum(res), load_failed=len(res) - sum(res), load_corrupt=corrupt,
+                       vanished=gone)  # fmt: skip
             if self.bus.enabled:
                 self.bus.publish(ev.L2LoadCompleted(request_id=request_id, adapter_index=self.index,
                                                     task_id=task, l2_name=self.name,

@@ -118,13 +118,15 @@ class Tracker:
             with self._lock:
                 self.policy.on_touched([k for k in keys if k in self._sizes])
 
-    def removed(self, keys: Iterable[ObjectKey]) -> None:
+    def removed(self, keys: Iterable[ObjectKey]) -> int:
+        """Forget ``keys`` (deleted, or found gone); returns how many were counted."""
         with self._lock:
             gone = [k for k in keys if k in self._sizes]
             for key in gone:
                 self._set(key, 0)
             if self.policy is not None and gone:
                 self.policy.on_removed(gone)
+        return len(gone)
 
     def pin(self, keys: Iterable[ObjectKey]) -> None:
         with self._lock:
