@@ -15,6 +15,8 @@ import os
 from collections.abc import Iterator, Sequence
 from typing import Any
 
+import numpy as np
+
 from kvhive.config.l2_adapters import DaxAdapterConfig, RawBlockAdapterConfig
 from kvhive.errors import CapacityExceeded, ObjectMissing
 from kvhive.keys import ObjectKey
@@ -23,6 +25,7 @@ from kvhive.storage.l2.adapters.mock import copy_out
 from kvhive.storage.l2.adapters.slots import SlotStore
 from kvhive.storage.l2.base import L2Adapter, ObjectStore
 from kvhive.storage.l2.pooled import PooledAdapter
+from kvhive.transfer.populate import Prefaulter, populate_supported
 
 GiB = 1 << 30
 DAX_HEADER = 4096
@@ -70,7 +73,13 @@ class FileIO:
 
 
 class MmapIO:
-    """memcpy on a shared mapping of a DAX device or regular file."""
+    """memcpy on a shared mapping of a DAX device or regular file.
+
+    The mapping's page tables are filled in the background (``MADV_POPULATE_WRITE``, the
+    L1 arena's Prefaulter): without it the first write to each 4 KiB page of the device
+    faults (8,192 faults per 32 MiB slot; writes ran at 0.16x memcpy), and a sparse file on
+    a full tmpfs would SIGBUS the server at first write instead of failing at start.
+    """
 
     def __init__(self, path: str, size: int) -> None:
         self._size = _open_sized(path, size)
@@ -80,6 +89,11 @@ class MmapIO:
         finally:
             os.close(fd)
         self._view = memoryview(self._map)
+        self._prefaulter: Prefaulter | None = None
+        if populate_supported() and self._size:
+            base = int(np.frombuffer(self._map, np.uint8, 1).ctypes.data)
+            self._prefaulter = Prefaulter(base, "kvhive-dax-populate")
+            self._prefaulter.submit(0, self._size)
 
     def size(self) -> int:
         return self._size
@@ -96,6 +110,8 @@ class MmapIO:
         self._map.flush()
 
     def close(self) -> None:
+        if self._prefaulter is not None:
+            self._prefaulter.stop()  # before the unmap (its contract)
         self._view.release()
         self._map.close()
 
