@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import sys
 import threading
 import urllib.request
 from collections.abc import Iterator
@@ -204,3 +205,15 @@ def test_obj_backend_against_a_local_s3_server(request: pytest.FixtureRequest) -
     assert listing.count("<Key>obj_") == 6
     assert adapter.status()["pages_free"] == 10
     adapter.close()
+
+
+def test_a_missing_nixl_names_the_install_line(monkeypatch: pytest.MonkeyPatch,
+                                               tmp_path: Path) -> None:  # fmt: skip
+    """FAULT (mock, named so): NIXL made unimportable for this test only."""
+    for name in ("nixl_cu12._api", "nixl_cu12", "nixl._api", "nixl"):
+        monkeypatch.setitem(sys.modules, name, None)
+    with pytest.raises(ConfigError) as err:
+        open_(posix(tmp_path))
+    assert "type 'nixl_store' needs NIXL" in str(err.value)
+    assert "pip install --no-deps nixl-cu12==1.5.1" in str(err.value)
+    assert pool_files(tmp_path) == []
