@@ -121,3 +121,64 @@ def test_cache_objects_lists_and_deletes_l2(server: KvhiveServer, tmp_path: Path
     left = client.get("/cache/objects", params={"page_size": 10}).json()["entries"]
     assert victim["chunk_hash_hex"] not in {e["key"]["chunk_hash_hex"] for e in left}
     assert len(left) == 2
+
+
+def test_a_lost_shared_tier_degrades_the_node_but_requests_are_served(tmp_path: Path) -> None:
+    """The resp tier's redis-server dies under a running server (a real fault): requests are
+    still served from L1, /healthcheck says "degraded" (200) naming the tier, /status and
+    /metrics show it down; when the tier answers again the node is healthy again."""
+    import shutil
+    import subprocess
+    import time
+
+    from conftest import _stop, _wait_port, unavailable
+
+    from support import traffic as tr
+
+    exe = shutil.which("redis-server")
+    if exe is None:
+        unavailable("redis-server is not installed (apt-get install -y redis-server)")
+    port = free_port()
+    argv = [exe, "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no",
+            "--dir", str(tmp_path), "--protected-mode", "no"]  # fmt: skip
+    redis_proc = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    tier = {"type": "resp", "host": "127.0.0.1", "port": port, "socket_timeout_s": 0.5,
+            "timeout_s": 2.0}  # fmt: skip
+    try:
+        _wait_port(port, redis_proc, "redis-server")
+        with tr.running_server("--l2-adapter", json.dumps(tier)) as srv, tr.shm_kv() as kv:
+            client = TestClient(create_app(srv))
+            traffic = tr.Traffic(srv, kv)
+            try:
+                assert traffic.round(2, "r0") == 2
+                assert client.get("/healthcheck").json() == {"status": "healthy"}
+                _stop(redis_proc)
+                for i in range(1, 6):  # each round's write-behind fails: L1 still serves
+                    assert traffic.round(2, f"r{i}", offset=1 + 1000 * i) == 2
+                deadline = time.monotonic() + 20
+                while not srv.degraded() and time.monotonic() < deadline:
+                    time.sleep(0.1)
+                resp = client.get("/healthcheck")
+                assert resp.status_code == 200, resp.text
+                body = resp.json()
+                assert body["status"] == "degraded" and "(resp)" in body["reasons"][0], body
+                status = client.get("/status").json()
+                assert status["is_healthy"] is True and status["degraded_reasons"]
+                assert status["l2"]["adapters"][0]["health"]["available"] is False
+                assert "kvhive_l2_adapter_up{" in client.get("/metrics").text
+                assert any(line.startswith("kvhive_l2_adapter_up{") and line.endswith(" 0.0")
+                           for line in client.get("/metrics").text.splitlines())  # fmt: skip
+                redis_proc = subprocess.Popen(argv, stdout=subprocess.DEVNULL,
+                                              stderr=subprocess.DEVNULL)  # fmt: skip
+                _wait_port(port, redis_proc, "redis-server")
+                deadline = time.monotonic() + 20
+                i = 10
+                while srv.degraded() and time.monotonic() < deadline:
+                    assert traffic.round(1, f"r{i}", offset=1 + 1000 * i) == 1
+                    i += 1
+                    time.sleep(0.2)
+                assert client.get("/healthcheck").json() == {"status": "healthy"}
+            finally:
+                traffic.close()
+    finally:
+        _stop(redis_proc)

@@ -52,6 +52,7 @@ class StateCollector(Collector):
             )
             fam.add_metric([], value)
             yield fam
+        yield from _l2_health(s.l2_health())
         if s.bus is not None:
             yield from _bus_metrics(s.bus)
         if self.sub is not None:
@@ -142,6 +143,30 @@ class StateCollector(Collector):
             for key, n in sorted(counts.items()):
                 g.add_metric(list(key), n)
             yield g
+
+
+def _l2_health(tiers: Iterable[tuple[str, int, Any]]) -> Iterable[Metric]:
+    labels = ["l2_name", "adapter_index"]
+    up = GaugeMetricFamily(
+        "kvhive_l2_adapter_up",
+        "1 while the L2 adapter answers its tasks, 0 after several "
+        "failed in a row (the node serves from L1 and the other tiers meanwhile).",
+        labels=labels,
+    )
+    failing = GaugeMetricFamily(
+        "kvhive_l2_adapter_consecutive_failures", "L2 tasks failed in a row.", labels=labels
+    )
+    failures = CounterMetricFamily(
+        "kvhive_l2_adapter_task_failures", "L2 tasks that failed (raised, timed out, or "
+        "every key an error).", labels=labels)  # fmt: skip
+    for name, index, snap in tiers:
+        key = [name, str(index)]
+        up.add_metric(key, 1 if snap.available else 0)
+        failing.add_metric(key, snap.consecutive_failures)
+        failures.add_metric(key, snap.failures)
+    yield up
+    yield failing
+    yield failures
 
 
 def _gauge(name: str, doc: str, value: float) -> GaugeMetricFamily:

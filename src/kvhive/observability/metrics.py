@@ -49,6 +49,8 @@ class Sources:
     active_prefetch_jobs: Callable[[], int] = lambda: 0
     active_sessions: Callable[[], int] = lambda: 0
     registered_instances: Callable[[], int] = lambda: 0
+    l2_health: Callable[[], Iterable[tuple[str, int, Any]]] = list
+    """``(name, index, l2.health.HealthSnapshot)`` per adapter."""
     bus: EventBus | None = None
     extra: list[Callable[[], Iterable[Metric]]] = field(default_factory=list)
 

@@ -130,6 +130,9 @@ class KvhiveServer:
                 active_prefetch_jobs=self._active_lookups,
                 active_sessions=lambda: len(self.engine.sessions),
                 registered_instances=lambda: len(self.registry.snapshot()),
+                l2_health=lambda: [
+                    (a.name, a.index, a.health.snapshot()) for a in self.l2.adapters
+                ],
             )
         )
         self._stop = threading.Event()
@@ -220,12 +223,19 @@ class KvhiveServer:
             reasons.append("event bus dispatcher is not running")
         return not reasons, reasons
 
+    def degraded(self) -> list[str]:
+        """What works less than configured while the server still serves every request:
+        L2 tiers that stopped answering (the node serves from L1 and the other tiers).
+        Not a reason to restart or drain the node, so ``/healthcheck`` stays 200."""
+        return self.l2.unavailable()
+
     def status(self) -> dict[str, Any]:
         l1 = self.l1.stats().to_dict()
         healthy, reasons = self.health()
         return {
             "is_healthy": healthy,
             "unhealthy_reasons": reasons,
+            "degraded_reasons": self.degraded(),
             "engine_type": "kvhive",
             "version": __version__,
             "chunk_size": self.config.mp.chunk_size,

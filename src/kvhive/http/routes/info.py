@@ -29,9 +29,14 @@ def root() -> dict[str, str]:
 
 @router.get("/healthcheck")
 def healthcheck(server: ServerDep) -> JSONResponse:
-    """``{"status": "healthy"}``, or 503 ``{"status": "unhealthy", "reason", "reasons"}``."""
+    """``{"status": "healthy"}``; 200 ``{"status": "degraded", "reasons"}`` while an L2 tier
+    does not answer (requests are still served: not a reason to restart or drain the node);
+    503 ``{"status": "unhealthy", "reason", "reasons"}``."""
     healthy, reasons = server.health()
     if healthy:
+        degraded = server.degraded()
+        if degraded:
+            return JSONResponse({"status": "degraded", "reasons": degraded})
         return JSONResponse({"status": "healthy"})
     body = {"status": "unhealthy", "reason": reasons[0], "reasons": reasons}
     return JSONResponse(body, status_code=503)

@@ -158,6 +158,10 @@ class L2Layer:
             deleted += sum(task.result(timeout=max(0.0, start + wait - time.monotonic())))
         return deleted, len(keys) * len(targets) - deleted
 
+    def unavailable(self) -> list[str]:
+        """Reasons of the adapters that count as unavailable now (``l2/health.py``)."""
+        return [r for a in self.adapters if (r := a.unavailable_reason()) is not None]
+
     def status(self) -> dict[str, Any]:
         return {
             "store_policy": self.config.store_policy,

@@ -22,6 +22,7 @@ from kvhive.storage.eviction import make_policy
 from kvhive.storage.l2.base import L2Adapter
 from kvhive.storage.l2.futures import (
     CORRUPT,
+    ERROR,
     MISSING,
     Outcome,
     outcome,
@@ -30,6 +31,7 @@ from kvhive.storage.l2.futures import (
     results,
     then,
 )
+from kvhive.storage.l2.health import TierHealth
 from kvhive.storage.l2.tracker import Tracker, Usage
 
 log = logging.getLogger(__name__)
@@ -59,11 +61,38 @@ class ManagedAdapter:
         self.tracker = Tracker(capacity, policy)
         self._lock = threading.Lock()
         self.counters = dict.fromkeys(_COUNTERS, 0)
+        self.health = TierHealth()
 
     def count(self, **deltas: int) -> None:
         with self._lock:
             for name, d in deltas.items():
                 self.counters[name] += d
+        if deltas.get("store_timeouts") or deltas.get("load_timeouts"):
+            self.health.failure("a task passed its deadline")
+
+    def _judge(self, f: Future, what: str) -> None:
+        """Record whether task ``f`` (done) answered: an exception, a cancellation or only
+        ``ERROR`` keys is a failure; misses are answers (``health.py``)."""
+        if f.cancelled():
+            self.health.failure(f"{what} cancelled")
+            return
+        exc = f.exception()
+        if exc is not None:
+            self.health.failure(f"{what}: {type(exc).__name__}: {exc}")
+            return
+        res = f.result()
+        if res and all(reason(r) == ERROR.reason for r in res):
+            self.health.failure(f"{what}: every key failed")
+        else:
+            self.health.success()
+
+    def unavailable_reason(self) -> str | None:
+        """Why this tier counts as unavailable now, or None (``health.py``)."""
+        snap = self.health.snapshot()
+        if snap.available:
+            return None
+        return (f"L2 {self.name}: {snap.consecutive_failures} tasks failed in a row for "
+                f"{snap.failing_for_s:.0f} s (last: {snap.last_error})")  # fmt: skip
 
     # -- operations (each returns Future[list[bool]]; never raises) ------------------
     # A load's failed keys keep their ``futures.Miss`` (== False) so callers can tell a
@@ -85,6 +114,7 @@ class ManagedAdapter:
         fut = self._submit(self.adapter.submit_store, sub_keys, [buffers[i] for i in pos])
 
         def settle(f: Future) -> list[bool]:
+            self._judge(f, "store")
             res = outcome(f, len(pos))
             self.tracker.settle(sub_keys, sub_sizes, res)
             self.count(stored=sum(res), store_failed=len(res) - sum(res))
@@ -103,6 +133,7 @@ class ManagedAdapter:
 
     def lookup(self, keys: Sequence[ObjectKey]) -> Future:
         def seen(f: Future) -> list[bool]:
+            self._judge(f, "lookup")
             failed = f.cancelled() or f.exception() is not None
             res = outcome(f, len(keys))
             self.tracker.touched([k for k, ok in zip(keys, res, strict=True) if ok])
@@ -126,6 +157,7 @@ class ManagedAdapter:
                                                 total_bytes=sum(b.nbytes for b in buffers)))  # fmt: skip
 
         def loaded(f: Future) -> list[Outcome]:
+            self._judge(f, "load")
             res = results(f, len(keys))
             self.tracker.touched([k for k, ok in zip(keys, res, strict=True) if ok])
             corrupt = sum(1 for r in res if reason(r) == CORRUPT.reason)
@@ -197,6 +229,7 @@ class ManagedAdapter:
             "objects": usage.objects,
             "bytes_by_cache_salt": dict(usage.bytes_by_salt),
             "eviction_policy": self.spec.eviction.eviction_policy if self.spec.eviction else None,
+            "health": self.health.snapshot().to_dict(),
             **counters,
             "adapter": details,
         }
