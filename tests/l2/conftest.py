@@ -28,6 +28,7 @@ from kvhive.storage.l2.managed import ManagedAdapter
 from kvhive.storage.l2.registry import build_adapter
 from support.l1 import make_l1
 from support.net import free_port
+from support.redis_cluster import LocalCluster, binaries
 
 HERE = Path(__file__).resolve().parent
 
@@ -93,6 +94,25 @@ def redis_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[str
         _stop(proc)
 
 
+def cluster_available() -> None:
+    """Skip (fail in CI) unless redis-server, redis-cli and redis-py are installed."""
+    if binaries() is None:
+        unavailable("redis-server/redis-cli are not installed (apt-get install -y redis-server)")
+    try:
+        import redis  # noqa: F401
+    except ImportError:
+        unavailable("redis-py is not installed (pip install 'kvhive[redis]')")
+
+
+@pytest.fixture(scope="session")
+def redis_cluster() -> Iterator[LocalCluster]:
+    """A 3-master + 3-replica cluster on loopback, shared by the session (never broken by a
+    test: the failover test starts its own)."""
+    cluster_available()
+    with LocalCluster() as cluster:
+        yield cluster
+
+
 @pytest.fixture(scope="session")
 def s3_server() -> Iterator[str]:
     """A moto S3 server; yields the path-style endpoint of a fresh bucket."""
@@ -148,6 +168,9 @@ def adapter_json(request: pytest.FixtureRequest, tmp_path: Path) -> Callable[...
         elif kind == "resp":
             host, port = request.getfixturevalue("redis_server")
             base = {"host": host, "port": port}
+        elif kind == "valkey":
+            cluster = request.getfixturevalue("redis_cluster")
+            base = {"startup_nodes": cluster.startup_nodes, "cluster_mode": True}
         elif kind == "s3":
             endpoint = request.getfixturevalue("s3_server")
             base = {"s3_endpoint": endpoint, "s3_region": "us-east-1", "disable_tls": True,

@@ -10,7 +10,7 @@ import numpy as np
 from kvhive.keys import ObjectKey, pack_kv_rank
 
 KINDS = ("fs", "fs_native", "mock", "raw_block", "dax", "plugin", "native_plugin", "resp", "s3",
-         "nixl_store", "nixl_store_dynamic")  # fmt: skip
+         "nixl_store", "nixl_store_dynamic", "valkey")  # fmt: skip
 DURABLE = ("fs", "fs_native", "raw_block", "dax", "resp", "s3", "nixl_store_dynamic")
 WAIT_S = 20.0
 

@@ -87,6 +87,7 @@ CAPACITY: dict[str, dict[str, Any]] = {
     "native_plugin": {"max_capacity_gb": 3.5 * N / 2**30},
     "resp": {"max_capacity_gb": 3.5 * N / 2**30},
     "s3": {"max_capacity_gb": 3.5 * N / 2**30},
+    "valkey": {"max_capacity_gb": 3.5 * N / 2**30},
 }
 
 

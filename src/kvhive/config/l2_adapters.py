@@ -585,6 +585,68 @@ class MooncakeStoreAdapterConfig(AdapterConfig):
         return self.max_capacity_gb
 
 
+def parse_host_ports(raw: str) -> tuple[tuple[str, int], ...]:
+    """``"host:port[,host:port...]"`` as ``((host, port), ...)`` (LMCache 0.5.6's valkey rule:
+    blank entries are skipped, the port follows the last ``:``, ``[v6]`` brackets are dropped);
+    ValueError naming the bad entry."""
+    nodes = []
+    for chunk in (c.strip() for c in raw.split(",")):
+        if not chunk:
+            continue
+        host, sep, port = chunk.rpartition(":")
+        host = host.strip("[]")
+        if not sep or not host or not port.isdigit() or not 0 < int(port) <= 65535:
+            raise ValueError(f"entries must be 'host:port' with a port in 1..65535 (bad: {chunk!r})")
+        nodes.append((host, int(port)))
+    if not nodes:
+        raise ValueError("must list at least one 'host:port'")
+    return tuple(nodes)
+
+
+def _host_ports(v: str) -> str | None:
+    try:
+        parse_host_ports(v)
+    except ValueError as exc:
+        return str(exc)
+    return None
+
+
+def _no_at(v: str) -> str | None:
+    return "must not contain '@' (it separates the prefix from the key)" if "@" in v else None
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class ValkeyAdapterConfig(AdapterConfig):
+    """``valkey``: Valkey/Redis strings in a cluster (``cluster_mode``) or on one server (the
+    first of ``startup_nodes``, logical db ``database_id``).  Keys are ``<key_prefix>@<name>``
+    (just ``<name>`` without a prefix); ``request_timeout`` bounds each call and
+    ``connection_timeout`` each connection (seconds, as the reference); ``ttl_seconds``
+    (None: no expiry) expires every object that long after its store."""
+
+    TYPE: ClassVar[str] = "valkey"
+    startup_nodes: str = json_field(check=_host_ports)
+    cluster_mode: bool = json_field(False)
+    username: str = json_field("")
+    password: str = json_field("")
+    key_prefix: str = json_field("", _no_at)
+    num_workers: int = _workers(8)
+    tls_enable: bool = json_field(False)
+    database_id: int | None = json_field(None, at_least(0))
+    request_timeout: float = json_field(5.0, positive)
+    connection_timeout: float = json_field(10.0, positive)
+    max_capacity_gb: float = _capacity()
+    ttl_seconds: int | None = json_field(None, positive)
+
+    @property
+    def nodes(self) -> tuple[tuple[str, int], ...]:
+        """``startup_nodes`` as ``(host, port)`` pairs."""
+        return parse_host_ports(self.startup_nodes)
+
+    @property
+    def capacity_gb(self) -> float:
+        return self.max_capacity_gb
+
+
 @dataclass(frozen=True, slots=True, kw_only=True)
 class FaultInjectAdapterConfig(AdapterConfig):
     """``fault_inject``: wraps the ``inner`` adapter (same index) and breaks it on purpose.
@@ -616,7 +678,7 @@ ADAPTER_TYPES: Mapping[str, type[AdapterConfig]] = MappingProxyType({
                 RespAdapterConfig, PluginAdapterConfig, NativePluginAdapterConfig,
                 RawBlockAdapterConfig, DaxAdapterConfig, NixlStoreAdapterConfig,
                 NixlStoreDynamicAdapterConfig, MooncakeStoreAdapterConfig,
-                FaultInjectAdapterConfig)
+                ValkeyAdapterConfig, FaultInjectAdapterConfig)
 })  # fmt: skip
 """Every supported adapter ``type`` and its record class: the one table of type names
 (the builders in ``kvhive.storage.l2.registry`` are keyed by the same names)."""

@@ -41,6 +41,7 @@ MINIMAL: dict[str, dict[str, Any]] = {
         "backend_params": {"file_path": "/d", "use_direct_io": "false", "max_capacity_gb": "1"},
     },
     "mooncake_store": {"local_hostname": "127.0.0.1", "metadata_server": "P2PHANDSHAKE"},
+    "valkey": {"startup_nodes": "h1:7000,h2:7001"},
     "fault_inject": {"inner": MOCK},
 }
 

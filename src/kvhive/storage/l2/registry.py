@@ -35,6 +35,7 @@ BUILDERS: dict[str, str] = {
     "nixl_store": f"{_PKG}.nixl_static:build",
     "nixl_store_dynamic": f"{_PKG}.nixl_dynamic:build",
     "mooncake_store": f"{_PKG}.mooncake:build",
+    "valkey": f"{_PKG}.valkey:build",
     "fault_inject": f"{_PKG}.fault:build",
 }
 HOST_AWARE = frozenset({"nixl_store", "nixl_store_dynamic"})
