@@ -1,0 +1,216 @@
+"""Helpers of the fleet tests (imported by name: each test folder has its own conftest).
+
+kvhive servers, a Mooncake master, moto and the real lmcache 0.5.6 client driver, each run
+inside one node of a :class:`support.fleet.Fleet`.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from kvhive.bench.servers import ServerProcess, subprocess_env
+from support.fleet import Fleet, Node
+
+REPO = Path(__file__).resolve().parents[2]
+DRIVERS = REPO / "tests" / "interop" / "drivers"
+RESULT_MARK = "@@KVHIVE_INTEROP_RESULT@@ "
+MASTER_BIN = Path(sys.executable).parent / "mooncake_master"
+MiB = 1 << 20
+SEGMENT = 256 * MiB
+RPC_PORT, HTTP_PORT = 5555, 8080
+MASTER_PORT, MASTER_METRICS_PORT = 50051, 9003
+MOTO_PORT = 5000
+#: The driver's KV shape in these tests: 16 layers x 4 heads x 64 x bf16, 256-token chunks:
+#: 2 * 16 * 4 * 64 * 256 * 2 bytes = 4 MiB per chunk.
+LAYERS = 16
+CHUNK_BYTES = 2 * LAYERS * 4 * 64 * 256 * 2
+
+#: The ``make_fleet`` fixture: ``make_fleet(["m", "a", "b"])``.
+MakeFleet = Callable[[Sequence[str]], Fleet]
+
+
+def services_required() -> bool:
+    return os.environ.get("KVHIVE_REQUIRE_SERVICES", "").strip().lower() in ("1", "true", "yes")
+
+
+def unavailable(reason: str) -> None:
+    """Skip, or fail under ``KVHIVE_REQUIRE_SERVICES=1`` (CI)."""
+    if services_required():
+        pytest.fail(f"KVHIVE_REQUIRE_SERVICES=1 but {reason}", pytrace=False)
+    pytest.skip(reason)
+
+
+@dataclass
+class NodeServer(ServerProcess):
+    """``kvhive server`` inside ``node``, listening on all of the node's interfaces (its
+    veth address and its own loopback, where a co-located engine dials); the test reaches it
+    from inside the node (:meth:`Node.call`)."""
+
+    node: Node | None = None
+
+    def __post_init__(self) -> None:
+        self.rpc_port = self.rpc_port or RPC_PORT
+        self.http_port = self.http_port or HTTP_PORT
+        super().__post_init__()
+
+    @property
+    def where(self) -> Node:
+        assert self.node is not None
+        return self.node
+
+    def argv(self) -> list[str]:
+        argv = super().argv()
+        for flag in ("--host", "--http-host"):
+            argv[argv.index(flag) + 1] = "0.0.0.0"
+        return self.where.argv(argv)
+
+    @property
+    def rpc_url(self) -> str:
+        return f"tcp://{self.where.addr}:{self.rpc_port}"
+
+    @property
+    def http_url(self) -> str:
+        return f"http://{self.where.addr}:{self.http_port}"
+
+    def start(self, timeout_s: float = 60.0, poll_s: float = 0.1) -> float:
+        try:
+            return super().start(timeout_s, poll_s)
+        finally:
+            if self.proc is not None:
+                self.where.adopt(self.proc)
+
+    def healthy(self, timeout: float = 1.0) -> bool:
+        try:
+            self.where.http(self.http_url + "/healthcheck", timeout_s=timeout)
+            return True
+        except (OSError, urllib.error.URLError, ValueError, TimeoutError):
+            return False
+
+    def get_json(self, path: str, timeout: float = 5.0) -> Any:
+        return self.where.http(self.http_url + path, timeout_s=timeout)
+
+
+def start_kvhive(node: Node, log_dir: Path, tiers: list[dict[str, Any]], *extra: str,
+                 l1_size_gb: float = 0.5, tag: str = "") -> NodeServer:  # fmt: skip
+    args = [a for tier in tiers for a in ("--l2-adapter", json.dumps(tier))] + list(extra)
+    server = NodeServer("kvhive", l1_size_gb, args, node=node,
+                        log_path=log_dir / f"kvhive-{node.name}{tag}.log")  # fmt: skip
+    server.start()
+    return server
+
+
+class Master:
+    """``mooncake_master`` inside ``node``, on its address (ports kept across restarts)."""
+
+    def __init__(self, node: Node, log_dir: Path, *flags: str) -> None:
+        self.node, self.log_dir, self.flags = node, log_dir, list(flags)
+        self.proc: subprocess.Popen[bytes] | None = None
+        self.starts = 0
+
+    @property
+    def addr(self) -> str:
+        return f"{self.node.addr}:{MASTER_PORT}"
+
+    def start(self) -> float:
+        self.starts += 1
+        t0 = time.monotonic()
+        argv = [str(MASTER_BIN), f"--rpc_address={self.node.addr}", f"--rpc_port={MASTER_PORT}",
+                f"--metrics_host={self.node.addr}", f"--metrics_port={MASTER_METRICS_PORT}",
+                "--logtostderr=true", *self.flags]  # fmt: skip
+        log = self.log_dir / f"master-{self.starts}.log"
+        self.proc = self.node.popen(argv, log_path=log)
+        self.node.wait_port(MASTER_PORT, proc=self.proc, what="mooncake_master")
+        return time.monotonic() - t0
+
+    def stop(self) -> None:
+        if self.proc is not None:
+            self.node.stop(self.proc)
+
+    def metrics(self) -> str:
+        url = f"http://{self.node.addr}:{MASTER_METRICS_PORT}/metrics"
+        return str(self.node.call(lambda: urllib.request.urlopen(url, timeout=5).read().decode()))
+
+
+def mooncake_tier(node: Node, master: Master, segment: int = SEGMENT) -> dict[str, Any]:
+    """A ``mooncake_store`` tier for a kvhive in ``node``: its own segment, advertised on the
+    node's address (P2PHANDSHAKE: no metadata server)."""
+    return {
+        "type": "mooncake_store",
+        "local_hostname": node.addr,
+        "metadata_server": "P2PHANDSHAKE",
+        "protocol": "tcp",
+        "rdma_devices": "",
+        "global_segment_size": str(segment),
+        "local_buffer_size": str(64 * MiB),
+        "master_server_addr": master.addr,
+    }
+
+
+def start_moto(node: Node, log_dir: Path, bucket: str = "kvhive") -> str:
+    """moto's S3 server inside ``node`` with one bucket; its path-style endpoint."""
+    proc = node.popen([sys.executable, "-m", "moto.server", "-H", node.addr, "-p", str(MOTO_PORT)],
+                      log_path=log_dir / "moto.log", env=subprocess_env())  # fmt: skip
+    node.wait_port(MOTO_PORT, proc=proc, what="moto")
+    endpoint = f"http://{node.addr}:{MOTO_PORT}/{bucket}"
+    node.http(endpoint, method="PUT")
+    return endpoint
+
+
+def s3_tier(endpoint: str) -> dict[str, Any]:
+    return {"type": "s3", "s3_endpoint": endpoint, "s3_region": "us-east-1",
+            "disable_tls": True, "aws_access_key_id": "test", "aws_secret_access_key": "test",
+            "s3_num_io_threads": 2, "s3_addressing_style": "path"}  # fmt: skip
+
+
+@dataclass
+class Drive:
+    result: dict[str, Any]
+    seconds: float
+    stdout: str
+    stderr: str
+
+    def __getitem__(self, key: str) -> Any:
+        return self.result[key]
+
+
+def drive(client_python: str, server: NodeServer, *extra: str, chunks: int,
+          timeout_s: float = 240.0) -> Drive:  # fmt: skip
+    """The lmcache 0.5.6 client driver (``tests/interop/drivers/l2.py``) in the server's
+    node, against the server's node address."""
+    argv = [client_python, str(DRIVERS / "l2.py"), "--url", server.rpc_url, "--http",
+            server.http_url, "--chunks", str(chunks), "--layers", str(LAYERS), *extra]  # fmt: skip
+    t0 = time.monotonic()
+    try:
+        proc = server.where.run(argv, timeout_s=timeout_s, cwd=DRIVERS, env=subprocess_env())
+    except subprocess.TimeoutExpired as exc:
+        pytest.fail(f"driver in node {server.where.name} timed out after {timeout_s}s "
+                    f"(a hang)\n{exc.stdout!s}\n{exc.stderr!s}\n--- server ---\n{server.log_tail()}",
+                    pytrace=False)  # fmt: skip
+    seconds = time.monotonic() - t0
+    lines = [ln for ln in proc.stdout.splitlines() if ln.startswith(RESULT_MARK)]
+    if proc.returncode != 0 or not lines:
+        pytest.fail(f"driver failed in node {server.where.name} (rc={proc.returncode})\n"
+                    f"{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}\n--- server ---\n"
+                    f"{server.log_tail()}", pytrace=False)  # fmt: skip
+    return Drive(dict(json.loads(lines[-1][len(RESULT_MARK) :])), seconds, proc.stdout, proc.stderr)
+
+
+def delta(before: dict[str, int], after: dict[str, int]) -> dict[str, int]:
+    return {k: after[k] - before[k] for k in before}
+
+
+def report(name: str, **figures: Any) -> None:
+    """One line of measured figures, shown with ``-s`` and kept in the report's sections."""
+    print(f"[fleet] {name}: " + ", ".join(f"{k}={v}" for k, v in figures.items()))
