@@ -337,3 +337,45 @@ def test_two_nodes_storing_one_chunk_never_show_a_torn_object(
     assert reader.adapter.status().get("corrupt", 0) == 0
     other = ObjectKey(key.chunk_hash, key.model_name, key.kv_rank, key.object_group_id, "tenant-b")
     assert done(node_b.lookup([key, other])) == [True, False]  # B sees A's; salts stay apart
+
+
+BIG = (12 << 20) + 123  # checked piece by piece while read (pooled.STREAM_CHECK_MIN)
+
+
+@pytest.mark.parametrize("big_kind", ["fs", "fs_native", "nixl_store", "nixl_store_dynamic"])
+def test_large_objects_checked_while_read_catch_damage_in_any_piece(
+    big_kind: str, adapter_json: Any, open_adapter: Opener
+) -> None:
+    extra = {}
+    if big_kind == "nixl_store":
+        extra = {"backend_params": {**adapter_json(big_kind)["backend_params"],
+                                    "file_size": str(16 << 20)}}  # fmt: skip
+    raw = adapter_json(big_kind, **extra)
+    adapter = open_adapter(raw)
+    keys, data = keys_for(2), payloads(2, BIG, seed=3)
+    assert store_all(adapter, keys, data) == [True, True]
+    ok, bufs = load_all(adapter, keys, nbytes=BIG)
+    assert ok == [True, True] and all(np.array_equal(a, b) for a, b in zip(bufs, data, strict=True))
+    # flip one byte in the third 4 MiB piece of the first object
+    if big_kind == "nixl_store":
+        store = adapter.adapter.store  # type: ignore[attr-defined]
+        place = store._index[keys[0]]
+        at = 0
+        for ext in store._extents(place.pages, place.length):  # the extent holding byte 9 MiB
+            if at <= (9 << 20) < at + ext.nbytes:
+                name = store._files.names[store._devs.index(ext.dev_id)]
+                path = Path(raw["backend_params"]["file_path"]) / name
+                offset = ext.offset + (9 << 20) - at
+            at += ext.nbytes
+    else:
+        base = Path(raw.get("base_path") or raw["backend_params"]["file_path"])
+        rel = fs_name(keys[0]) if big_kind.startswith("fs") else nixl_relpath(keys[0], False)
+        path, offset = base / rel, 9 << 20
+    with open(path, "r+b") as f:
+        f.seek(offset)
+        byte = f.read(1)
+        f.seek(offset)
+        f.write(bytes([byte[0] ^ 0x40]))
+    ok, bufs = load_all(adapter, keys, nbytes=BIG)
+    assert ok == [False, True] and np.array_equal(bufs[1], data[1])
+    assert adapter.adapter.status()["corrupt"] == 1

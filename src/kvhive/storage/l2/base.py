@@ -41,7 +41,7 @@ Usage per ``cache_salt``, capacity and eviction order are kept by kvhive around 
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import Future
 from dataclasses import dataclass
 from typing import Any, ClassVar
@@ -138,6 +138,16 @@ class ObjectStore(ABC):
 
         Bytes beyond the object's end are left untouched; the caller checks the length.
         """
+
+    def get_streamed(self, key: ObjectKey, parts: Sequence[memoryview],
+                     landed: Callable[[int], None]) -> int:  # fmt: skip
+        """:meth:`get`, calling ``landed(n)`` (``n`` increasing) whenever the object's first
+        ``n`` bytes are in ``parts``, on the calling thread, so kvhive checks each piece
+        while the next is read.  Override in stores that read in pieces; this default reads
+        everything, then reports it all."""
+        total = self.get(key, parts)
+        landed(min(total, sum(p.nbytes for p in parts)))
+        return total
 
     @abstractmethod
     def exists(self, key: ObjectKey) -> bool:

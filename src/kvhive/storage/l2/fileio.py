@@ -86,6 +86,22 @@ def read_at(fds: Fds, offset: int, parts: Sequence[memoryview], limit: int) -> i
     return got
 
 
+STREAM_PIECE = 4 << 20
+"""Bytes read per step by stores that report their progress (``ObjectStore.get_streamed``)."""
+
+
+def slice_views(parts: Sequence[memoryview], start: int, end: int) -> list[memoryview]:
+    """Views of bytes ``[start, end)`` of the concatenation of ``parts``."""
+    out: list[memoryview] = []
+    at = 0
+    for part in parts:
+        lo, hi = max(start, at), min(end, at + part.nbytes)
+        if lo < hi:
+            out.append(part[lo - at : hi - at])
+        at += part.nbytes
+    return out
+
+
 def open_fds(path: str, flags: int, *, direct: bool, align: int = 4096, mode: int = 0o644) -> Fds:
     """Open ``path`` buffered and, if ``direct`` and supported, once more with O_DIRECT."""
     fd = os.open(path, flags | os.O_CLOEXEC, mode)

@@ -47,7 +47,9 @@ compatibility.  Only framed objects are protected.
 from __future__ import annotations
 
 import hashlib
+import queue
 import struct
+import threading
 import zlib
 from collections.abc import Sequence
 
@@ -87,6 +89,52 @@ def fast_check(parts: Sequence[memoryview | bytes], bound_to: bytes = b"") -> in
     return int(h.intdigest())
 
 
+class PieceHasher:
+    """XXH3-64 of a payload computed on its own thread while the store reads the rest.
+
+    The reader calls :meth:`landed` with how many leading bytes of ``payload`` are now in
+    place (increasing); each new piece is hashed at once, while it is still in the CPU's
+    cache and while the next piece is read (xxhash releases the GIL).  :meth:`digest` waits
+    for the thread and returns the value :func:`fast_check` would give for the payload and
+    ``bound_to``.  :meth:`abandon` ends the thread when the read failed.  One payload per
+    instance; ``landed`` and ``digest``/``abandon`` from one thread (the reader's).
+    """
+
+    def __init__(self, payload: memoryview) -> None:
+        self._payload = payload.cast("B") if payload.format != "B" else payload
+        self._fed = 0
+        self._queue: queue.SimpleQueue[int | None] = queue.SimpleQueue()
+        self._hash = xxhash.xxh3_64()
+        self._thread = threading.Thread(target=self._run, name="kvhive-l2-check", daemon=True)
+        self._thread.start()
+
+    def landed(self, n: int) -> None:
+        n = min(n, self._payload.nbytes)
+        if n > self._fed:
+            self._queue.put(n)
+
+    def _run(self) -> None:
+        done = 0
+        while (n := self._queue.get()) is not None:
+            if n > done:
+                self._hash.update(self._payload[done:n])
+                done = n
+        self._fed = done
+
+    def digest(self, bound_to: bytes) -> int | None:
+        """The check of the whole payload, or None when not all of it landed."""
+        self._queue.put(None)
+        self._thread.join()
+        if self._fed != self._payload.nbytes:
+            return None
+        self._hash.update(bound_to)
+        return int(self._hash.intdigest())
+
+    def abandon(self) -> None:
+        self._queue.put(None)
+        self._thread.join()
+
+
 def checksum(payload: memoryview, bound_to: bytes = b"") -> int:
     """Format 2's check: CRC-32 of ``payload`` followed by ``bound_to`` (read only)."""
     return zlib.crc32(bound_to, zlib.crc32(payload)) & 0xFFFFFFFF
@@ -98,30 +146,34 @@ def make_trailer(payload: memoryview, bound_to: bytes = b"") -> bytes:
     return _TRAILER.pack(MAGIC, payload.nbytes, fast_check([payload], bound_to))
 
 
-def verify(payload: memoryview, total: int, tail: memoryview, bound_to: bytes = b"") -> None:
+def verify(payload: memoryview, total: int, tail: memoryview, bound_to: bytes = b"",
+           check: int | None = None) -> None:  # fmt: skip
     """Check an object that was read as ``payload`` followed by ``tail``.
 
     ``payload`` holds the first ``payload.nbytes`` (= the expected logical size) bytes of the
     object, ``tail`` the next ``TRAILER_BYTES`` (as far as the object reached), ``total`` is
     the stored length and ``bound_to`` the :func:`key_digest` of the key it was loaded for.
-    Raises :class:`CorruptObject` unless the object is valid for that key.
+    ``check`` is :func:`fast_check` of ``payload`` and ``bound_to`` when the caller already
+    has it (a :class:`PieceHasher`).  Raises :class:`CorruptObject` unless the object is
+    valid for that key.
     """
     n = payload.nbytes
     magic = bytes(tail[:8]) if total == n + TRAILER_BYTES else b""
     if magic == MAGIC:
-        _, length, check = _TRAILER.unpack(bytes(tail[:TRAILER_BYTES]))
+        _, length, stored = _TRAILER.unpack(bytes(tail[:TRAILER_BYTES]))
         if length != n:
             raise CorruptObject(f"trailer says {length} bytes, expected {n}")
-        if fast_check([payload], bound_to) != check:
+        got = fast_check([payload], bound_to) if check is None else check
+        if got != stored:
             raise CorruptObject("checksum mismatch (damaged, or another key's object)")
         return
     if magic == _V2_MAGIC:
-        _, length, check, version = _V2.unpack(bytes(tail[:TRAILER_BYTES]))
+        _, length, crc, version = _V2.unpack(bytes(tail[:TRAILER_BYTES]))
         if version == _UNBOUND_VERSION:
             raise CorruptObject("version-1 trailer names no key (written before key binding)")
         if length != n or version != _V2_VERSION:
             raise CorruptObject(f"trailer says {length} bytes v{version}, expected {n}")
-        if checksum(payload, bound_to) != check:
+        if checksum(payload, bound_to) != crc:
             raise CorruptObject("checksum mismatch (damaged, or another key's object)")
         return
     if total == n:

@@ -117,6 +117,19 @@ def pair_up(parts: Sequence[memoryview], storage: Sequence[Extent],
     return spans, extents
 
 
+def slice_extents(extents: Sequence[Extent], start: int, end: int) -> list[Extent]:
+    """The storage extents holding bytes ``[start, end)`` of the concatenation of
+    ``extents``."""
+    out: list[Extent] = []
+    at = 0
+    for ext in extents:
+        lo, hi = max(start, at), min(end, at + ext.nbytes)
+        if lo < hi:
+            out.append(Extent(ext.offset + lo - at, hi - lo, ext.dev_id))
+        at += ext.nbytes
+    return out
+
+
 def _emit(spans: list[Span], extents: list[Extent], span: Span, ext: Extent,
           direct: Mapping[int, int] | None) -> None:  # fmt: skip
     fd = direct.get(ext.dev_id) if direct else None

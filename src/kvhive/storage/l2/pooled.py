@@ -31,11 +31,21 @@ from kvhive.errors import CorruptObject, ObjectMissing
 from kvhive.keys import ObjectKey
 from kvhive.storage.l2.base import L2Adapter, ObjectStore
 from kvhive.storage.l2.futures import CORRUPT, ERROR, MISSING, Outcome, gather
-from kvhive.storage.l2.integrity import TRAILER_BYTES, Integrity, key_digest, make_trailer, verify
+from kvhive.storage.l2.integrity import (
+    TRAILER_BYTES,
+    Integrity,
+    PieceHasher,
+    key_digest,
+    make_trailer,
+    verify,
+)
 
 log = logging.getLogger(__name__)
 
 CLOSE_DEADLINE_S = 10.0
+STREAM_CHECK_MIN = 4 << 20
+"""Objects from this size are checked piece by piece on a second thread while they are read
+(``integrity.PieceHasher``); smaller ones after the read, on the worker."""
 """Default seconds ``close`` waits for running jobs before abandoning them."""
 
 
@@ -160,8 +170,18 @@ class PooledAdapter(L2Adapter):
             self.store.get(key, [buf])
             return True
         tail = memoryview(bytearray(TRAILER_BYTES))
-        total = self.store.get(key, [buf, tail])
-        verify(buf, total, tail, key_digest(key))
+        if buf.nbytes < STREAM_CHECK_MIN:
+            total = self.store.get(key, [buf, tail])
+            verify(buf, total, tail, key_digest(key))
+            return True
+        hasher = PieceHasher(buf)  # checks each piece while the store reads the next
+        try:
+            total = self.store.get_streamed(key, [buf, tail], hasher.landed)
+        except BaseException:
+            hasher.abandon()
+            raise
+        digest = key_digest(key)
+        verify(buf, total, tail, digest, hasher.digest(digest))
         return True
 
     def _delete_many(self, keys: list[ObjectKey]) -> list[bool]:

@@ -45,7 +45,7 @@ import os
 import threading
 import time
 import uuid
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -53,6 +53,7 @@ from kvhive.config.l2_adapters import NixlStoreDynamicAdapterConfig
 from kvhive.errors import ObjectMissing
 from kvhive.keys import ObjectKey
 from kvhive.storage.l2.base import HostRegion, L2Adapter, ObjectStore
+from kvhive.storage.l2.fileio import STREAM_PIECE, slice_views
 from kvhive.storage.l2.naming import nixl_relpath, parse_nixl_name
 from kvhive.storage.l2.nixl_runtime import (
     DIRECT_ALIGN,
@@ -234,6 +235,12 @@ class NixlFileStore(ObjectStore):
         self._remember(key, length, written=True)
 
     def get(self, key: ObjectKey, parts: Sequence[memoryview]) -> int:
+        return self.get_streamed(key, parts, _ignore)
+
+    def get_streamed(self, key: ObjectKey, parts: Sequence[memoryview],
+                     landed: Callable[[int], None]) -> int:  # fmt: skip
+        """Read in ``fileio.STREAM_PIECE`` transfers, reporting each (``base.py``); the file
+        is registered once for all of them."""
         path = self.layout.path(key)
         try:
             fd = os.open(path, os.O_RDONLY)
@@ -248,7 +255,11 @@ class NixlFileStore(ObjectStore):
             if self._wants_direct(want):
                 direct = self._open_direct(f"/proc/self/fd/{fd}", os.O_RDONLY, path)
             f = OpenFile(fd, direct, size)
-            self._move("READ", _prefix(parts, want), f, self.cfg.timeout_s)
+            pieces = [(a, min(want, a + STREAM_PIECE)) for a in range(0, want, STREAM_PIECE)]
+            with self._registered(f):
+                for a, b in pieces:
+                    self._transfer("READ", slice_views(parts, a, b), f, self.cfg.timeout_s, a)
+                    landed(b)
         finally:
             f.close()
         self._remember(key, size, written=False)
@@ -304,19 +315,30 @@ class NixlFileStore(ObjectStore):
 
     def _move(self, op: str, parts: Sequence[memoryview], f: OpenFile, timeout: float) -> None:
         """Register ``f`` (both descriptors), move ``parts`` from/to its start, deregister."""
-        parts = [p for p in parts if p.nbytes]
-        if not parts:
-            return
+        with self._registered(f):
+            self._transfer(op, parts, f, timeout, 0)
+
+    @contextlib.contextmanager
+    def _registered(self, f: OpenFile) -> Iterator[None]:
+        """``f``'s descriptors registered with NIXL for the duration."""
         fds = [f.fd] + ([f.direct] if f.direct >= 0 else [])
         reg = self._agent.register([(0, f.size, fd, "") for fd in fds], "FILE")
         try:
-            direct = {f.fd: f.direct} if f.direct >= 0 else None
-            spans, storage = pair_up(parts, [Extent(0, f.size, f.fd)], direct)
-            with self._agent.local([Span(address_of(p), p.nbytes) for p in parts]):
-                self._agent.transfer(op, spans, storage, "FILE",  # type: ignore[arg-type]
-                                     time.monotonic() + timeout)  # fmt: skip
+            yield
         finally:
             self._agent.deregister(reg)
+
+    def _transfer(self, op: str, parts: Sequence[memoryview], f: OpenFile, timeout: float,
+                  offset: int) -> None:  # fmt: skip
+        """Move ``parts`` from/to ``f`` at byte ``offset`` (``f`` registered)."""
+        parts = [p for p in parts if p.nbytes]
+        if not parts:
+            return
+        direct = {f.fd: f.direct} if f.direct >= 0 else None
+        spans, storage = pair_up(parts, [Extent(offset, f.size - offset, f.fd)], direct)
+        with self._agent.local([Span(address_of(p), p.nbytes) for p in parts]):
+            self._agent.transfer(op, spans, storage, "FILE",  # type: ignore[arg-type]
+                                 time.monotonic() + timeout)  # fmt: skip
 
     def _remember(self, key: ObjectKey, size: int, *, written: bool) -> None:
         with self._mu:
@@ -356,16 +378,8 @@ class NixlFileStore(ObjectStore):
             self._agent.close()
 
 
-def _prefix(parts: Sequence[memoryview], n: int) -> list[memoryview]:
-    """The first ``n`` bytes of the concatenation of ``parts``, as views of them."""
-    out = []
-    for p in parts:
-        if n <= 0:
-            break
-        take = min(n, p.nbytes)
-        out.append(p[:take])
-        n -= take
-    return out
+def _ignore(n: int) -> None:
+    """A ``landed`` callback for plain reads."""
 
 
 def build(cfg: NixlStoreDynamicAdapterConfig, *, host: HostRegion | None = None) -> L2Adapter:

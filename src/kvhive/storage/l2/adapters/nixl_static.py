@@ -37,7 +37,7 @@ import os
 import threading
 import time
 import uuid
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -47,8 +47,16 @@ from kvhive.config.l2_adapters import FLAG, NIXL_FILE_BACKENDS, NixlStoreAdapter
 from kvhive.errors import CapacityExceeded, ConfigError, ObjectMissing
 from kvhive.keys import ObjectKey
 from kvhive.storage.l2.base import HostRegion, L2Adapter, ObjectStore
+from kvhive.storage.l2.fileio import STREAM_PIECE, slice_views
 from kvhive.storage.l2.integrity import TRAILER_BYTES
-from kvhive.storage.l2.nixl_runtime import Extent, NixlAgent, Span, address_of, pair_up
+from kvhive.storage.l2.nixl_runtime import (
+    Extent,
+    NixlAgent,
+    Span,
+    address_of,
+    pair_up,
+    slice_extents,
+)
 from kvhive.storage.l2.pooled import PooledAdapter
 
 log = logging.getLogger(__name__)
@@ -272,6 +280,11 @@ class NixlPoolStore(ObjectStore):
                 self._drop(old)
 
     def get(self, key: ObjectKey, parts: Sequence[memoryview]) -> int:
+        return self.get_streamed(key, parts, _ignore)
+
+    def get_streamed(self, key: ObjectKey, parts: Sequence[memoryview],
+                     landed: Callable[[int], None]) -> int:  # fmt: skip
+        """Read in ``fileio.STREAM_PIECE`` transfers, reporting each (``base.py``)."""
         with self._mu:
             place = self._index.get(key)
             if place is None:
@@ -279,8 +292,13 @@ class NixlPoolStore(ObjectStore):
             place.readers += 1
         try:
             want = min(place.length, sum(p.nbytes for p in parts))
-            views = _prefix(parts, want)
-            self._move("READ", views, self._extents(place.pages, want), self.cfg.timeout_s)
+            extents = self._extents(place.pages, want)
+            step = STREAM_PIECE if self.kind == "FILE" else max(1, want)  # objects: whole
+            for start in range(0, want, step):
+                end = min(want, start + step)
+                self._move("READ", slice_views(parts, start, end),
+                           slice_extents(extents, start, end), self.cfg.timeout_s)  # fmt: skip
+                landed(end)
             return place.length
         finally:
             with self._mu:
@@ -400,16 +418,8 @@ def whole_objects(spans: Sequence[Span], storage: Sequence[Extent]
     return out_s, out_e, staged
 
 
-def _prefix(parts: Sequence[memoryview], n: int) -> list[memoryview]:
-    """The first ``n`` bytes of the concatenation of ``parts``, as views of them."""
-    out = []
-    for p in parts:
-        if n <= 0:
-            break
-        take = min(n, p.nbytes)
-        out.append(p[:take])
-        n -= take
-    return out
+def _ignore(n: int) -> None:
+    """A ``landed`` callback for plain reads."""
 
 
 def build(cfg: NixlStoreAdapterConfig, *, host: HostRegion | None = None) -> L2Adapter:
