@@ -61,7 +61,7 @@ def load(adapter: ManagedAdapter, keys: list[ObjectKey], nbytes: int) -> tuple[l
 
 
 def test_round_trip_small_and_32_mib(cluster_json: Any, open_adapter: Opener) -> None:
-    adapter = open_adapter(cluster_json())
+    adapter = open_adapter(cluster_json(request_timeout=30))  # 32 MiB on a busy machine
     for nbytes, count in ((N, 6), (MiB32, 2)):
         keys, data = keys_for(count, salt="t"), payloads(count, nbytes)
         assert done(adapter.store(keys, [memoryview(d) for d in data])) == [True] * count

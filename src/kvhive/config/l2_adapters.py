@@ -596,7 +596,9 @@ def parse_host_ports(raw: str) -> tuple[tuple[str, int], ...]:
         host, sep, port = chunk.rpartition(":")
         host = host.strip("[]")
         if not sep or not host or not port.isdigit() or not 0 < int(port) <= 65535:
-            raise ValueError(f"entries must be 'host:port' with a port in 1..65535 (bad: {chunk!r})")
+            raise ValueError(
+                f"entries must be 'host:port' with a port in 1..65535 (bad: {chunk!r})"
+            )
         nodes.append((host, int(port)))
     if not nodes:
         raise ValueError("must list at least one 'host:port'")

@@ -118,7 +118,7 @@ ERRORS = [
     ([], "#0: must be a JSON object (got list)"),
     ({}, "#0: field 'type' is required; one of dax, fault_inject, fs, fs_native, mock, "
          "mooncake_store, native_plugin, nixl_store, nixl_store_dynamic, plugin, raw_block, "
-         "resp, s3"),
+         "resp, s3, valkey"),
     ({"type": "fs"}, "#0 (fs): field 'base_path' is required"),
     ({"type": "fs", "base_path": "/x", "num_workers": 0}, "#0 (fs): field 'num_workers' must be > 0 (got 0)"),
     ({"type": "fs", "base_path": "/x", "num_workers": True},

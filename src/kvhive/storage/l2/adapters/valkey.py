@@ -24,7 +24,7 @@ dead shard's keys are errors: counted (``errors`` for loads and stores, ``lookup
 keys of lookups), logged, and misses for the caller; keys on live shards keep hitting.
 
 Client choice (measured here, a 2-core VM also running the cluster: 3 masters on loopback,
-32 MiB values, SET then GET of 24 objects; GB/s, three runs each, noisy)::
+32 MiB values, SET then GET of 24 objects; GB/s, three runs each)::
 
     client                          1 thread SET / GET       4 threads SET / GET
     redis-py 8.2 RedisCluster       1.1-1.4 / 0.43-0.46      0.35-1.2 / 0.22-0.31
@@ -34,9 +34,18 @@ redis-py is as fast or faster on GET (the hot path: a prefetch) and on one-threa
 already kvhive's ``resp`` client (extra ``kvhive[redis]``), is pure Python with typed errors,
 and has cluster MULTI/EXEC for the trailer without a copy; glide (the reference's client)
 brings a native core and an IPC hop, and its buffer GET still stages through a scratch buffer
-in the reference.  ``valkey`` (PyPI) is a redis-py fork with the same code paths.  Through
-this adapter (integrity trailer, PooledAdapter, 8 workers) 32 MiB objects moved at 0.9 GB/s
-stored / 0.45 GB/s loaded vs 1.2 / 0.4 for raw RedisCluster SET/GET on the same cluster.
+in the reference.  ``valkey`` (PyPI) is a redis-py fork with the same code paths.  Adapter vs
+raw client on the same cluster (24 x 32 MiB, same concurrency, GB/s; the machine had a load
+average of 6-10 on 2 cores from other jobs, so these bound rather than measure)::
+
+    workers   raw RedisCluster SET / GET   this adapter store / load
+    4         0.12-1.48 / 0.12-0.28        0.39-0.46 / 0.10-0.15
+    8         0.74-1.07 / 0.21-0.31        0.34-0.51 / 0.09-0.37
+
+The adapter adds an XXH3 trailer (~1 ms per 32 MiB) and MULTI/EXEC round trips on stores,
+nothing on loads beyond the check.  Under that load some 32 MiB calls with 8 workers passed
+the default ``request_timeout`` of 5 s and were counted errors: raise it for big objects on
+a busy server.
 """
 
 from __future__ import annotations
