@@ -214,3 +214,43 @@ def delta(before: dict[str, int], after: dict[str, int]) -> dict[str, int]:
 def report(name: str, **figures: Any) -> None:
     """One line of measured figures, shown with ``-s`` and kept in the report's sections."""
     print(f"[fleet] {name}: " + ", ".join(f"{k}={v}" for k, v in figures.items()))
+
+
+def start_cluster(node: Node, log_dir: Path) -> Any:
+    """A Redis/Valkey Cluster (3 masters + 3 replicas, ``tests/support/redis_cluster.py``)
+    inside ``node``, every server bound to and announcing the node's address.  Built on a
+    thread inside the node (the launcher checks its ports there, and its children start
+    there); ``redis-server``/``redis-cli`` run under ``ip netns exec`` for later calls."""
+    from support.redis_cluster import LocalCluster, binaries
+
+    if binaries() is None:
+        unavailable("redis-server/redis-cli (or valkey-*) are not installed")
+    try:
+        import redis  # noqa: F401
+    except ImportError as exc:
+        unavailable(f"redis-py is not installed ({exc}): pip install 'kvhive[redis]'")
+    workdir = log_dir / "cluster"
+    workdir.mkdir()
+    return node.call(
+        lambda: LocalCluster(host=node.addr, workdir=workdir, argv_prefix=node.argv([])),
+        timeout_s=90,
+    )
+
+
+def valkey_tier(cluster: Any) -> dict[str, Any]:
+    return {"type": "valkey", "startup_nodes": cluster.startup_nodes, "cluster_mode": True}
+
+
+def wait_written_behind(server: NodeServer, chunks: int, timeout_s: float = 60.0) -> dict[str, Any]:
+    """Until the server's L2 write-behind is idle with ``chunks`` objects stored in its first
+    tier; its status then."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        status: dict[str, Any] = server.status()
+        lanes = status["l2"]["store"]["lanes"].values()
+        idle = all(lane["pending"] == 0 and lane["running_tasks"] == 0 for lane in lanes)
+        if idle and status["l2"]["adapters"][0]["stored"] >= chunks:
+            return status
+        if time.monotonic() > deadline:
+            raise AssertionError(f"write-behind not done in {timeout_s}s: {status['l2']}")
+        time.sleep(0.2)
