@@ -216,7 +216,7 @@ def report(name: str, **figures: Any) -> None:
     print(f"[fleet] {name}: " + ", ".join(f"{k}={v}" for k, v in figures.items()))
 
 
-def start_cluster(node: Node, log_dir: Path) -> Any:
+def start_cluster(node: Node, log_dir: Path, node_timeout_ms: int = 1500) -> Any:
     """A Redis/Valkey Cluster (3 masters + 3 replicas, ``tests/support/redis_cluster.py``)
     inside ``node``, every server bound to and announcing the node's address.  Built on a
     thread inside the node (the launcher checks its ports there, and its children start
@@ -232,7 +232,12 @@ def start_cluster(node: Node, log_dir: Path) -> Any:
     workdir = log_dir / "cluster"
     workdir.mkdir()
     return node.call(
-        lambda: LocalCluster(host=node.addr, workdir=workdir, argv_prefix=node.argv([])),
+        lambda: LocalCluster(
+            host=node.addr,
+            workdir=workdir,
+            argv_prefix=node.argv([]),
+            node_timeout_ms=node_timeout_ms,
+        ),
         timeout_s=90,
     )
 
