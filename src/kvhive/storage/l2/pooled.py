@@ -170,7 +170,8 @@ class PooledAdapter(L2Adapter):
             self.store.get(key, [buf])
             return True
         tail = memoryview(bytearray(TRAILER_BYTES))
-        if buf.nbytes < STREAM_CHECK_MIN:
+        if buf.nbytes < STREAM_CHECK_MIN or not self._frame:
+            # small, or a raw tier (objects rarely carry a trailer: hashing ahead is waste)
             total = self.store.get(key, [buf, tail])
             verify(buf, total, tail, key_digest(key))
             return True
