@@ -7,7 +7,6 @@ inside one node of a :class:`support.fleet.Fleet`.
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
 import time
@@ -22,6 +21,7 @@ import pytest
 
 from kvhive.bench.servers import ServerProcess, subprocess_env
 from support.fleet import Fleet, Node
+from support.require import services_required, unavailable  # noqa: F401 - re-exported
 
 REPO = Path(__file__).resolve().parents[2]
 DRIVERS = REPO / "tests" / "interop" / "drivers"
@@ -39,17 +39,6 @@ CHUNK_BYTES = 2 * LAYERS * 4 * 64 * 256 * 2
 
 #: The ``make_fleet`` fixture: ``make_fleet(["m", "a", "b"])``.
 MakeFleet = Callable[[Sequence[str]], Fleet]
-
-
-def services_required() -> bool:
-    return os.environ.get("KVHIVE_REQUIRE_SERVICES", "").strip().lower() in ("1", "true", "yes")
-
-
-def unavailable(reason: str) -> None:
-    """Skip, or fail under ``KVHIVE_REQUIRE_SERVICES=1`` (CI)."""
-    if services_required():
-        pytest.fail(f"KVHIVE_REQUIRE_SERVICES=1 but {reason}", pytrace=False)
-    pytest.skip(reason)
 
 
 @dataclass

@@ -8,20 +8,18 @@ A missing service binary or package skips its tests with the reason, unless
 from __future__ import annotations
 
 import json
-import os
 import shutil
-import socket
 import subprocess
 import sys
-import time
 import urllib.request
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
-from l2_testlib import WAIT_S
 
+from kvhive.bench.l2_services import stop as _stop
+from kvhive.bench.l2_services import wait_port as _wait_port
 from kvhive.config.l2_adapters import parse_adapter
 from kvhive.storage.l1 import L1Manager
 from kvhive.storage.l2.managed import ManagedAdapter
@@ -29,40 +27,9 @@ from kvhive.storage.l2.registry import build_adapter
 from support.l1 import make_l1
 from support.net import free_port
 from support.redis_cluster import LocalCluster, binaries
+from support.require import services_required, unavailable  # noqa: F401 - re-exported
 
 HERE = Path(__file__).resolve().parent
-
-
-def services_required() -> bool:
-    return os.environ.get("KVHIVE_REQUIRE_SERVICES", "").strip().lower() in ("1", "true", "yes")
-
-
-def unavailable(reason: str) -> None:
-    if services_required():
-        pytest.fail(f"KVHIVE_REQUIRE_SERVICES=1 but {reason}", pytrace=False)
-    pytest.skip(reason)
-
-
-def _wait_port(port: int, proc: subprocess.Popen, what: str) -> None:
-    deadline = time.monotonic() + WAIT_S
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise RuntimeError(f"{what} exited with {proc.returncode}")
-        try:
-            with socket.create_connection(("127.0.0.1", port), timeout=0.2):
-                return
-        except OSError:
-            time.sleep(0.05)
-    raise RuntimeError(f"{what} did not listen on port {port}")
-
-
-def _stop(proc: subprocess.Popen) -> None:
-    proc.terminate()
-    try:
-        proc.wait(5)
-    except subprocess.TimeoutExpired:
-        proc.kill()
-        proc.wait(5)
 
 
 def nixl_available() -> None:

@@ -11,26 +11,15 @@ from pathlib import Path
 from typing import IO, Any
 
 import numpy as np
-import pytest
 
 from kvhive.keys import ObjectKey, pack_kv_rank
 from support.net import free_port
+from support.require import services_required, unavailable  # noqa: F401 - re-exported
 
 MASTER_BIN = Path(sys.executable).parent / "mooncake_master"
 WAIT_S = 30.0
 MiB = 1 << 20
 SEGMENT = 512 * MiB  # >= 256 MiB for 32 MiB objects (16 MiB: a 32 MiB put fails with -200)
-
-
-def services_required() -> bool:
-    return os.environ.get("KVHIVE_REQUIRE_SERVICES", "").strip().lower() in ("1", "true", "yes")
-
-
-def unavailable(reason: str) -> None:
-    """Skip, or fail under ``KVHIVE_REQUIRE_SERVICES=1`` (CI)."""
-    if services_required():
-        pytest.fail(f"KVHIVE_REQUIRE_SERVICES=1 but {reason}", pytrace=False)
-    pytest.skip(reason)
 
 
 def client_config(master_addr: str, segment: int = SEGMENT) -> dict[str, str]:

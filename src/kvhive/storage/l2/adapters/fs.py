@@ -20,6 +20,7 @@ kvhive reads those too).
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import uuid
@@ -91,30 +92,14 @@ class FsStore(ObjectStore):
         os.replace(tmp, final)
 
     def get(self, key: ObjectKey, parts: Sequence[memoryview]) -> int:
-        try:
-            fds = fileio.open_fds(self.path(key), os.O_RDONLY, direct=self.direct, align=self.align)
-        except FileNotFoundError:
-            raise ObjectMissing(fs_name(key)) from None
-        try:
-            size = os.fstat(fds.buffered).st_size
-            if self.read_ahead:
-                os.posix_fadvise(fds.buffered, 0, 0, os.POSIX_FADV_SEQUENTIAL)
+        with self._opened(key) as (fds, size):
             self._read(fds, parts, size)
             return size
-        finally:
-            fileio.close_fds(fds)
 
     def get_streamed(self, key: ObjectKey, parts: Sequence[memoryview],
                      landed: Callable[[int], None]) -> int:  # fmt: skip
         """:meth:`get` in ``fileio.STREAM_PIECE`` steps, reporting each (``base.py``)."""
-        try:
-            fds = fileio.open_fds(self.path(key), os.O_RDONLY, direct=self.direct, align=self.align)
-        except FileNotFoundError:
-            raise ObjectMissing(fs_name(key)) from None
-        try:
-            size = os.fstat(fds.buffered).st_size
-            if self.read_ahead:
-                os.posix_fadvise(fds.buffered, 0, 0, os.POSIX_FADV_SEQUENTIAL)
+        with self._opened(key) as (fds, size):
             want = min(size, sum(p.nbytes for p in parts))
             for start in range(0, want, fileio.STREAM_PIECE):
                 end = min(want, start + fileio.STREAM_PIECE)
@@ -123,6 +108,19 @@ class FsStore(ObjectStore):
                 if got < end - start:
                     break
             return size
+
+    @contextlib.contextmanager
+    def _opened(self, key: ObjectKey) -> Iterator[tuple[fileio.Fds, int]]:
+        """``key``'s file open for reading, with its size; ObjectMissing when absent."""
+        try:
+            fds = fileio.open_fds(self.path(key), os.O_RDONLY, direct=self.direct, align=self.align)
+        except FileNotFoundError:
+            raise ObjectMissing(fs_name(key)) from None
+        try:
+            size = os.fstat(fds.buffered).st_size
+            if self.read_ahead:
+                os.posix_fadvise(fds.buffered, 0, 0, os.POSIX_FADV_SEQUENTIAL)
+            yield fds, size
         finally:
             fileio.close_fds(fds)
 
