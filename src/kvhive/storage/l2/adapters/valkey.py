@@ -56,9 +56,9 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 from kvhive.config.l2_adapters import FLAG, ValkeyAdapterConfig
-from kvhive.errors import ConfigError, ObjectMissing
+from kvhive.errors import ConfigError
 from kvhive.keys import ObjectKey
-from kvhive.storage.l2.adapters.mock import copy_out
+from kvhive.storage.l2.adapters.resp import read_value
 from kvhive.storage.l2.base import L2Adapter, ObjectStore
 from kvhive.storage.l2.naming import SEP, flat_name
 from kvhive.storage.l2.pooled import PooledAdapter
@@ -120,11 +120,7 @@ class ValkeyStore(ObjectStore):
             pipe.execute()
 
     def get(self, key: ObjectKey, parts: Sequence[memoryview]) -> int:
-        value = self.client.get(self.name(key))
-        if value is None:
-            raise ObjectMissing(self.name(key))
-        assert isinstance(value, bytes)  # responses are not decoded
-        return copy_out(memoryview(value), parts)
+        return read_value(self.client, self.name(key), parts)
 
     def exists(self, key: ObjectKey) -> bool:
         return bool(self.client.exists(self.name(key)))
