@@ -131,9 +131,10 @@ def test_a_lost_shared_tier_degrades_the_node_but_requests_are_served(tmp_path: 
     import subprocess
     import time
 
-    from conftest import _stop, _wait_port, unavailable
-
+    from kvhive.bench.l2_services import stop as _stop
+    from kvhive.bench.l2_services import wait_port as _wait_port
     from support import traffic as tr
+    from support.require import unavailable
 
     exe = shutil.which("redis-server")
     if exe is None:

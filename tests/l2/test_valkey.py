@@ -329,14 +329,14 @@ def test_a_killed_master_costs_misses_on_its_slots_only_until_failover(
         for _, _, found, good in rounds:  # other slots hit throughout
             assert all(f for f, alive in zip(found, live, strict=True) if alive)
             assert all(g for g, alive in zip(good, live, strict=True) if alive)
+        # Rounds that ran wholly between the kill and the promotion miss every dead key;
+        # under load a round can outlast the outage, so also require that the kill showed.
         outage = [r for r in rounds if killed_at + 0.1 < r[0] and r[0] + r[1] < healed_at]
-        # Promotion takes >= cluster-node-timeout (1 s): rounds starting in the first 0.5 s
-        # after the kill run against the dead master (and any round before the promotion
-        # was seen, lookups and loads alike, misses every dead key).
-        outage = [r for r in rounds if killed_at + 0.1 < r[0] < killed_at + 0.6]
-        assert outage, "no round right after the kill"
         assert all(not any(x for x, d in zip(r[2] + r[3], dead + dead, strict=True) if d)
                    for r in outage)  # fmt: skip
+        seen = [r for r in rounds if r[0] + r[1] > killed_at + 0.1
+                and any(not g for g, d in zip(r[3], dead, strict=True) if d)]  # fmt: skip
+        assert seen, "no round missed the dead shard's keys"
         status = adapter.adapter.status()
         assert status["errors"] > 0 and status["lookup_errors"] > 0
         after = [r for r in rounds if r[0] > healed_at + 1.0]
