@@ -7,7 +7,6 @@ A missing service binary or package skips its tests with the reason, unless
 
 from __future__ import annotations
 
-import json
 import shutil
 import subprocess
 import sys
@@ -20,11 +19,9 @@ import pytest
 
 from kvhive.bench.l2_services import stop as _stop
 from kvhive.bench.l2_services import wait_port as _wait_port
-from kvhive.config.l2_adapters import parse_adapter
 from kvhive.storage.l1 import L1Manager
-from kvhive.storage.l2.managed import ManagedAdapter
-from kvhive.storage.l2.registry import build_adapter
 from support.l1 import make_l1
+from support.l2kit import Opener, open_adapters
 from support.net import free_port
 from support.redis_cluster import LocalCluster, binaries
 from support.require import services_required, unavailable  # noqa: F401 - re-exported
@@ -161,19 +158,9 @@ def adapter_json(request: pytest.FixtureRequest, tmp_path: Path) -> Callable[...
 
 
 @pytest.fixture
-def open_adapter() -> Iterator[Callable[[dict[str, Any]], ManagedAdapter]]:
+def open_adapter() -> Iterator[Opener]:
     """``open_adapter(json)``: a ManagedAdapter, closed at teardown (or by the test)."""
-    opened: list[ManagedAdapter] = []
-
-    def make(raw: dict[str, Any], index: int = 0) -> ManagedAdapter:
-        spec = parse_adapter(index, json.loads(json.dumps(raw)))
-        adapter = ManagedAdapter(spec, build_adapter(spec))
-        opened.append(adapter)
-        return adapter
-
-    yield make
-    for adapter in opened:
-        adapter.close()
+    yield from open_adapters()
 
 
 @pytest.fixture

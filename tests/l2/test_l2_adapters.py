@@ -5,34 +5,28 @@ from __future__ import annotations
 import os
 import threading
 import time
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pytest
-from l2_testlib import DURABLE, KINDS, aligned_copy, done, keys_for, payloads
+from l2_testlib import DURABLE, KINDS, done, keys_for, payloads
 
 from kvhive.keys import ObjectKey
 from kvhive.storage.controllers.prefetch import PrefetchController
 from kvhive.storage.l1.manager import L1Manager
 from kvhive.storage.l2.managed import ManagedAdapter
 from kvhive.storage.l2.naming import block_name, flat_name, fs_name, nixl_relpath
+from support.l2kit import Opener, hammer_concurrently, store_all
+from support.l2kit import load_all as kit_load_all
 
 N = 64 * 1024 + 123  # unaligned on purpose: trailers and O_DIRECT tails get exercised
-
-Opener = Callable[..., ManagedAdapter]
-
-
-def store_all(adapter: ManagedAdapter, keys: list[ObjectKey], data: list[np.ndarray]) -> list[bool]:
-    return done(adapter.store(keys, [memoryview(d) for d in data]))
 
 
 def load_all(
     adapter: ManagedAdapter, keys: list[ObjectKey], nbytes: int = N
 ) -> tuple[list[bool], list[np.ndarray]]:
-    bufs = [aligned_copy(np.zeros(nbytes, dtype=np.uint8)) for _ in keys]
-    return done(adapter.load(keys, [memoryview(b) for b in bufs])), bufs
+    return kit_load_all(adapter, keys, nbytes)
 
 
 @pytest.fixture(params=KINDS)
@@ -141,28 +135,7 @@ def test_fs_isolated_quota_eviction(adapter_json: Any, open_adapter: Opener) -> 
 def test_concurrent_use(kind: str, adapter_json: Any, open_adapter: Opener) -> None:
     adapter = open_adapter(adapter_json(kind, **({"capacity_bytes": 32 << 20} if kind == "raw_block" else {}),
                                         **({"max_dax_size_gb": 32 / 1024} if kind == "dax" else {})))  # fmt: skip
-    errors: list[str] = []
-    shared_keys, shared_data = keys_for(2), payloads(2, N, seed=9)
-
-    def worker(i: int) -> None:
-        keys, data = keys_for(3), payloads(3, N, seed=i)
-        try:
-            for _ in range(2):
-                assert store_all(adapter, keys + shared_keys, data + shared_data) == [True] * 5
-                ok, bufs = load_all(adapter, keys + shared_keys)
-                assert ok == [True] * 5
-                assert all(
-                    np.array_equal(a, b) for a, b in zip(bufs, data + shared_data, strict=True)
-                )
-        except AssertionError as exc:
-            errors.append(f"worker {i}: {exc}")
-
-    threads = [threading.Thread(target=worker, args=(i,)) for i in range(6)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join(60)
-    assert errors == []
+    assert hammer_concurrently(adapter, N) == []
 
 
 @pytest.mark.parametrize("durable_kind", DURABLE)

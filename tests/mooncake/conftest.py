@@ -9,7 +9,6 @@ outside a loopback-only namespace every test then skips with the reason, or fail
 
 from __future__ import annotations
 
-import json
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -17,9 +16,7 @@ from typing import Any
 import pytest
 from mc_testlib import MASTER_BIN, Master, client_config, unavailable
 
-from kvhive.config.l2_adapters import parse_adapter
-from kvhive.storage.l2.managed import ManagedAdapter
-from kvhive.storage.l2.registry import build_adapter
+from support.l2kit import Opener, open_adapters
 from support.netns import loopback_only
 
 HERE = Path(__file__).resolve().parent
@@ -74,16 +71,6 @@ def mc_json(master: Master) -> Callable[..., dict[str, Any]]:
 
 
 @pytest.fixture
-def open_adapter() -> Iterator[Callable[..., ManagedAdapter]]:
+def open_adapter() -> Iterator[Opener]:
     """``open_adapter(json)``: a ManagedAdapter, closed at teardown unless the test did."""
-    opened: list[ManagedAdapter] = []
-
-    def make(raw: dict[str, Any], index: int = 0) -> ManagedAdapter:
-        spec = parse_adapter(index, json.loads(json.dumps(raw)))
-        adapter = ManagedAdapter(spec, build_adapter(spec))
-        opened.append(adapter)
-        return adapter
-
-    yield make
-    for adapter in opened:
-        adapter.close()  # idempotent
+    yield from open_adapters()

@@ -2,17 +2,13 @@
 
 from __future__ import annotations
 
-import os
 import socket
 import subprocess
 import sys
 import time
 from pathlib import Path
-from typing import IO, Any
+from typing import IO
 
-import numpy as np
-
-from kvhive.keys import ObjectKey, pack_kv_rank
 from support.net import free_port
 from support.require import services_required, unavailable  # noqa: F401 - re-exported
 
@@ -89,17 +85,3 @@ class Master:
             return "\n".join(path.read_text(errors="replace").splitlines()[-lines:])
         except OSError:
             return ""
-
-
-def keys_for(n: int, *, salt: str = "", model: str = "org/model") -> list[ObjectKey]:
-    rank = pack_kv_rank(1, 0)
-    return [ObjectKey(os.urandom(4) + i.to_bytes(4, "big"), model, rank, 0, salt) for i in range(n)]
-
-
-def payloads(n: int, nbytes: int, seed: int = 0) -> list[np.ndarray]:
-    rng = np.random.default_rng(seed)
-    return [rng.integers(0, 256, nbytes, dtype=np.uint8) for _ in range(n)]
-
-
-def done(fut: Any, timeout: float = WAIT_S) -> list[bool]:
-    return list(fut.result(timeout=timeout))

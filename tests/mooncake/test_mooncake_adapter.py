@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -10,7 +9,7 @@ from typing import Any
 
 import numpy as np
 import pytest
-from mc_testlib import Master, MiB, client_config, done, keys_for, payloads
+from mc_testlib import Master, MiB, client_config
 
 from kvhive.config.l2_adapters import parse_adapter
 from kvhive.errors import ConfigError
@@ -20,10 +19,11 @@ from kvhive.storage.l2.integrity import TRAILER_BYTES
 from kvhive.storage.l2.managed import ManagedAdapter
 from kvhive.storage.l2.naming import flat_name
 from kvhive.storage.l2.registry import build_adapter
+from support.l2kit import Opener, done, hammer_concurrently, keys_for, payloads, store_all
+from support.l2kit import load_all as kit_load_all
 from support.net import free_port
 
 N = 64 * 1024 + 123  # unaligned: the trailer follows an odd-sized payload
-Opener = Callable[..., ManagedAdapter]
 
 
 def raw_client(master_addr: str, segment: int = 0) -> Any:
@@ -35,15 +35,10 @@ def raw_client(master_addr: str, segment: int = 0) -> Any:
     return store
 
 
-def store_all(adapter: ManagedAdapter, keys: list[ObjectKey], data: list[np.ndarray]) -> list[bool]:
-    return done(adapter.store(keys, [memoryview(d) for d in data]))
-
-
 def load_all(
     adapter: ManagedAdapter, keys: list[ObjectKey], nbytes: int = N
 ) -> tuple[list[bool], list[np.ndarray]]:
-    bufs = [np.zeros(nbytes, dtype=np.uint8) for _ in keys]
-    return done(adapter.load(keys, [memoryview(b) for b in bufs])), bufs
+    return kit_load_all(adapter, keys, nbytes)
 
 
 def test_round_trip_small_batches_and_32_mib(mc_json: Any, open_adapter: Opener) -> None:
@@ -111,28 +106,7 @@ def test_capacity_refuses_and_eviction_makes_room(mc_json: Any, open_adapter: Op
 
 def test_concurrent_use(mc_json: Any, open_adapter: Opener) -> None:
     adapter = open_adapter(mc_json(num_workers=3))
-    errors: list[str] = []
-    shared_keys, shared_data = keys_for(2), payloads(2, N, seed=9)
-
-    def worker(i: int) -> None:
-        keys, data = keys_for(3), payloads(3, N, seed=i)
-        try:
-            for _ in range(2):
-                assert store_all(adapter, keys + shared_keys, data + shared_data) == [True] * 5
-                ok, bufs = load_all(adapter, keys + shared_keys)
-                assert ok == [True] * 5
-                assert all(
-                    np.array_equal(a, b) for a, b in zip(bufs, data + shared_data, strict=True)
-                )
-        except AssertionError as exc:
-            errors.append(f"worker {i}: {exc}")
-
-    threads = [threading.Thread(target=worker, args=(i,)) for i in range(6)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join(60)
-    assert errors == []
+    assert hammer_concurrently(adapter, N) == []
 
 
 def test_tampered_objects_are_counted_corrupt_misses_and_removed(
