@@ -15,6 +15,25 @@ three independent readings of how many prompt tokens came from the external KV c
 
     python vllm_generate.py --model DIR --mode lmcache_driven --port 5555 --repeats 2
     python vllm_generate.py --model DIR --mode none                      # no connector
+
+``--kv-events-endpoint EP`` turns on vLLM's KV-event publisher (``KVEventsConfig``:
+``enable_kv_cache_events``, ``publisher="zmq"``, ``endpoint=EP``, ``topic``).  vLLM's
+``ZmqEventPublisher`` *binds* only an endpoint holding ``*``, ``::``, ``ipc://`` or
+``inproc://`` and *connects* to any other, so a subscriber that connects needs
+``tcp://*:PORT`` (or ``ipc://``) here.
+
+``--serve-stdin`` (the KV-event test) takes commands from stdin after start-up instead of
+sending ``--repeats`` requests, so the caller can look at kvhive between requests::
+
+    @@KVHIVE_E2E_READY@@ {"startup_seconds": ...}      printed once the LLM is built
+    prompt V   one request of prompt variant V (V=0 is the prompt of ``--repeats``);
+               prints @@KVHIVE_E2E_REQUEST@@ {request fields + "variant", "prompt_token_ids"}
+    step       one short request (under one chunk, 1 new token): it only makes the engine
+               step.  The connector hands its buffered KV events (kvhive's pushed records)
+               to the scheduler only inside a model step, so events that arrive after the
+               last step of a request stay buffered until the next one; prints
+               @@KVHIVE_E2E_STEPPED@@ {"seconds": ...}
+    quit       (or EOF) prints the @@KVHIVE_E2E_RESULT@@ line and exits
 """
 
 from __future__ import annotations
@@ -27,6 +46,11 @@ import time
 from typing import Any
 
 RESULT_MARK = "@@KVHIVE_E2E_RESULT@@ "
+READY_MARK = "@@KVHIVE_E2E_READY@@ "
+REQUEST_MARK = "@@KVHIVE_E2E_REQUEST@@ "
+STEPPED_MARK = "@@KVHIVE_E2E_STEPPED@@ "
+#: The ``step`` command's prompt: fewer tokens than one chunk, so nothing is stored.
+STEP_PROMPT_TOKENS = 16
 
 # Same threads with and without a connector; no telemetry; never reach a hub.
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -55,9 +79,17 @@ def log(msg: str) -> None:
     sys.stderr.flush()
 
 
-def build_prompt(tokenizer: Any, num_tokens: int) -> list[int]:
+def emit(mark: str, obj: dict[str, Any]) -> None:
+    """One marked JSON line on stdout (vLLM logs on stdout too; callers look for the mark)."""
+    sys.stdout.write(mark + json.dumps(obj, sort_keys=True) + "\n")
+    sys.stdout.flush()
+
+
+def build_prompt(tokenizer: Any, num_tokens: int, variant: int = 0) -> list[int]:
     """A deterministic chat prompt (the model's template) of exactly ``num_tokens`` token ids:
-    a long list of made-up entries, then a question about them."""
+    a long list of made-up entries, then a question about them.  ``variant`` V numbers the
+    entries from V * 1000, so variants differ from the first entry on (variant 0 is the
+    prompt the e2e tests have always sent)."""
     rendered = tokenizer.apply_chat_template(
         [{"role": "user", "content": "\x00BODY\x00" + QUESTION}],
         tokenize=False,
@@ -65,7 +97,7 @@ def build_prompt(tokenizer: Any, num_tokens: int) -> list[int]:
     )
     pre, post = rendered.split("\x00BODY\x00")
     post_ids = tokenizer.encode(post, add_special_tokens=False)
-    lines, i = [], 0
+    lines, i = [], variant * 1000
     body: list[int] = []
     while len(body) + len(post_ids) < num_tokens:
         for _ in range(16):
@@ -114,12 +146,27 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=2, help="times the same prompt is sent")
     ap.add_argument("--max-model-len", type=int, default=2048)
     ap.add_argument("--dtype", default="bfloat16")
+    ap.add_argument(
+        "--kv-events-endpoint",
+        help="publish vLLM's KV events (ZMQ PUB) here; tcp://*:PORT binds (see the docstring)",
+    )
+    ap.add_argument("--kv-events-topic", default="", help="topic of the published batches")
+    ap.add_argument(
+        "--serve-stdin", action="store_true", help="take commands from stdin (see the docstring)"
+    )
     args = ap.parse_args()
 
     from vllm import LLM, SamplingParams, TokensPrompt
-    from vllm.config import KVTransferConfig
+    from vllm.config import KVEventsConfig, KVTransferConfig
 
     kwargs: dict[str, Any] = {}
+    if args.kv_events_endpoint:
+        kwargs["kv_events_config"] = KVEventsConfig(
+            enable_kv_cache_events=True,
+            publisher="zmq",
+            endpoint=args.kv_events_endpoint,
+            topic=args.kv_events_topic,
+        )
     if args.mode != "none":
         kwargs["kv_transfer_config"] = KVTransferConfig(
             kv_connector="LMCacheMPConnector",
@@ -146,42 +193,72 @@ def main() -> None:
     startup_s = time.monotonic() - t0
     log(f"LLM ready in {startup_s:.1f}s (mode {args.mode})")
 
-    prompt_ids = build_prompt(llm.get_tokenizer(), args.prompt_tokens)
-    assert len(prompt_ids) == args.prompt_tokens, len(prompt_ids)
     params = SamplingParams(
         temperature=0.0,
         max_tokens=args.max_tokens,
         extra_args={"kv_transfer_params": {"cached_token_stats": True}},
     )
-    requests = []
-    for i in range(args.repeats):
+    prompts: dict[int, list[int]] = {}
+
+    def prompt_of(variant: int) -> list[int]:
+        if variant not in prompts:
+            ids = build_prompt(llm.get_tokenizer(), args.prompt_tokens, variant)
+            assert len(ids) == args.prompt_tokens, len(ids)
+            prompts[variant] = ids
+        return prompts[variant]
+
+    def request(i: int, prompt_ids: list[int]) -> dict[str, Any]:
         before = external_tokens_counter(llm)
         t = time.perf_counter()
         out = llm.generate([TokensPrompt(prompt_token_ids=prompt_ids)], params, use_tqdm=False)[0]
         elapsed = time.perf_counter() - t
         after = external_tokens_counter(llm)
         stats = (out.kv_transfer_params or {}).get("cached_token_stats")
-        requests.append(
-            {
-                "index": i,
-                "seconds": round(elapsed, 4),
-                "text": out.outputs[0].text,
-                "token_ids": list(out.outputs[0].token_ids),
-                "prompt_tokens": len(out.prompt_token_ids or prompt_ids),
-                "num_cached_tokens": out.num_cached_tokens,
-                "connector_cached": stats,
-                "external_prompt_tokens": (
-                    None if before is None or after is None else after - before
-                ),
-            }
-        )
         log(
             f"request {i}: {elapsed:.3f}s cached={out.num_cached_tokens} "
             f"connector={stats} text={out.outputs[0].text[:60]!r}"
         )
-    result = {"mode": args.mode, "startup_seconds": round(startup_s, 2), "requests": requests}
-    sys.stdout.write(RESULT_MARK + json.dumps(result, sort_keys=True) + "\n")
-    sys.stdout.flush()
+        return {
+            "index": i,
+            "seconds": round(elapsed, 4),
+            "text": out.outputs[0].text,
+            "token_ids": list(out.outputs[0].token_ids),
+            "prompt_tokens": len(out.prompt_token_ids or prompt_ids),
+            "num_cached_tokens": out.num_cached_tokens,
+            "connector_cached": stats,
+            "external_prompt_tokens": (None if before is None or after is None else after - before),
+        }
+
+    requests = []
+    if not args.serve_stdin:
+        for i in range(args.repeats):
+            requests.append(request(i, prompt_of(0)))
+    else:
+        emit(READY_MARK, {"startup_seconds": round(startup_s, 2)})
+        step_params = SamplingParams(temperature=0.0, max_tokens=1)
+        step_ids = prompt_of(0)[:STEP_PROMPT_TOKENS]
+        for line in sys.stdin:
+            cmd = line.split()
+            if cmd[:1] == ["prompt"] and len(cmd) == 2:
+                variant = int(cmd[1])
+                req = request(len(requests), prompt_of(variant))
+                requests.append(req)
+                emit(
+                    REQUEST_MARK,
+                    {**req, "variant": variant, "prompt_token_ids": prompt_of(variant)},
+                )
+            elif cmd == ["step"]:
+                t = time.perf_counter()
+                llm.generate([TokensPrompt(prompt_token_ids=step_ids)], step_params, use_tqdm=False)
+                emit(STEPPED_MARK, {"seconds": round(time.perf_counter() - t, 4)})
+            elif cmd == ["quit"]:
+                break
+            else:
+                raise SystemExit(f"unknown command {line.strip()!r}")
+    emit(
+        RESULT_MARK,
+        {"mode": args.mode, "startup_seconds": round(startup_s, 2), "requests": requests},
+    )
     llm.llm_engine.engine_core.shutdown()  # stops the engine-core process (and its connector)
 
 
