@@ -113,6 +113,7 @@ class _Stream:
     replay_deadline: float = 0.0
     held: list[tuple[int, Batch]] = field(default_factory=list)
     catchup: bool = False  # the start-up replay: whatever the publisher still buffers
+    dup_floor: int | None = None  # after a replay: live copies of seqs from here are repeats
 
 
 #: ``on_batch(source, batch)``, ``on_stale(source, reason)``
@@ -131,7 +132,7 @@ class Subscriber(threading.Thread):
         self.replay_timeout_s = replay_timeout_s
         self.counters = {"batches": 0, "gaps": 0, "replays": 0, "replayed_batches": 0,
                          "stale": 0, "decode_errors": 0}  # fmt: skip
-        self._stop = threading.Event()
+        self._halt = threading.Event()
         self.streams: list[_Stream] = []
         for src in sources:
             sub = self.ctx.socket(zmq.SUB)
@@ -145,10 +146,10 @@ class Subscriber(threading.Thread):
                 st.catchup = True
 
     def stop(self) -> None:
-        self._stop.set()
+        self._halt.set()
 
     def run(self) -> None:
-        while not self._stop.is_set():
+        while not self._halt.is_set():
             poller = zmq.Poller()
             for st in self.streams:
                 poller.register(st.sub, zmq.POLLIN)
@@ -194,17 +195,20 @@ class Subscriber(threading.Thread):
             self._live(st, seq, batch)
 
     def _live(self, st: _Stream, seq: int, batch: Batch) -> None:
-        if st.expected is not None and seq < st.expected:  # publisher restarted
-            self._stale(st, f"sequence went back {st.expected} -> {seq}")
-        elif (st.expected is not None and seq > st.expected) or (st.expected is None and seq > 0):
-            if st.expected is not None:
+        exp = st.expected
+        if exp is not None and seq < exp:
+            if st.dup_floor is not None and seq >= st.dup_floor:
+                return  # a live copy of a batch the replay already applied
+            self._stale(st, f"sequence went back {exp} -> {seq} (publisher restarted)")
+        elif (exp is not None and seq > exp) or (exp is None and seq > 0):
+            if exp is not None:
                 self.counters["gaps"] += 1
-            start = 0 if st.expected is None else st.expected
             if st.source.replay:
-                self._start_replay(st, start, (seq, batch))
+                self._start_replay(st, exp or 0, (seq, batch))
                 return
-            if st.expected is not None:
-                self._stale(st, f"gap {st.expected}..{seq - 1}, no replay endpoint")
+            if exp is not None:
+                self._stale(st, f"gap {exp}..{seq - 1}, no replay endpoint")
+        st.dup_floor = None
         self._apply(st, seq, batch)
 
     def _apply(self, st: _Stream, seq: int, batch: Batch) -> None:
@@ -223,7 +227,7 @@ class Subscriber(threading.Thread):
         sock.connect(str(st.source.replay))
         sock.send_multipart([b"", start.to_bytes(8, "big")])
         st.replay_sock, st.replay_deadline = sock, time.monotonic() + self.replay_timeout_s
-        st.expected = start
+        st.expected = st.dup_floor = start
         st.held = [first] if first else []
 
     def _drain_replay(self, st: _Stream) -> None:
@@ -274,6 +278,6 @@ class Subscriber(threading.Thread):
         if not st.catchup:  # the start-up replay had nothing to lose
             self._stale(st, reason)
         held = self._close_replay(st)
-        st.expected = None
+        st.expected = st.dup_floor = None
         for seq, batch in held:
             self._apply(st, seq, batch)
