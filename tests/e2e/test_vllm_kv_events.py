@@ -20,6 +20,7 @@ import queue
 import subprocess
 import threading
 import time
+import urllib.request
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -53,6 +54,8 @@ MASK64 = 2**64 - 1
 STARTUP_TIMEOUT_S = 300.0
 REQUEST_TIMEOUT_S = 180.0
 EVENTS_TIMEOUT_S = 60.0
+#: How long the engine stays idle after the HTTP delete before it is made to step.
+IDLE_WAIT_S = 1.5
 
 READY_MARK = "@@KVHIVE_E2E_READY@@ "
 REQUEST_MARK = "@@KVHIVE_E2E_REQUEST@@ "
@@ -268,25 +271,56 @@ class Phase:
     request: dict[str, Any]
     chunks: list[ChunkRef]  # the prompt's whole chunks, hashed as kvhive hashes them
     status: dict[str, Any]
-    l1_hashes: frozenset[bytes]  # kvhive's L1 key listing
+    l1_keys: dict[bytes, dict[str, Any]]  # kvhive's L1 key listing: hash -> encoded key
     events: list[KvEvent]  # everything the subscriber decoded so far
     steps: int  # ``step`` requests it took to see them
+
+    @property
+    def l1_hashes(self) -> frozenset[bytes]:
+        return frozenset(self.l1_keys)
+
+
+@dataclass(frozen=True)
+class Deletion:
+    """One of B's chunks deleted through the HTTP API while the engine was idle."""
+
+    chunk_hash: bytes
+    deleted: int  # what DELETE /cache/objects answered
+    idle_events: list[KvEvent]  # the subscriber's view after IDLE_WAIT_S without a step
+    events: list[KvEvent]  # ... and once the engine stepped
+    steps: int
+
+    @property
+    def event_hash(self) -> int:
+        return as_event_hash(self.chunk_hash)
 
 
 @dataclass(frozen=True)
 class Observed:
     a: Phase
     b: Phase
+    deletion: Deletion
     events: list[KvEvent]  # after a last engine step and the driver's exit
     batches: list[Batch]
     final_status: dict[str, Any]
     seconds: float
 
 
-def _l1_hashes(server: Any) -> frozenset[bytes]:
+def _l1_keys(server: Any) -> dict[bytes, dict[str, Any]]:
     body = server.get_json("/cache/objects?tier=l1&page_size=5000")
     assert body["next_page_token"] is None, body
-    return frozenset(bytes.fromhex(e["key"]["chunk_hash_hex"]) for e in body["entries"])
+    return {bytes.fromhex(e["key"]["chunk_hash_hex"]): e["key"] for e in body["entries"]}
+
+
+def _delete_l1(server: Any, key: dict[str, Any]) -> int:
+    req = urllib.request.Request(
+        server.http_url + "/cache/objects",
+        data=json.dumps({"keys": [key], "tier": "l1"}).encode(),
+        headers={"Content-Type": "application/json"},
+        method="DELETE",
+    )
+    with urllib.request.urlopen(req, timeout=10) as r:
+        return int(json.loads(r.read())["deleted"])
 
 
 def _settled_status(server: Any, stored_chunks: int, timeout_s: float = 30.0) -> dict[str, Any]:
@@ -315,7 +349,9 @@ def _counts(events: list[KvEvent]) -> tuple[int, int]:
     return stored, removed
 
 
-def _pump_until(driver: DriverSession, sub: Subscriber, stored: int, removed: int) -> list[KvEvent]:
+def _pump_until(
+    driver: DriverSession, sub: Subscriber, stored: int, removed: int
+) -> tuple[list[KvEvent], int]:
     """Step the engine (``step``: a one-token request) until the subscriber has seen at
     least ``stored``/``removed`` CPU hashes, or EVENTS_TIMEOUT_S passed.  The connector
     hands kvhive's pushed records to vLLM's scheduler only inside a model step."""
@@ -354,7 +390,19 @@ def _phase(
     status = _settled_status(server, stored_before + len(chunks))
     evicted = status["l1"]["evicted_objects"] - evicted_before
     events, steps = _pump_until(driver, sub, stored_before + len(chunks), evicted)
-    return Phase(req, chunks, status, _l1_hashes(server), events, steps)
+    return Phase(req, chunks, status, _l1_keys(server), events, steps)
+
+
+def _delete_one(server: Any, driver: DriverSession, sub: Subscriber, b: Phase) -> Deletion:
+    """Delete B's last chunk from L1 while no request runs: kvhive pushes the "removed"
+    record at once, but vLLM publishes it only when the engine steps again."""
+    victim = b.chunks[-1].chunk_hash
+    stored, removed = _counts(sub.events())
+    deleted = _delete_l1(server, b.l1_keys[victim])
+    time.sleep(IDLE_WAIT_S)
+    idle_events = sub.events()
+    events, steps = _pump_until(driver, sub, stored, removed + 1)
+    return Deletion(victim, deleted, idle_events, events, steps)
 
 
 @pytest.fixture(scope="module")
@@ -378,13 +426,11 @@ def observed(vllm_env: VllmEnv, servers: Servers, e2e_logs: Path) -> Iterator[Ob
             a.status["counters"]["stored_chunks"],
             a.status["l1"]["evicted_objects"],
         )
-        # One more step: whatever is still buffered would be published now.
-        driver.command("step", STEPPED_MARK, REQUEST_TIMEOUT_S)
-        time.sleep(0.5)
+        deletion = _delete_one(server, driver, sub, b)
         driver.quit()
         final_status = server.status()
-        batches = sub.batches()
-        yield Observed(a, b, sub.events(), batches, final_status, round(time.monotonic() - t0, 1))
+        seconds = round(time.monotonic() - t0, 1)
+        yield Observed(a, b, deletion, sub.events(), sub.batches(), final_status, seconds)
     finally:
         driver.stop()
         sub.stop()
@@ -415,6 +461,7 @@ def test_the_run_is_as_configured(observed: Observed) -> None:
     print(
         f"KV-events e2e: {observed.seconds}s, {len(observed.batches)} batches, "
         f"steps needed after A {a.steps}, after B {b.steps}, "
+        f"after the delete {observed.deletion.steps}, "
         f"evicted {b.status['l1']['evicted_objects']}"
     )
 
@@ -462,7 +509,7 @@ def test_block_removed_cpu_for_exactly_the_evicted_chunks(observed: Observed) ->
     router as BlockRemoved (medium CPU), each evicted hash once, after its BlockStored."""
     a, b = observed.a, observed.b
     evicted = {as_event_hash(h) for h in {c.chunk_hash for c in a.chunks} - b.l1_hashes}
-    removed = _removed_hashes(observed.events)
+    removed = _removed_hashes(b.events)
     assert sorted(removed) == sorted(evicted)
     assert len(removed) == b.status["l1"]["evicted_objects"]
     assert _removed_hashes(a.events) == []
@@ -471,6 +518,23 @@ def test_block_removed_cpu_for_exactly_the_evicted_chunks(observed: Observed) ->
         if e.type == "BlockRemoved":
             assert e.medium == "CPU", e
             assert all(stored_seq[h] <= e.seq for h in e.block_hashes), e
+
+
+def test_an_http_delete_is_published_at_the_next_engine_step(observed: Observed) -> None:
+    """A chunk deleted through kvhive's HTTP API (not an eviction) reaches the router as
+    BlockRemoved too, but only once the engine steps: the connector hands over kvhive's
+    pushed records inside a model step, so an idle engine publishes nothing."""
+    d = observed.deletion
+    assert d.deleted == 1
+    assert d.event_hash not in _removed_hashes(d.idle_events)
+    assert len(d.idle_events) == len(observed.b.events)
+    assert d.steps >= 1
+    assert _removed_hashes(d.events)[len(_removed_hashes(observed.b.events)) :] == [d.event_hash]
+    final = observed.final_status
+    assert final["l1"]["objects"] == len(observed.b.l1_keys) - 1
+    assert sorted(_removed_hashes(observed.events)) == sorted(
+        [*_removed_hashes(observed.b.events), d.event_hash]
+    )
 
 
 def test_no_gpu_medium_events_with_prefix_caching_off(observed: Observed) -> None:
