@@ -10,6 +10,7 @@ from typing import Any, ClassVar, Protocol, get_type_hints
 from kvhive.config.compat import CompatConfig
 from kvhive.config.eviction import EvictionConfig
 from kvhive.config.http import HTTPConfig
+from kvhive.config.kv_events import KVEventsConfig
 from kvhive.config.l1 import L1Config
 from kvhive.config.l2 import L2Config
 from kvhive.config.mp import MPConfig
@@ -32,6 +33,7 @@ class ServerConfig:
     http: HTTPConfig = field(default_factory=HTTPConfig)
     http_admin: HTTPAdminConfig = field(default_factory=HTTPAdminConfig)
     observability: ObservabilityConfig = field(default_factory=ObservabilityConfig)
+    kv_events: KVEventsConfig = field(default_factory=KVEventsConfig)
     lookup_hash_log: LookupHashLogConfig = field(default_factory=LookupHashLogConfig)
     plugins: RuntimePluginConfig = field(default_factory=RuntimePluginConfig)
     compat: CompatConfig = field(default_factory=CompatConfig)

@@ -58,6 +58,7 @@ class CacheEngine:
         pool_name: str = "",
         pool_size: int = 0,
         kv_event_log_size: int = DEFAULT_LOG_SIZE,
+        kv_events_l2: bool = False,
     ) -> None:
         self.l1 = l1
         self.sessions = sessions
@@ -95,7 +96,8 @@ class CacheEngine:
         )
         registry.on_drop(self.lookups.release_instance)
         # Records for subscribe_kv_events (off with a disabled bus or --kv-event-log-size 0).
-        self.kv_events = KVEventLog(bus, kv_event_log_size)
+        # --kv-events-l2 adds the L2 tiers' STORAGE records.
+        self.kv_events = KVEventLog(bus, kv_event_log_size, l2=kv_events_l2)
         registry.on_drop(self._instance_dropped)
 
     # ---- small ops -------------------------------------------------------------

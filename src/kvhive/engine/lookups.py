@@ -128,6 +128,7 @@ class LookupService:
             raise
         self.telemetry.lookup_hashes(key, state.hashes, lambda: self._geometry(key))
         if rows and self.prefetcher is not None:
+            self._bind_l2_tokens(key, state)
             owners = {r: k.lookup_owner(key, r) for r in k.all_ranks(key)}
             self.prefetcher.prefetch(
                 rows,
@@ -138,6 +139,15 @@ class LookupService:
         else:
             exit_reason = self.telemetry.early_exit(key, state.hashes)
             self._finish_job(key.request_id, job, 0, exit_reason)
+
+    def _bind_l2_tokens(self, key: t.CacheKey, state: LookupState) -> None:
+        """Tokens of the chunks the L2 lookup asks about, for the KV-event log's STORAGE
+        "stored" records of objects another node wrote (free unless ``--kv-events-l2``)."""
+        if not self.telemetry.wants_lookup_tokens:
+            return
+        h = state.hit_chunks
+        parent = state.hashes[h - 1] if h else None
+        self.telemetry.tokens_bound(key, state.hashes[h:], parent, h * self.chunk_size)
 
     def _lock_l1_prefix(
         self, key: t.CacheKey, session: Session, state: LookupState

@@ -58,6 +58,8 @@ class EventType(str, Enum):
     L2_LOAD_TASK_COMPLETED = "l2.load_task.completed"
     L2_KEYS_EVICTED = "l2.keys.evicted"
     L2_PREFETCH_FAILED = "l2.prefetch.failed"
+    L2_KEYS_PRESENT = "l2.keys.present"
+    L2_KEYS_GONE = "l2.keys.gone"
     TIMEOUT_RAISED = "timeout.raised"
 
 
@@ -354,6 +356,32 @@ class L2PrefetchFailed(Event):
     key_count: int
     model_name: str = ""
     l2_name: str = ""
+
+
+@_event(EventType.L2_KEYS_PRESENT)
+class L2KeysPresent(Event):
+    """Keys now held by an L2 tier (the KV-event log's STORAGE "stored" records).
+    ``reason``: ``stored`` (this node's store completed) or ``discovered`` (a lookup found
+    an object this node never stored nor saw before: another node wrote it to a shared
+    tier).  Published only while someone subscribes (``--kv-events-l2``)."""
+
+    keys: Sequence[ObjectKey]
+    l2_name: str
+    adapter_index: int
+    reason: str = "stored"
+
+
+@_event(EventType.L2_KEYS_GONE)
+class L2KeysGone(Event):
+    """Keys an L2 tier no longer holds (STORAGE "removed" records).  ``reason``:
+    ``evicted`` (kvhive's L2 eviction), ``deleted`` (a delete request) or ``vanished``
+    (a lookup or load found a known object missing).  Published only while someone
+    subscribes (``--kv-events-l2``)."""
+
+    keys: Sequence[ObjectKey]
+    l2_name: str
+    adapter_index: int
+    reason: str = "deleted"
 
 
 @_event(EventType.TIMEOUT_RAISED)

@@ -14,6 +14,18 @@ Feeds, all delivered on the bus dispatcher thread::
                        (policy evictions, deletes and clears alike)
     bus drops          a loss marker: the log may have missed something
 
+With ``l2=True`` (``--kv-events-l2``) the same records with medium "STORAGE" come from the
+L2 tiers (``storage/l2/presence.py``)::
+
+    l2.keys.present    a "stored" record per key set and model, if bound: this node's
+                       store completed, or a lookup discovered an object another node
+                       wrote to a shared tier (lookups that go on to L2 bind tokens too)
+    l2.keys.gone       a "removed" record: L2 eviction, delete, or an object found missing
+
+LMCache clients skip records whose medium is not "CPU" (0.5.6 and 0.5.7 alike), so the
+STORAGE records share the log safely.  Readers over every model (the direct publisher,
+``kv_publisher.py``) use :meth:`KVEventLog.read_all` and :meth:`KVEventLog.add_listener`.
+
 The log is a ring of ``capacity`` records with one global sequence (1, 2, ...).  A read for
 model ``m`` after cursor ``c`` (:meth:`KVEventLog.read`) follows the reference exactly:
 
@@ -60,6 +72,7 @@ DEFAULT_LOG_SIZE = 32768  # the reference's --kv-event-log-size default
 MAX_EVENTS_PER_READ = 1024  # subscribe_kv_events: 0 < max_events <= 1024
 BINDING_CACHE_SIZE = 65536  # token bindings kept (the reference's figure)
 _LOST = "lost"  # the kind of a loss marker (never sent)
+MEDIUM_STORAGE = "STORAGE"  # L2 records (--kv-events-l2); CPU is t.KV_EVENT_MEDIUM_CPU
 
 _ENCODER = msgspec.msgpack.Encoder()
 _BATCH_DECODER = msgspec.msgpack.Decoder(t.KVEventBatch)
@@ -92,11 +105,30 @@ _NO_TOKENS = msgspec.Raw(_ENCODER.encode([]))
 
 
 @dataclass(frozen=True, slots=True)
-class _Record:
+class Record:
+    """One log record.  ``tokens`` is the msgpack-encoded token list (a "stored" record's
+    chunk tokens; an empty list otherwise); ``raw`` the encoded ``KVEventRecord`` (empty for
+    a loss marker)."""
+
     seq: int
     kind: str
+    medium: str
     model_name: str
-    raw: msgspec.Raw  # the encoded KVEventRecord (empty for a loss marker)
+    hashes: tuple[bytes, ...]
+    parent: bytes | None
+    tokens: msgspec.Raw
+    raw: msgspec.Raw
+
+
+@dataclass(frozen=True, slots=True)
+class AllPage:
+    """One :meth:`KVEventLog.read_all`: records of every model after a cursor.  ``lost``:
+    records between the cursor and ``records`` are gone (ring overrun, or a loss marker:
+    the bus dropped events); ``next_cursor`` is the last sequence examined."""
+
+    records: list[Record]
+    next_cursor: int
+    lost: bool
 
 
 @dataclass(frozen=True, slots=True)
@@ -130,6 +162,7 @@ class KVEventLog:
         capacity: int = DEFAULT_LOG_SIZE,
         *,
         binding_cache_size: int = BINDING_CACHE_SIZE,
+        l2: bool = False,
     ) -> None:
         if capacity < 0:
             raise ValueError(f"capacity must be >= 0, got {capacity}")
@@ -138,7 +171,8 @@ class KVEventLog:
         self.incarnation = time.time_ns()
         self._bus = bus
         self._lock = threading.Lock()
-        self._ring: list[_Record | None] = [None] * capacity
+        self.l2 = l2
+        self._ring: list[Record | None] = [None] * capacity
         self._next_seq = 1
         self._bindings: OrderedDict[bytes, tuple[msgspec.Raw, bytes | None]] = OrderedDict()
         self._binding_cache_size = binding_cache_size
@@ -146,6 +180,7 @@ class KVEventLog:
         self._dropped_seen = 0
         self.lost_markers = 0
         self.unbound_stores = 0
+        self._listeners: list[Callable[[], None]] = []
         if self.enabled:
             bus.register(self)
             bus.on_drops(self._on_drops)
@@ -153,11 +188,15 @@ class KVEventLog:
     # ---- bus side --------------------------------------------------------------------------
 
     def subscriptions(self) -> Mapping[EventType, Callable[[Any], None]]:
-        return {
+        subs: dict[EventType, Callable[[Any], None]] = {
             EventType.MP_TOKENS: self._on_tokens,
             EventType.L1_WRITE_FINISHED: self._on_stored,
             EventType.L1_KEYS_EVICTED: self._on_removed,
         }
+        if self.l2:
+            subs[EventType.L2_KEYS_PRESENT] = self._on_l2_present
+            subs[EventType.L2_KEYS_GONE] = self._on_l2_gone
+        return subs
 
     def _on_tokens(self, e: ev.TokenBindings) -> None:
         c, tokens = e.chunk_size, e.tokens
@@ -178,7 +217,7 @@ class KVEventLog:
                 while len(bindings) > self._binding_cache_size // 2:
                     bindings.popitem(last=False)
 
-    def _on_stored(self, e: ev.L1WriteFinished) -> None:
+    def _on_stored(self, e: ev.L1WriteFinished, medium: str = t.KV_EVENT_MEDIUM_CPU) -> None:
         with self._lock:
             for model, hashes in _by_model(e.keys).items():
                 for chunk_hash in hashes:
@@ -187,14 +226,22 @@ class KVEventLog:
                         self.unbound_stores += 1
                         continue
                     tokens, parent = binding
-                    self._append(t.KV_EVENT_KIND_STORED, model, [chunk_hash], parent, tokens)
+                    self._append(
+                        t.KV_EVENT_KIND_STORED, model, [chunk_hash], parent, tokens, medium
+                    )
         self._wake_all()
 
-    def _on_removed(self, e: ev.L1KeysEvicted) -> None:
+    def _on_removed(self, e: ev.L1KeysEvicted, medium: str = t.KV_EVENT_MEDIUM_CPU) -> None:
         with self._lock:
             for model, hashes in _by_model(e.keys).items():
-                self._append(t.KV_EVENT_KIND_REMOVED, model, list(hashes), None, _NO_TOKENS)
+                self._append(t.KV_EVENT_KIND_REMOVED, model, list(hashes), None, _NO_TOKENS, medium)
         self._wake_all()
+
+    def _on_l2_present(self, e: ev.L2KeysPresent) -> None:
+        self._on_stored(e, MEDIUM_STORAGE)  # type: ignore[arg-type]  # same ``keys`` shape
+
+    def _on_l2_gone(self, e: ev.L2KeysGone) -> None:
+        self._on_removed(e, MEDIUM_STORAGE)  # type: ignore[arg-type]
 
     def _on_drops(self, total: int) -> None:
         """The bus dropped events since the last drain: some records may be missing."""
@@ -213,6 +260,7 @@ class KVEventLog:
         hashes: list[bytes],
         parent: bytes | None,
         tokens: msgspec.Raw,
+        medium: str = t.KV_EVENT_MEDIUM_CPU,
     ) -> None:
         """Append one record (lock held)."""
         seq = self._next_seq
@@ -220,17 +268,24 @@ class KVEventLog:
             msgspec.Raw(b"")
             if kind == _LOST
             else msgspec.Raw(
-                _ENCODER.encode(
-                    _RecordOut(seq, kind, t.KV_EVENT_MEDIUM_CPU, model, hashes, parent, tokens)
-                )
+                _ENCODER.encode(_RecordOut(seq, kind, medium, model, hashes, parent, tokens))
             )
         )
-        self._ring[seq % self.capacity] = _Record(seq, kind, model, raw)
+        self._ring[seq % self.capacity] = Record(
+            seq, kind, medium, model, tuple(hashes), parent, tokens, raw
+        )
         self._next_seq = seq + 1
+
+    def add_listener(self, wake: Callable[[], None]) -> None:
+        """``wake()`` runs (bus thread, after the lock is released) whenever records are
+        appended; it must not block (the publisher's wake is a pipe write)."""
+        self._listeners.append(wake)
 
     def _wake_all(self) -> None:
         for sub in list(self._subs.values()):
             sub.wake()
+        for wake in self._listeners:
+            wake()
 
     def shutdown(self) -> None:
         """The bus stops: close every subscription (their streams end)."""
@@ -264,6 +319,30 @@ class KVEventLog:
                     if len(events) == max_events:
                         break
         return Page(True, self.incarnation, next_cursor, lost, events)
+
+    def read_all(self, cursor: int, max_records: int) -> AllPage:
+        """Up to ``max_records`` records of every model after ``cursor``.  Loss markers are
+        not returned: a marker (or a cursor older than the ring) before the first record
+        returned sets ``lost``; a page stops before a marker that follows its records."""
+        out: list[Record] = []
+        with self._lock:
+            nxt, ring, cap = self._next_seq, self._ring, self.capacity
+            first = max(1, nxt - cap)
+            lost = cursor + 1 < first
+            next_cursor = min(cursor, nxt - 1)
+            for seq in range(max(cursor + 1, first), nxt):
+                rec = ring[seq % cap]
+                assert rec is not None and rec.seq == seq
+                if rec.kind == _LOST:
+                    if out:  # the loss comes after these: the next read reports it
+                        break
+                    lost = True
+                else:
+                    out.append(rec)
+                next_cursor = seq
+                if len(out) == max_records:
+                    break
+        return AllPage(out, next_cursor, lost)
 
     def subscribe(
         self, instance_id: int, model_name: str, cursor: int, max_events: int
@@ -308,6 +387,7 @@ class KVEventLog:
             nxt = self._next_seq
             return {
                 "enabled": self.enabled,
+                "l2": self.l2,
                 "incarnation": self.incarnation,
                 "log_depth": min(nxt - 1, self.capacity),
                 "log_capacity": self.capacity,

@@ -208,6 +208,15 @@ class EngineTelemetry:
         """Whether a store should publish its token bindings (the KV-event log listens)."""
         return self.bus.has_subscribers(EventType.MP_TOKENS)
 
+    @property
+    def wants_lookup_tokens(self) -> bool:
+        """Whether a lookup that goes on to L2 should publish its token bindings: the log
+        records L2 presence (``--kv-events-l2``), whose "discovered" records need them."""
+        bus = self.bus
+        return bus.has_subscribers(EventType.MP_TOKENS) and bus.has_subscribers(
+            EventType.L2_KEYS_PRESENT
+        )
+
     def tokens_bound(
         self, key: Any, hashes: Sequence[bytes], parent: bytes | None, first_token: int
     ) -> None:

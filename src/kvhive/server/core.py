@@ -20,6 +20,7 @@ from kvhive.engine.sessions import Sessions
 from kvhive.hashing import build_token_hasher
 from kvhive.keys import ObjectKey, unpack_kv_rank
 from kvhive.observability.health import InFlight
+from kvhive.observability.kv_publisher import KVEventPublisher
 from kvhive.observability.setup import Observability, Sources
 from kvhive.plugins import PluginLauncher
 from kvhive.server.dispatch import Dispatcher
@@ -105,7 +106,18 @@ class KvhiveServer:
             pool_name=pool_name,
             pool_size=l1c.size_bytes if pool_name else 0,
             kv_event_log_size=mp.kv_event_log_size,
+            kv_events_l2=config.kv_events.kv_events_l2,
         )
+        self.kv_publisher: KVEventPublisher | None = None
+        if config.kv_events.publishing:  # binds now: a bad endpoint exits 2 naming its flag
+            try:
+                self.kv_publisher = KVEventPublisher(
+                    self.engine.kv_events, config.kv_events, block_size=mp.chunk_size
+                )
+            except BaseException:
+                self.l2.close()
+                self.l1.close()
+                raise
         self.engine_driven = self.engine.engine_driven
         self.affinity = AffinityPool(mp.max_gpu_workers or mp.max_workers)
         self.cpu = CpuPool(mp.max_cpu_workers or mp.max_workers)
@@ -133,6 +145,7 @@ class KvhiveServer:
                 l2_health=lambda: [
                     (a.name, a.index, a.health.snapshot()) for a in self.l2.adapters
                 ],
+                extra=[self.kv_publisher.metrics] if self.kv_publisher else [],
             )
         )
         self._stop = threading.Event()
@@ -149,6 +162,8 @@ class KvhiveServer:
         self.l1.start()
         self.l2.start()
         self.registry.start()
+        if self.kv_publisher is not None:
+            self.kv_publisher.start()
         self.zmq.start()
         self._maint.start()
         log.info(
@@ -184,6 +199,8 @@ class KvhiveServer:
         self.cpu.shutdown(timeout=SHUTDOWN_POOL_TIMEOUT_S)
         self.modules.close()  # no handler runs any more
         self.obs.stop()  # flush the bus and its subscribers before the engine goes
+        if self.kv_publisher is not None:  # after the bus: it publishes the last records
+            self.kv_publisher.close()
         self.l2.close()  # prefetches end, write-behind drains, adapters close
         self.registry.close()
         self.l1.close()
@@ -245,6 +262,7 @@ class KvhiveServer:
             **self.engine.status(),
             "l1": l1,
             "l2": self.l2.status(),
+            "kv_publisher": self.kv_publisher.status() if self.kv_publisher else None,
             "worker_liveness": self.registry.info(),
             "requests": self.dispatcher.stats(),
             "transport": {

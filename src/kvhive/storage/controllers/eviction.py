@@ -73,7 +73,7 @@ class L2EvictionController:
             victims = self._victims(adapter)
             if not victims:
                 continue
-            fut = adapter.delete(victims)
+            fut = adapter.delete(victims, why="evicted")
             try:
                 fut.exception(timeout=adapter.spec.timeout_s)
             except FutureTimeout:

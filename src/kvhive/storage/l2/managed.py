@@ -32,6 +32,7 @@ from kvhive.storage.l2.futures import (
     then,
 )
 from kvhive.storage.l2.health import TierHealth
+from kvhive.storage.l2.presence import PresenceEvents
 from kvhive.storage.l2.tracker import Tracker, Usage
 
 log = logging.getLogger(__name__)
@@ -62,6 +63,7 @@ class ManagedAdapter:
         self._lock = threading.Lock()
         self.counters = dict.fromkeys(_COUNTERS, 0)
         self.health = TierHealth()
+        self.presence = PresenceEvents(bus, self.index, self.name)
 
     def count(self, **deltas: int) -> None:
         with self._lock:
@@ -117,6 +119,7 @@ class ManagedAdapter:
             self._judge(f, "store")
             res = outcome(f, len(pos))
             self.tracker.settle(sub_keys, sub_sizes, res)
+            self.presence.stored([k for k, ok in zip(sub_keys, res, strict=True) if ok])
             self.count(stored=sum(res), store_failed=len(res) - sum(res))
             if self.bus.enabled:
                 moved = sum(n for n, ok in zip(sub_sizes, res, strict=True) if ok)
@@ -139,10 +142,12 @@ class ManagedAdapter:
             self.tracker.touched([k for k, ok in zip(keys, res, strict=True) if ok])
             # The backend no longer holds what we counted (its own eviction, a lifecycle
             # rule, another node's delete): stop counting it.
-            gone = 0 if failed else self.tracker.removed(
+            gone = [] if failed else self.tracker.forget(
                 [k for k, ok in zip(keys, res, strict=True) if not ok])  # fmt: skip
             self.count(lookups=len(keys), lookup_hits=sum(res), lookup_failed=int(failed),
-                       vanished=gone)  # fmt: skip
+                       vanished=len(gone))  # fmt: skip
+            if not failed:
+                self.presence.looked_up(keys, res, self.tracker.holds, gone)
             return res
 
         return then(self._submit(self.adapter.submit_lookup, keys), seen)
@@ -162,11 +167,12 @@ class ManagedAdapter:
             self.tracker.touched([k for k, ok in zip(keys, res, strict=True) if ok])
             corrupt = sum(1 for r in res if reason(r) == CORRUPT.reason)
             # Missing objects and corrupt ones (the adapter removed those) are gone.
-            gone = self.tracker.removed(
-                [k for k, r in zip(keys, res, strict=True)
-                 if reason(r) in (MISSING.reason, CORRUPT.reason)])  # fmt: skip
+            missing = [k for k, r in zip(keys, res, strict=True)
+                       if reason(r) in (MISSING.reason, CORRUPT.reason)]  # fmt: skip
+            gone = self.tracker.forget(missing)
             self.count(loaded=sum(res), load_failed=len(res) - sum(res), load_corrupt=corrupt,
-                       vanished=gone)  # fmt: skip
+                       vanished=len(gone))  # fmt: skip
+            self.presence.missed(missing, gone)
             if self.bus.enabled:
                 self.bus.publish(ev.L2LoadCompleted(request_id=request_id, adapter_index=self.index,
                                                     task_id=task, l2_name=self.name,
@@ -176,11 +182,14 @@ class ManagedAdapter:
 
         return then(self._submit(self.adapter.submit_load, keys, buffers), loaded)
 
-    def delete(self, keys: Sequence[ObjectKey]) -> Future:
+    def delete(self, keys: Sequence[ObjectKey], why: str = "deleted") -> Future:
+        """Delete ``keys``; ``why`` (deleted, evicted) is the presence events' reason."""
+
         def deleted(f: Future) -> list[bool]:
             res = outcome(f, len(keys))
             if not (f.cancelled() or f.exception()):
                 self.tracker.removed(keys)  # removed or already absent: gone either way
+                self.presence.gone(keys, why)
             self.count(deleted=sum(res))
             return res
 

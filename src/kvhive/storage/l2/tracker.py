@@ -120,13 +120,22 @@ class Tracker:
 
     def removed(self, keys: Iterable[ObjectKey]) -> int:
         """Forget ``keys`` (deleted, or found gone); returns how many were counted."""
+        return len(self.forget(keys))
+
+    def forget(self, keys: Iterable[ObjectKey]) -> list[ObjectKey]:
+        """Forget ``keys`` (deleted, or found gone); returns those that were counted."""
         with self._lock:
             gone = [k for k in keys if k in self._sizes]
             for key in gone:
                 self._set(key, 0)
             if self.policy is not None and gone:
                 self.policy.on_removed(gone)
-        return len(gone)
+        return gone
+
+    def holds(self, key: ObjectKey) -> bool:
+        """Whether ``key`` is counted (this node stored it, or a start-up scan found it)."""
+        with self._lock:
+            return key in self._sizes
 
     def pin(self, keys: Iterable[ObjectKey]) -> None:
         with self._lock:
