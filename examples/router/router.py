@@ -75,12 +75,14 @@ class Router:
     decisions: list[Decision] = field(default_factory=list)
     events: dict[str, Counter[str]] = field(default_factory=lambda: defaultdict(Counter))
     stale: Counter[str] = field(default_factory=Counter)
+    by_source: Counter[str] = field(default_factory=Counter)  # events per publisher endpoint
     _rr: int = 0
 
     def on_batch(self, source: Source, batch: Batch) -> None:
         """Subscriber thread: index one batch of ``source``'s replica."""
         with self.lock:
             counts = self.events[source.replica]
+            self.by_source[f"{source.replica} {source.endpoint}"] += len(batch.events)
             for ev in batch.events:
                 medium = getattr(ev, "medium", "")
                 kind = EVENT_NAMES[type(ev)]
@@ -144,10 +146,13 @@ class Router:
                 "by_replica": dict(Counter(d.replica for d in ds)),
                 "matched_tokens_total": sum(matched),
                 "matched_tokens_mean": statistics.fmean(matched) if matched else 0.0,
+                "predicted_tokens_total": sum(d.predicted_tokens for d in ds),
+                "storage_tokens_total": sum(d.storage_tokens for d in ds),
                 "matched_tokens": matched,
                 "last_decisions": [asdict(d) for d in ds[-20:]],
                 "events": {rep: dict(c) for rep, c in self.events.items()},
                 "stale": dict(self.stale),
+                "events_by_source": dict(self.by_source),
                 "index": {
                     "blocks": self.index.size(),
                     "block_sizes": sorted(self.index.block_sizes),
@@ -240,6 +245,7 @@ class Proxy:
         with self.router.lock:
             self.router.decisions.clear()
             self.router.events.clear()
+            self.router.by_source.clear()
             self.router._rr = 0
         return web.json_response({"status": "ok"})
 

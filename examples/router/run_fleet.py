@@ -91,7 +91,8 @@ def start_kvhive(node: Node, setup: Setup, redis: str | None) -> subprocess.Pope
         tier = {"type": "resp", "host": redis, "port": REDIS_PORT}
         argv += ["--l2-adapter", json.dumps(tier)]
     if setup.direct_events:
-        argv += ["--kv-events-endpoint", f"tcp://0.0.0.0:{KV_EV}"]
+        argv += ["--kv-events-endpoint", f"tcp://0.0.0.0:{KV_EV}", "--kv-events-topic", "kv",
+                 "--kv-events-replay-endpoint", f"tcp://0.0.0.0:{KV_EV + 1}"]  # fmt: skip
         if redis:
             argv.append("--kv-events-l2")
     return node.popen(argv, log_path=setup.log_dir / f"kvhive-{node.name}.log")
@@ -179,7 +180,7 @@ def running(setup: Setup) -> Iterator[Running]:
             argv += ["--replica", f"{n}=http://{addr}:{VLLM_PORT}",
                      "--events", f"{n}=tcp://{addr}:{EV_PUB},tcp://{addr}:{EV_REPLAY}"]  # fmt: skip
             if setup.direct_events:
-                argv += ["--events", f"{n}=tcp://{addr}:{KV_EV}"]
+                argv += ["--events", f"{n}=tcp://{addr}:{KV_EV},tcp://{addr}:{KV_EV + 1}"]
         router = r.popen(argv, log_path=setup.log_dir / "router.log")
         url = f"http://{r.addr}:{ROUTER_PORT}"
         wait_http(r, url + "/router/stats", router, 60)

@@ -135,7 +135,17 @@ def run_policy(args: argparse.Namespace, policy: str, salt: int) -> dict[str, An
         "by_replica": stats["by_replica"],
         "router": {
             k: stats[k]
-            for k in ("by_reason", "matched_tokens_total", "events", "stale", "index", "subscriber")
+            for k in (
+                "by_reason",
+                "matched_tokens_total",
+                "predicted_tokens_total",
+                "storage_tokens_total",
+                "events",
+                "events_by_source",
+                "stale",
+                "index",
+                "subscriber",
+            )
         },
         "results": [asdict(r) for r in results],
     }
