@@ -8,6 +8,7 @@ from kvhive.config.compat import CompatConfig
 from kvhive.config.deferred import REFUSALS, FlagRefused, Refusal
 from kvhive.config.eviction import EvictionConfig, EvictionPolicy
 from kvhive.config.http import HTTPConfig
+from kvhive.config.kv_events import KVEventsConfig
 from kvhive.config.l1 import L1Config
 from kvhive.config.l2 import L2Config, PrefetchPolicy, StorePolicy
 from kvhive.config.l2_adapters import AdapterSpec
@@ -35,6 +36,7 @@ __all__ = [
     "HTTPAdminConfig",
     "HTTPConfig",
     "HashAlgorithm",
+    "KVEventsConfig",
     "L1Config",
     "L2Config",
     "AdapterSpec",

@@ -98,6 +98,7 @@ class KVEventsConfig:
         if (
             self.kv_events_replay_endpoint is not None
             and self.kv_events_replay_endpoint == self.kv_events_endpoint
+            and not self.kv_events_endpoint.endswith(":*")  # a wildcard port picks two
         ):
             raise ConfigError(
                 flag_of(KVEventsConfig, "kv_events_replay_endpoint"),
