@@ -29,6 +29,7 @@ def _run_fleet() -> ModuleType:
     spec = importlib.util.spec_from_file_location("router_run_fleet", path)
     assert spec is not None and spec.loader is not None
     mod = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = mod  # dataclasses look their module up there
     spec.loader.exec_module(mod)
     return mod
 
