@@ -33,8 +33,8 @@ import aiohttp
 from aiohttp import web
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from kv_events import Batch, Source, Subscriber
-from kv_index import Cleared, KvIndex, Match, Removed, Stored
+from route_events import Batch, Source, Subscriber
+from route_index import Cleared, KvIndex, Match, Removed, Stored
 
 log = logging.getLogger("kvrouter")
 POLICIES = ("kv", "round_robin")

@@ -14,8 +14,8 @@ import pytest
 import zmq
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "examples" / "router"))
-from kv_events import Source, Subscriber, decode_batch
-from kv_index import Cleared, KvIndex, Removed, Stored, prefix_hashes
+from route_events import Source, Subscriber, decode_batch
+from route_index import Cleared, KvIndex, Removed, Stored, prefix_hashes
 
 BS = 4
 TOKENS = list(range(100, 124))  # six blocks of 4

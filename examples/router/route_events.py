@@ -24,7 +24,7 @@ from typing import Any
 
 import msgspec
 import zmq
-from kv_index import Cleared, Event, Removed, Stored
+from route_index import Cleared, Event, Removed, Stored
 
 log = logging.getLogger("kvrouter.events")
 END_SEQ = -1
