@@ -57,6 +57,7 @@ class Setup:
     direct_events: bool  # also subscribe to kvhive's own publisher (--kv-events-endpoint)
     predict_ttl_s: float
     log_dir: Path
+    vllm_events: bool = True  # subscribe to vLLM's own publisher (kvhive's L1 via the connector)
 
 
 def vllm_location() -> tuple[str, str]:
@@ -177,8 +178,9 @@ def running(setup: Setup) -> Iterator[Running]:
                 "--predict-ttl", str(setup.predict_ttl_s)]  # fmt: skip
         for n in names:
             addr = fleet[n].addr
-            argv += ["--replica", f"{n}=http://{addr}:{VLLM_PORT}",
-                     "--events", f"{n}=tcp://{addr}:{EV_PUB},tcp://{addr}:{EV_REPLAY}"]  # fmt: skip
+            argv += ["--replica", f"{n}=http://{addr}:{VLLM_PORT}"]
+            if setup.vllm_events:
+                argv += ["--events", f"{n}=tcp://{addr}:{EV_PUB},tcp://{addr}:{EV_REPLAY}"]
             if setup.direct_events:
                 argv += ["--events", f"{n}=tcp://{addr}:{KV_EV},tcp://{addr}:{KV_EV + 1}"]
         router = r.popen(argv, log_path=setup.log_dir / "router.log")
@@ -230,7 +232,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--l1-prefixes", type=float, default=0.75,
                    help="kvhive L1 holds this share of all prefixes, per replica")  # fmt: skip
     p.add_argument("--predict-ttl", type=float, default=30.0)
-    p.add_argument("--direct-events", choices=("auto", "on", "off"), default="auto")
+    p.add_argument("--sources", default="auto",
+                   help="event sources: vllm, kvhive (its --kv-events-endpoint) or vllm,kvhive; "
+                        "auto: both when this kvhive has the direct publisher")  # fmt: skip
     p.add_argument("--log-dir", help="logs here (default: a new temporary folder)")
     p.add_argument("--out", help="write the results JSON here")
     a = p.parse_args(argv)
@@ -239,17 +243,21 @@ def main(argv: list[str] | None = None) -> int:
         p.error(f"needs the vLLM venv python ({py!r}) and redis-server for 'shared'")
     log_dir = Path(a.log_dir or tempfile.mkdtemp(prefix="kvrouter-"))
     log_dir.mkdir(parents=True, exist_ok=True)
-    direct = (
-        kvhive_has("--kv-events-endpoint") if a.direct_events == "auto" else a.direct_events == "on"
-    )
+    sources = set(a.sources.split(","))
+    if a.sources == "auto":
+        sources = {"vllm", "kvhive"} if kvhive_has("--kv-events-endpoint") else {"vllm"}
+    if not sources or not sources <= {"vllm", "kvhive"}:
+        p.error(f"--sources {a.sources!r}: vllm, kvhive or both")
+    direct, via_vllm = "kvhive" in sources, "vllm" in sources
     l1 = l1_gb_for(a.prefixes, a.prefix_tokens, a.l1_prefixes)
     wl = ["--prefixes", str(a.prefixes), "--prefix-tokens", str(a.prefix_tokens),
           "--requests", str(a.requests), "--concurrency", str(a.concurrency)]  # fmt: skip
-    rows, out = [], {"l1_gb": l1, "direct_events": direct, "log_dir": str(log_dir), "runs": {}}
+    rows, out = [], {"l1_gb": l1, "sources": sorted(sources), "log_dir": str(log_dir), "runs": {}}
     for config in a.configs.split(","):
         sub = log_dir / config
         sub.mkdir(exist_ok=True)
-        setup = Setup(py, model, a.replicas, l1, config == "shared", direct, a.predict_ttl, sub)
+        setup = Setup(py, model, a.replicas, l1, config == "shared", direct, a.predict_ttl, sub,
+                      via_vllm)  # fmt: skip
         with running(setup) as run:
             res = run_workload(run, wl, timeout_s=3600)
         res["startup_s"] = round(run.startup_s, 1)
