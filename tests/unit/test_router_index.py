@@ -1,6 +1,6 @@
 """The routing example's KV index and event decoding (``examples/router``), without vLLM:
 content hashing across replicas, removals by engine id, gaps and replay, longest prefix,
-the least-loaded fallback."""
+the policy (KV match, least-loaded fallback, overload, round-robin)."""
 
 from __future__ import annotations
 
@@ -14,8 +14,9 @@ import pytest
 import zmq
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "examples" / "router"))
-from route_events import Source, Subscriber, decode_batch
+from route_events import Batch, Source, Subscriber, decode_batch
 from route_index import Cleared, KvIndex, Removed, Stored, prefix_hashes
+from route_policy import Replica, Router
 
 BS = 4
 TOKENS = list(range(100, 124))  # six blocks of 4
@@ -80,6 +81,40 @@ def test_predictions_count_until_they_expire() -> None:
     idx.apply("b", [stored([1], None, 0, 1)])  # events confirm block 0
     assert idx.match(["b"], TOKENS, now=105.0).predicted_tokens == {"b": 4}
     assert idx.match(["a", "b"], TOKENS, now=111.0).local_tokens == {"a": 0, "b": 4}
+
+
+def _router(**kw: object) -> Router:
+    return Router([Replica("a", "http://a"), Replica("b", "http://b")], **kw)  # type: ignore[arg-type]
+
+
+def test_kv_policy_prefers_the_holder_and_falls_back_to_the_least_loaded() -> None:
+    router = _router(max_imbalance=2)
+    src = Source("b", "tcp://b:5557")
+    router.on_batch(src, Batch(0.0, (stored([1, 2], None, 0, 2),), None))
+    first = router.choose([9, 9, 9, 9, 9])  # nothing held: the least loaded (a tie: a)
+    assert (first.name, router.decisions[-1].reason) == ("a", "least_loaded")
+    assert router.choose([9, 9, 9, 9, 9]).name == "b"  # now b has fewer in flight
+    router.done(first)  # a: 0, b: 1 in flight
+    got = router.choose(TOKENS)  # b holds 8 tokens: b, though busier
+    assert (got.name, router.decisions[-1].reason, router.decisions[-1].matched_tokens) == (
+        "b", "kv_match", 8)  # fmt: skip
+    got = router.choose(TOKENS)  # b is now 2 busier than a: overloaded
+    assert (got.name, router.decisions[-1].reason) == ("a", "overloaded")
+    stats = router.stats({"batches": 1})
+    assert stats["events"] == {"b": {"BlockStored/CPU": 1, "blocks/4": 2}}
+    assert stats["events_by_source"] == {"b tcp://b:5557": 1}
+    assert stats["by_reason"] == {"least_loaded": 2, "kv_match": 1, "overloaded": 1}
+    router.on_stale(src, "gap")
+    assert router.index.size() == {} and router.stats()["stale"] == {"b": 1}
+
+
+def test_round_robin_ignores_the_index_and_reset_zeroes_stats() -> None:
+    router = _router(policy="round_robin")
+    router.on_batch(Source("b", "e"), Batch(0.0, (stored([1], None, 0, 1),), None))
+    assert [router.choose(TOKENS).name for _ in range(3)] == ["a", "b", "a"]
+    assert router.decisions[0].matched_tokens == 0 and router.decisions[1].matched_tokens == 4
+    router.reset()
+    assert router.stats()["decisions"] == 0 and router.choose(TOKENS).name == "a"
 
 
 def _payload(events: list[object]) -> bytes:
