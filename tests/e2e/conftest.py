@@ -17,7 +17,8 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from e2e_support import CONTEXT, RunResult, Servers, VllmEnv, locate, run_vllm, unavailable
+from e2e_support import CONTEXT, RunResult, Servers, VllmEnv, locate, unavailable
+from e2e_support import baseline as cached_baseline
 
 
 def pytest_configure(config: pytest.Config) -> None:
@@ -63,4 +64,4 @@ def servers(e2e_logs: Path) -> Iterator[Servers]:
 @pytest.fixture(scope="session")
 def baseline(vllm_env: VllmEnv) -> RunResult:
     """The same prompt through vLLM with no connector at all."""
-    return run_vllm(vllm_env, "none", repeats=1)
+    return cached_baseline(vllm_env)

@@ -3,6 +3,7 @@ subprocesses, and runs of the vLLM driver.  See conftest.py for the overview."""
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import subprocess
@@ -173,3 +174,34 @@ def full_chunk_prefix(prompt_tokens: int, chunk_size: int) -> int:
     keeps its last token for vLLM to compute."""
     hit = prompt_tokens // chunk_size * chunk_size
     return hit - 1 if hit == prompt_tokens else hit
+
+
+def baseline(env: VllmEnv) -> RunResult:
+    """The prompt through vLLM with no connector at all (the oracle of every e2e check).
+
+    It involves no kvhive code, so it is computed once per vLLM venv, model, driver source and
+    prompt settings and kept in ``<venv>/kvhive-baselines/<key>.json``: the e2e, fleet and
+    Mooncake suites (separate pytest processes) then share one run instead of three, and a
+    change to any of those inputs computes it afresh.  ``KVHIVE_E2E_FRESH_BASELINE=1`` ignores
+    the cache."""
+    model = Path(env.model)
+    weights = sorted((p.name, p.stat().st_size, p.stat().st_mtime_ns) for p in model.iterdir())
+    inputs = [env.python, env.model, weights, DRIVER.read_text(), PROMPT_TOKENS, MAX_TOKENS, DTYPE]
+    key = hashlib.sha256(json.dumps(inputs).encode()).hexdigest()[:24]
+    cache = Path(env.python).parent.parent / "kvhive-baselines" / f"{key}.json"
+    fresh = os.environ.get("KVHIVE_E2E_FRESH_BASELINE", "").strip() in ("1", "true", "yes")
+    if not fresh:
+        try:
+            raw = json.loads(cache.read_text())
+            return RunResult("none", raw["requests"], raw)
+        except (OSError, ValueError, KeyError):
+            pass
+    run = run_vllm(env, "none", repeats=1)
+    try:
+        cache.parent.mkdir(exist_ok=True)
+        tmp = cache.with_suffix(f".tmp{os.getpid()}")
+        tmp.write_text(json.dumps(run.raw))
+        tmp.replace(cache)
+    except OSError:
+        pass  # a read-only venv: every suite computes its own
+    return run

@@ -37,6 +37,7 @@ from e2e_support import (
     run_vllm,
     unavailable,
 )
+from e2e_support import baseline as cached_baseline
 
 pytestmark = [pytest.mark.timeout(900)]
 
@@ -56,7 +57,7 @@ def vllm_env() -> VllmEnv:
 @pytest.fixture(scope="module")
 def baseline(vllm_env: VllmEnv) -> RunResult:
     """The prompt through vLLM with no connector at all (no network needed)."""
-    return run_vllm(vllm_env, "none", repeats=1)
+    return cached_baseline(vllm_env)
 
 
 def in_node(env: VllmEnv, node: Node, tmp: Path) -> VllmEnv:

@@ -23,6 +23,7 @@ from e2e_support import (
     run_vllm,
     unavailable,
 )
+from e2e_support import baseline as cached_baseline
 
 
 @pytest.fixture(scope="module")
@@ -45,7 +46,7 @@ def servers(tmp_path: Path) -> Iterator[Servers]:
 def test_mooncake_alone_under_skip_l1_serves_the_repeat(
     vllm_env: VllmEnv, servers: Servers, master: Master
 ) -> None:
-    baseline: RunResult = run_vllm(vllm_env, "none", repeats=1)
+    baseline: RunResult = cached_baseline(vllm_env)
     tier = json.dumps({"type": "mooncake_store", **client_config(master.addr)})
     server = servers.start(["--l2-store-policy", "skip_l1", "--eviction-policy", "noop",
                             "--l2-adapter", tier])  # fmt: skip
