@@ -217,7 +217,9 @@ class KVEventLog:
                 while len(bindings) > self._binding_cache_size // 2:
                     bindings.popitem(last=False)
 
-    def _on_stored(self, e: ev.L1WriteFinished, medium: str = t.KV_EVENT_MEDIUM_CPU) -> None:
+    def _on_stored(
+        self, e: ev.L1WriteFinished | ev.L2KeysPresent, medium: str = t.KV_EVENT_MEDIUM_CPU
+    ) -> None:
         with self._lock:
             for model, hashes in _by_model(e.keys).items():
                 for chunk_hash in hashes:
@@ -231,17 +233,19 @@ class KVEventLog:
                     )
         self._wake_all()
 
-    def _on_removed(self, e: ev.L1KeysEvicted, medium: str = t.KV_EVENT_MEDIUM_CPU) -> None:
+    def _on_removed(
+        self, e: ev.L1KeysEvicted | ev.L2KeysGone, medium: str = t.KV_EVENT_MEDIUM_CPU
+    ) -> None:
         with self._lock:
             for model, hashes in _by_model(e.keys).items():
                 self._append(t.KV_EVENT_KIND_REMOVED, model, list(hashes), None, _NO_TOKENS, medium)
         self._wake_all()
 
     def _on_l2_present(self, e: ev.L2KeysPresent) -> None:
-        self._on_stored(e, MEDIUM_STORAGE)  # type: ignore[arg-type]  # same ``keys`` shape
+        self._on_stored(e, MEDIUM_STORAGE)
 
     def _on_l2_gone(self, e: ev.L2KeysGone) -> None:
-        self._on_removed(e, MEDIUM_STORAGE)  # type: ignore[arg-type]
+        self._on_removed(e, MEDIUM_STORAGE)
 
     def _on_drops(self, total: int) -> None:
         """The bus dropped events since the last drain: some records may be missing."""
