@@ -87,7 +87,7 @@ def test_cpu_stored_removed_with_vllm_hashes_and_replay(server, subscribe, vllm_
     assert [b["seq"] for b in rows] == list(range(len(rows)))  # from 0, no gap
     assert all(b["topic"] == "" and b["dp_rank"] == 0 for b in rows)
     assert_chain(stored(sub.events(), "CPU"), tokens)
-    # The same ints vLLM publishes for these chunks through the LMCache connector.
+    # The same ints the LMCache connector makes vLLM publish for these chunks.
     out, _ = conv.communicate(timeout=120)
     assert json.loads(out) == ints([bytes.fromhex(h) for h in hexes])
     # A 2 MiB L1 holds 8 chunks: 8 more push the first ones out.
