@@ -14,9 +14,10 @@ A payload vLLM's decoder rejects is written as ``{"endpoint", "topic", "seq", "e
 It prints ``READY`` on stdout (flushed) once every socket is connected, then runs until
 SIGTERM/SIGINT or ``--seconds``.
 
-``--replay ENDPOINT --from N`` instead asks a replay ROUTER (a DEALER sends
-``[b"", N as 8 bytes]``) and writes every ``[b"", seq, payload]`` it answers until the
-end marker (seq -1), then exits 0 (exit 3 when no end marker arrives within ``--seconds``).
+``--replay ENDPOINT --from N`` instead asks a replay ROUTER as vLLM 0.32's publisher serves
+it (a DEALER sends ``[b"", N as 8 bytes]``; the answer is ``[b"", topic, seq, payload]`` per
+buffered batch with ``seq >= N``, then the end marker ``[b"", b"", seq -1, b""]``), writes each
+batch, and exits 0 at the end marker (exit 3 when none arrives within ``--seconds``).
 
     $VLLM_PY vllm_kv_sub.py --endpoint tcp://10.0.0.2:5557 --out events.jsonl
     $VLLM_PY vllm_kv_sub.py --replay tcp://10.0.0.2:5558 --from 0 --seconds 10
@@ -122,16 +123,16 @@ def replay(endpoint: str, start: int, seconds: float, out: IO[str]) -> int:
         if not sock.poll(100):
             continue
         frames = sock.recv_multipart()
-        if len(frames) != 3:
+        if len(frames) != 4 or frames[0] != b"":
             _write(out, {"endpoint": endpoint, "error": f"{len(frames)} frames"})
             continue
-        _, seq_b, payload = frames
+        _, topic_b, seq_b, payload = frames
         seq = int.from_bytes(seq_b, "big", signed=True)
         if seq == -1:
             _write(out, {"endpoint": endpoint, "seq": -1, "end": True})
             sock.close(linger=0)
             return 0
-        _write(out, _line(endpoint, b"", seq, payload))
+        _write(out, _line(endpoint, topic_b, seq, payload))
     sock.close(linger=0)
     return 3
 

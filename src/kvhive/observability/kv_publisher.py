@@ -19,10 +19,11 @@ makes of the LMCache connector's bytes hashes, so this stream and the one throug
 engine carry the same int for a chunk.  ``--kv-events-topic`` may hold ``{model}``: then
 each batch holds one model's events and its topic names the model.
 
-``--kv-events-replay-endpoint`` binds a ROUTER: a DEALER sends ``[b"", start_seq (8B)]`` and
-gets ``[b"", seq, payload]`` for each buffered batch with ``seq >= start`` (the newest
-``--kv-events-buffer-steps``), then ``[b"", -1 (8B signed), b""]``.  A malformed request
-(other frame counts, a start that is not 8 bytes) gets the end marker alone.
+``--kv-events-replay-endpoint`` binds a ROUTER answering as vLLM 0.32's publisher does: a
+DEALER sends ``[b"", start_seq (8B)]`` and gets ``[b"", topic, seq, payload]`` for each
+buffered batch with ``seq >= start`` (the newest ``--kv-events-buffer-steps``), then the end
+marker ``[b"", b"", -1 (8B signed), b""]``.  A malformed request (other frame counts, a start
+that is not 8 bytes) gets the end marker alone.
 
 Threads: one daemon thread (``kvhive-kv-publisher``) owns both sockets after start.  It
 reads the :class:`~kvhive.observability.kv_events.KVEventLog` with its own cursor over all
@@ -327,19 +328,20 @@ class KVEventPublisher:
             ident = frames[0]
             if len(frames) != 3 or frames[1] != b"" or len(frames[2]) != 8:
                 self.counters.malformed_replays += 1
-                self._reply(ident, END_SEQ, b"")
+                self._reply(ident, b"", END_SEQ, b"")
                 continue
             self.counters.replays += 1
             start = int.from_bytes(frames[2], "big", signed=True)
-            for seq, _topic, payload in list(self._buffer):
-                if seq >= start and not self._reply(ident, seq.to_bytes(8, "big"), payload):
+            for seq, topic, payload in list(self._buffer):
+                if seq >= start and not self._reply(ident, topic, seq.to_bytes(8, "big"), payload):
                     break
-            self._reply(ident, END_SEQ, b"")
+            self._reply(ident, b"", END_SEQ, b"")
 
-    def _reply(self, ident: bytes, seq: bytes, payload: bytes) -> bool:
+    def _reply(self, ident: bytes, topic: bytes, seq: bytes, payload: bytes) -> bool:
+        """One replay message, vLLM's framing ``[ident, b"", topic, seq, payload]``."""
         assert self._replay is not None
         try:
-            self._replay.send_multipart([ident, b"", seq, payload], zmq.NOBLOCK)
+            self._replay.send_multipart([ident, b"", topic, seq, payload], zmq.NOBLOCK)
         except zmq.Again:
             return False
         return True

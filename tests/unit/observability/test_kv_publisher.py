@@ -93,6 +93,9 @@ def h(i: int) -> bytes:
     return (f"hash-{i:04d}" + "x" * 22).encode()  # 32 bytes, as blake3's
 
 
+TOPIC = b"kv@pod-0"  # the rig fixture's topic
+
+
 class Rig:
     """A bus (drained by hand), a log and a started publisher on loopback ports."""
 
@@ -155,7 +158,7 @@ class Rig:
         while d.poll(5000):
             frames = d.recv_multipart()
             out.append(frames)
-            if frames[1] == END_SEQ:
+            if frames[2] == END_SEQ:
                 return out
         raise AssertionError(f"no end marker; got {out}")
 
@@ -168,7 +171,7 @@ class Rig:
 
 @pytest.fixture
 def rig() -> Iterator[Rig]:
-    r = Rig()
+    r = Rig(kv_events_topic=TOPIC.decode())
     yield r
     r.close()
 
@@ -193,7 +196,7 @@ def test_stored_and_removed_in_vllms_map_layout(rig: Rig) -> None:
     rig.store(0, 2)
     rig.evict(0, 1)
     (t0, s0, p0), (t1, s1, p1) = recv(sub, 2)
-    assert (t0, s0, t1, s1) == (b"", 0, b"", 1)
+    assert (t0, s0, t1, s1) == (TOPIC, 0, TOPIC, 1)
     first, second = MAP.decode(p0), MAP.decode(p1)
     assert first.data_parallel_rank == 0 and abs(first.ts - time.time()) < 60
     assert first.events == [
@@ -252,17 +255,18 @@ def test_a_late_subscriber_fills_its_gap_from_replay(rig: Rig) -> None:
     ((_, seq, payload),) = recv(late, 1)
     assert seq == 2  # missed 0 and 1: a gap
     frames = rig.replay([b"", (0).to_bytes(8, "big")])
-    assert [f[0] for f in frames] == [b""] * 4
-    assert [int.from_bytes(f[1], "big", signed=True) for f in frames] == [0, 1, 2, -1]
-    assert frames[2][2] == payload and frames[3][2] == b""
-    assert MAP.decode(frames[0][2]).events[0].block_hashes == [block_hash(h(0))]
+    # vLLM 0.32's replay framing: [b"", topic, seq, payload]; the end marker has no topic
+    assert [(f[0], f[1]) for f in frames] == [(b"", TOPIC)] * 3 + [(b"", b"")]
+    assert [int.from_bytes(f[2], "big", signed=True) for f in frames] == [0, 1, 2, -1]
+    assert frames[2][3] == payload and frames[3][3] == b""
+    assert MAP.decode(frames[0][3]).events[0].block_hashes == [block_hash(h(0))]
     assert rig.pub.status()["replays"] == 1
 
 
 def test_malformed_replay_requests_get_only_the_end_marker(rig: Rig) -> None:
     rig.store(0, 1)
     for bad in ([b"", b"\x01"], [b"x", (0).to_bytes(8, "big")], [b"", b"", b""]):
-        assert rig.replay(bad) == [[b"", END_SEQ, b""]]
+        assert rig.replay(bad) == [[b"", b"", END_SEQ, b""]]
     assert rig.pub.status()["malformed_replays"] == 3
     assert len(rig.replay([b"", (0).to_bytes(8, "big")])) == 2  # still serving
 
@@ -273,7 +277,7 @@ def test_replay_buffer_keeps_the_newest_batches() -> None:
         for i in range(4):
             r.store(i, 1)
         frames = r.replay([b"", (0).to_bytes(8, "big")])
-        assert [int.from_bytes(f[1], "big", signed=True) for f in frames] == [2, 3, -1]
+        assert [int.from_bytes(f[2], "big", signed=True) for f in frames] == [2, 3, -1]
     finally:
         r.close()
 
@@ -294,7 +298,7 @@ def test_records_the_log_lost_leave_a_gap_replay_cannot_fill() -> None:
         seqs = [s for _, s, _ in recv(sub, 3)]
         assert seqs == [0, 1, 3]  # the eviction was dropped: sequence 2 skipped for it
         frames = r.replay([b"", (2).to_bytes(8, "big")])
-        assert int.from_bytes(frames[0][1], "big", signed=True) == 3  # 2 never existed
+        assert int.from_bytes(frames[0][2], "big", signed=True) == 3  # 2 never existed
         assert r.pub.status()["lost_gaps"] == 1
     finally:
         r.close()
