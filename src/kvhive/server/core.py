@@ -261,6 +261,7 @@ class KvhiveServer:
             "supported_transfer_mode": self.config.mp.supported_transfer_mode,
             **self.engine.status(),
             "l1": l1,
+            "l1_populate": self.l1.arena.populate_status(),
             "l2": self.l2.status(),
             "kv_publisher": self.kv_publisher.status() if self.kv_publisher else None,
             "worker_liveness": self.registry.info(),

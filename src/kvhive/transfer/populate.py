@@ -208,6 +208,12 @@ class Prefaulter:
         with self._cv:
             return PopulateStats(self._bytes, self._seconds, self._failures)
 
+    def pending_bytes(self) -> int:
+        """Bytes queued or being filled now (0 when idle)."""
+        with self._cv:
+            piece = self._piece
+            return sum(b - a for a, b in self._queue) + (piece[1] - piece[0] if piece else 0)
+
     def _run(self) -> None:
         while True:
             with self._cv:

@@ -76,6 +76,8 @@ def test_section_rows_and_targets(tmp_path) -> None:
             assert f"engine/tiny/{phase}/{op}/1/faults" in keys
         assert f"engine/tiny/{phase}/lookup/1/p50" in keys
     assert "engine/tiny/register" in keys
+    waited = report.row("engine/tiny/l1_populate_wait")  # kvhive reports its populate front
+    assert waited is not None and waited.kvhive is not None and waited.kvhive >= 0
     big = [t.row for t in targets(BenchConfig())]
     assert "engine/32L-8H-128D/cold/retrieve/1" in big
     assert "engine/smollm2-135m/cold/store/16" in big

@@ -150,3 +150,18 @@ def test_prefaulter_cancel_waits_for_the_piece_in_progress() -> None:
     pf.stop()
     pf.submit(0, PAGE)  # after stop: ignored
     assert fill.calls == [(0, PIECE_BYTES)]
+
+
+def test_prefaulter_reports_pending_bytes_until_done() -> None:
+    fill = _Recorder()
+    fill.release.clear()
+    pf = Prefaulter(0, "kvhive-test-pending", fill)
+    assert pf.pending_bytes() == 0
+    pf.submit(0, 2 * PIECE_BYTES + PAGE)
+    assert fill.entered.wait(10)  # the first piece is being filled, held there
+    assert pf.pending_bytes() == 2 * PIECE_BYTES + PAGE  # the piece in progress counts
+    fill.release.set()
+    assert pf.wait_idle(10)
+    assert pf.pending_bytes() == 0
+    assert pf.stats().bytes_done == 2 * PIECE_BYTES + PAGE
+    pf.stop()

@@ -146,6 +146,20 @@ class Arena:
             self._prefaulter.submit(self._populated, target)
             self._populated = target
 
+    def populate_status(self) -> dict[str, int | float]:
+        """Background population so far: ``pending_bytes`` still to populate (stores landing
+        there fault on the request path; on a VM whose host backs fresh guest memory slowly
+        that is ~10-50 ms per MiB), ``populated_bytes``, ``seconds`` spent, ``failures``."""
+        if self._prefaulter is None:
+            return {"pending_bytes": 0, "populated_bytes": 0, "seconds": 0.0, "failures": 0}
+        st = self._prefaulter.stats()
+        return {
+            "pending_bytes": self._prefaulter.pending_bytes(),
+            "populated_bytes": st.bytes_done,
+            "seconds": round(st.seconds, 3),
+            "failures": st.failures,
+        }
+
     def wait_prefault(self, timeout: float | None = None) -> bool:
         """Block until queued pre-faulting is done (tests, benchmarks); True when idle."""
         return self._prefaulter is None or self._prefaulter.wait_idle(timeout)

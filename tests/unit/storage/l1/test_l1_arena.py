@@ -182,3 +182,16 @@ def test_a_lazy_arena_larger_than_ram_and_swap_maps() -> None:
     with Arena(size, align=4096, lazy=True, init_bytes=1) as a:
         a.array[a.heap_bytes - 1] = 1
         assert a.size_bytes == size
+
+
+def test_populate_status_counts_down_to_a_populated_arena() -> None:
+    if not arena_mod.populate_supported():
+        pytest.skip("the kernel lacks MADV_POPULATE_WRITE")
+    with Arena(64 * MiB, align=4096) as a:  # eager: the whole heap is queued at start
+        first = a.populate_status()
+        assert 0 <= first["pending_bytes"] <= 64 * MiB
+        assert first["pending_bytes"] + first["populated_bytes"] <= 64 * MiB + 4096
+        assert a.wait_prefault(timeout=30)
+        done = a.populate_status()
+        assert done["pending_bytes"] == 0 and done["failures"] == 0
+        assert done["populated_bytes"] >= 64 * MiB - 4096
