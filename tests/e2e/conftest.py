@@ -17,7 +17,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from e2e_support import CONTEXT, RunResult, Servers, VllmEnv, locate, unavailable
+from e2e_support import CONTEXT, RunResult, Servers, VllmEnv, require_vllm_env
 from e2e_support import baseline as cached_baseline
 
 
@@ -29,11 +29,7 @@ def pytest_configure(config: pytest.Config) -> None:
 
 @pytest.fixture(scope="session")
 def vllm_env() -> VllmEnv:
-    env, reason = locate()
-    if env is None:
-        unavailable(reason)
-    assert env is not None
-    return env
+    return require_vllm_env()
 
 
 @pytest.hookimpl(hookwrapper=True)

@@ -70,6 +70,15 @@ def locate() -> tuple[VllmEnv | None, str]:
     return VllmEnv(py, model), ""
 
 
+def require_vllm_env() -> VllmEnv:
+    """The located vLLM venv, or skip (fail under ``KVHIVE_REQUIRE_E2E=1``) with the reason."""
+    env, reason = locate()
+    if env is None:
+        unavailable(reason)
+    assert env is not None
+    return env
+
+
 #: (title, provider) of the servers and driver runs of the session (e2e runs are few).
 CONTEXT: list[tuple[str, Any]] = []
 

@@ -15,10 +15,10 @@ from types import ModuleType
 from typing import Any
 
 import pytest
-from fleet_testlib import REPO, unavailable
+from fleet_testlib import REPO
 
 sys.path.insert(0, str(REPO / "tests" / "e2e"))  # the e2e helpers
-from e2e_support import locate
+from e2e_support import require_vllm_env
 
 pytestmark = [pytest.mark.timeout(420)]
 PREFIXES, PREFIX_TOKENS, REQUESTS = 4, 1536, 16
@@ -35,10 +35,7 @@ def _run_fleet() -> ModuleType:
 
 
 def test_kv_aware_routing_beats_round_robin(fleet_ok: None, log_dir: Path) -> None:
-    env, reason = locate()
-    if env is None:
-        unavailable(reason)
-    assert env is not None
+    env = require_vllm_env()
     rf = _run_fleet()
     setup = rf.Setup(
         vllm_python=env.python,

@@ -19,20 +19,15 @@ from e2e_support import (
     Servers,
     VllmEnv,
     full_chunk_prefix,
-    locate,
+    require_vllm_env,
     run_vllm,
-    unavailable,
 )
 from e2e_support import baseline as cached_baseline
 
 
 @pytest.fixture(scope="module")
 def vllm_env() -> VllmEnv:
-    env, reason = locate()
-    if env is None:
-        unavailable(reason)
-    assert env is not None
-    return env
+    return require_vllm_env()
 
 
 @pytest.fixture
