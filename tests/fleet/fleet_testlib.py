@@ -196,6 +196,36 @@ def drive(client_python: str, server: NodeServer, *extra: str, chunks: int,
     return Drive(dict(json.loads(lines[-1][len(RESULT_MARK) :])), seconds, proc.stdout, proc.stderr)
 
 
+@dataclass(frozen=True, slots=True)
+class Handover:
+    """A stores ``chunks`` through its kvhive, then B (which never stored them) loads them
+    through its own: the two driver runs and the veth byte counts of the nodes watched."""
+
+    stored: Drive
+    loaded: Drive
+    store_bytes: dict[str, int]  # counters of ``watch_store`` over the store
+    load_bytes: dict[str, int]  # counters of B's node over the load
+
+
+def store_on_a_load_on_b(
+    client_python: str, kv_a: NodeServer, kv_b: NodeServer, chunks: int, watch_store: Node
+) -> Handover:
+    """The shared-tier round of the fleet tests, with its common checks: A's store reached
+    the tier (``l2_stored``), B's L1 was empty before its lookup and every chunk hit there,
+    byte-exact."""
+    before = watch_store.counters()
+    stored = drive(client_python, kv_a, "--phase", "store", chunks=chunks)
+    store_bytes = delta(before, watch_store.counters())
+    assert stored["store_ok"] is True and stored["l2_stored"] == [chunks], stored.result
+    before = kv_b.where.counters()
+    loaded = drive(client_python, kv_b, "--phase", "load", "--no-clear", chunks=chunks)
+    load_bytes = delta(before, kv_b.where.counters())
+    assert loaded["l1_objects_before_lookup"] == 0
+    assert loaded["hit_chunks"] == chunks, loaded.result
+    assert loaded["retrieve_ok"] is True and loaded["bytes_equal"] is True, loaded.result
+    return Handover(stored, loaded, store_bytes, load_bytes)
+
+
 def delta(before: dict[str, int], after: dict[str, int]) -> dict[str, int]:
     return {k: after[k] - before[k] for k in before}
 

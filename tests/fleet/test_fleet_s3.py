@@ -12,12 +12,12 @@ import pytest
 from fleet_testlib import (
     CHUNK_BYTES,
     MakeFleet,
-    delta,
     drive,
     report,
     s3_tier,
     start_kvhive,
     start_moto,
+    store_on_a_load_on_b,
 )
 
 pytestmark = [pytest.mark.interop, pytest.mark.timeout(600)]
@@ -36,18 +36,9 @@ def test_b_finds_what_a_wrote_to_the_bucket(
     kv_a = start_kvhive(a, log_dir, [tier])
     kv_b = start_kvhive(b, log_dir, [tier])
 
-    before = s.counters()
-    stored = drive(client_python, kv_a, "--phase", "store", chunks=CHUNKS)
-    s_store = delta(before, s.counters())
-    assert stored["store_ok"] is True and stored["l2_stored"] == [CHUNKS], stored.result
+    ho = store_on_a_load_on_b(client_python, kv_a, kv_b, CHUNKS, watch_store=s)
+    stored, loaded, s_store, b_load = ho.stored, ho.loaded, ho.store_bytes, ho.load_bytes
     assert s_store["rx_bytes"] >= PAYLOAD, s_store  # A -> S
-
-    before = b.counters()
-    loaded = drive(client_python, kv_b, "--phase", "load", "--no-clear", chunks=CHUNKS)
-    b_load = delta(before, b.counters())
-    assert loaded["l1_objects_before_lookup"] == 0
-    assert loaded["hit_chunks"] == CHUNKS, loaded.result
-    assert loaded["retrieve_ok"] is True and loaded["bytes_equal"] is True, loaded.result
     assert loaded["l2_loaded"] == [CHUNKS]
     assert b_load["rx_bytes"] >= PAYLOAD, b_load  # S -> B
     assert kv_b.status()["l2"]["adapters"][0]["stored"] == 0

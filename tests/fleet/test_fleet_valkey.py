@@ -13,11 +13,11 @@ import pytest
 from fleet_testlib import (
     CHUNK_BYTES,
     MakeFleet,
-    delta,
     drive,
     report,
     start_cluster,
     start_kvhive,
+    store_on_a_load_on_b,
     valkey_tier,
 )
 
@@ -41,17 +41,9 @@ def test_b_finds_what_a_stored_and_survives_a_shard_dying(
         kv_a = start_kvhive(a, log_dir, [tier])
         kv_b = start_kvhive(b, log_dir, [tier])
 
-        before = a.counters()
-        stored = drive(client_python, kv_a, "--phase", "store", chunks=CHUNKS)
-        a_store = delta(before, a.counters())
-        assert stored["store_ok"] is True and stored["l2_stored"] == [CHUNKS], stored.result
+        ho = store_on_a_load_on_b(client_python, kv_a, kv_b, CHUNKS, watch_store=a)
+        loaded, a_store, b_load = ho.loaded, ho.store_bytes, ho.load_bytes
         assert a_store["tx_bytes"] >= PAYLOAD, a_store
-
-        before = b.counters()
-        loaded = drive(client_python, kv_b, "--phase", "load", "--no-clear", chunks=CHUNKS)
-        b_load = delta(before, b.counters())
-        assert loaded["l1_objects_before_lookup"] == 0
-        assert loaded["hit_chunks"] == CHUNKS and loaded["bytes_equal"] is True, loaded.result
         assert b_load["rx_bytes"] >= PAYLOAD, b_load
 
         # The shard holding most of the chunks dies, after its replica has them all.
