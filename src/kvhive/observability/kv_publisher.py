@@ -270,12 +270,17 @@ class KVEventPublisher:
                 return
 
     def _drain_pipe(self) -> None:
-        self._signalled = False
+        """Empty the wake-up pipe, then re-arm :meth:`wake`.  In this order: a wake that
+        lands while the pipe is drained is suppressed (its byte may be read here), but its
+        records were appended before it, so the :meth:`_pump` after this call reads them; a
+        wake after the re-arm writes a new byte.  (Re-arming first could leave the flag set
+        with the pipe empty, and later records would wait for the 1 s poll timeout.)"""
         try:
             while os.read(self._rfd, 4096):
                 pass
         except BlockingIOError:
             pass
+        self._signalled = False
 
     def _pump(self) -> None:
         """Publish everything the log holds past the cursor."""
