@@ -13,7 +13,8 @@ from typing import Any
 
 import pytest
 
-from kvhive.bench.servers import ServerProcess, setup_script_python, subprocess_env
+from kvhive.bench.servers import ServerProcess, subprocess_env
+from support.venvs import locate_venv_python
 
 REPO = Path(__file__).resolve().parents[2]
 DRIVER = Path(__file__).resolve().parent / "drivers" / "vllm_generate.py"
@@ -48,20 +49,9 @@ class VllmEnv:
 
 
 def locate() -> tuple[VllmEnv | None, str]:
-    py = os.environ.get("KVHIVE_VLLM_PYTHON", "").strip()
-    if not py:
-        try:
-            found = setup_script_python(SETUP_SCRIPT)
-        except (OSError, subprocess.TimeoutExpired) as exc:
-            return None, f"could not query {SETUP_SCRIPT.name}: {exc}"
-        if found is None:
-            return (
-                None,
-                "vLLM venv not built; run scripts/setup_vllm_venv.sh or set KVHIVE_VLLM_PYTHON",
-            )
-        py = found
-    if not (os.path.isfile(py) and os.access(py, os.X_OK)):
-        return None, f"vLLM python {py!r} is not an executable file"
+    py, reason = locate_venv_python("KVHIVE_VLLM_PYTHON", SETUP_SCRIPT, "vLLM")
+    if py is None:
+        return None, reason
     model = os.environ.get("KVHIVE_VLLM_MODEL", "").strip() or str(
         Path(py).parent.parent / "kvhive-model"
     )

@@ -19,8 +19,9 @@ from typing import Any
 
 import pytest
 
-from kvhive.bench.servers import ServerProcess, setup_script_python, subprocess_env
+from kvhive.bench.servers import ServerProcess, subprocess_env
 from support.net import free_port
+from support.venvs import locate_venv_python
 
 REPO = Path(__file__).resolve().parents[2]
 SUB_SCRIPT = REPO / "tests" / "support" / "vllm_kv_sub.py"
@@ -31,26 +32,9 @@ def _required() -> bool:
     return os.environ.get("KVHIVE_REQUIRE_E2E", "").strip().lower() in ("1", "true", "yes")
 
 
-def _locate() -> tuple[str | None, str]:
-    py = os.environ.get("KVHIVE_VLLM_PYTHON", "").strip()
-    if not py:
-        try:
-            py = setup_script_python(SETUP_SCRIPT) or ""
-        except (OSError, subprocess.TimeoutExpired) as exc:
-            return None, f"could not query {SETUP_SCRIPT.name}: {exc}"
-        if not py:
-            return (
-                None,
-                "vLLM venv not built; run scripts/setup_vllm_venv.sh or set KVHIVE_VLLM_PYTHON",
-            )
-    if not (os.path.isfile(py) and os.access(py, os.X_OK)):
-        return None, f"vLLM python {py!r} is not an executable file"
-    return py, ""
-
-
 @pytest.fixture(scope="session")
 def vllm_python() -> str:
-    py, why = _locate()
+    py, why = locate_venv_python("KVHIVE_VLLM_PYTHON", SETUP_SCRIPT, "vLLM")
     if py is None:
         if _required():
             pytest.fail(f"KVHIVE_REQUIRE_E2E=1 but {why}", pytrace=False)
