@@ -25,11 +25,22 @@ Contracts the engine relies on:
 * ``segment_owners`` are the host segments whose creator was proven at registration; the
   registry hands them to a :class:`~kvhive.transfer.shm.SegmentReaper` when it drops the
   registration (empty for backends without host segments).
+
+Asynchronous copies (device backends).  A backend whose copies run on a device stream also
+implements :class:`AsyncCopyBackend`: ``gather_async``/``scatter_async`` take the worker's
+event handle (protocol §15.2: the copy waits on it), enqueue the whole batch and return a
+:class:`CopyTicket` at once.  ``ticket.handle`` is what the reply carries to the worker (an
+exported interprocess event recorded after the copy; ``b""`` when the copy already
+completed).  The caller keeps the L1 lock over every buffer of the batch until the ticket's
+done callback has run: L1 buffers live until then, not until the call returns.
+:func:`gather_batch` / :func:`scatter_batch` are the one entry point the engine uses; for a
+synchronous backend they copy at once and return :data:`DONE`.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import threading
+from collections.abc import Callable, Sequence
 from typing import Protocol, runtime_checkable
 
 import numpy as np
@@ -65,3 +76,129 @@ class CopyBackend(Protocol):
     def segment_owners(self) -> Sequence[SegmentOwner]: ...
 
     def close(self) -> None: ...
+
+
+DoneCallback = Callable[[BaseException | None], None]
+"""Runs once when a copy finished: ``None`` on success, else the error (``TransferFailed``)."""
+
+
+@runtime_checkable
+class CopyTicket(Protocol):
+    """A batch of copies in flight.  ``handle`` goes back to the worker in the reply."""
+
+    @property
+    def handle(self) -> bytes: ...
+
+    def add_done_callback(self, fn: DoneCallback) -> None:
+        """Run ``fn(error)`` once the copy finished (at once, on this thread, if it has)."""
+        ...
+
+    def wait(self, timeout: float | None = None) -> None:
+        """Block until the copy finished; raises its error, or TimeoutError."""
+        ...
+
+
+class CompletedTicket:
+    """A ticket for a copy that already finished (every synchronous backend)."""
+
+    __slots__ = ("_error",)
+
+    def __init__(self, error: BaseException | None = None) -> None:
+        self._error = error
+
+    @property
+    def handle(self) -> bytes:
+        return b""
+
+    def add_done_callback(self, fn: DoneCallback) -> None:
+        fn(self._error)
+
+    def wait(self, timeout: float | None = None) -> None:
+        if self._error is not None:
+            raise self._error
+
+
+DONE = CompletedTicket()
+
+
+class PendingTicket:
+    """A ticket completed later by whoever runs the copy (``finish``), from any thread.
+
+    Callbacks added before ``finish`` run on the finishing thread, later ones at once on
+    the adding thread; each runs exactly once.  ``handle`` is fixed at construction.
+    """
+
+    __slots__ = ("_callbacks", "_done", "_error", "_handle", "_lock")
+
+    def __init__(self, handle: bytes = b"") -> None:
+        self._handle = handle
+        self._lock = threading.Lock()
+        self._done = threading.Event()
+        self._error: BaseException | None = None
+        self._callbacks: list[DoneCallback] = []
+
+    @property
+    def handle(self) -> bytes:
+        return self._handle
+
+    def finish(self, error: BaseException | None = None) -> None:
+        with self._lock:
+            if self._done.is_set():
+                return
+            self._error = error
+            self._done.set()
+            callbacks, self._callbacks = self._callbacks, []
+        for fn in callbacks:
+            fn(error)
+
+    def add_done_callback(self, fn: DoneCallback) -> None:
+        with self._lock:
+            if not self._done.is_set():
+                self._callbacks.append(fn)
+                return
+        fn(self._error)
+
+    def wait(self, timeout: float | None = None) -> None:
+        if not self._done.wait(timeout):
+            raise TimeoutError("copy still in flight")
+        if self._error is not None:
+            raise self._error
+
+
+@runtime_checkable
+class AsyncCopyBackend(CopyBackend, Protocol):
+    """A backend whose copies complete later (see the module docstring)."""
+
+    def gather_async(
+        self, chunks: Sequence[tuple[Sequence[int], np.ndarray]], wait_event: bytes
+    ) -> CopyTicket: ...
+
+    def scatter_async(
+        self, chunks: Sequence[tuple[np.ndarray, Sequence[int], int]], wait_event: bytes
+    ) -> CopyTicket: ...
+
+
+def gather_batch(
+    backend: CopyBackend, chunks: Sequence[tuple[Sequence[int], np.ndarray]], wait_event: bytes
+) -> CopyTicket:
+    """Store-side copy of one request's chunks (engine pages -> L1 buffers)."""
+    start = getattr(backend, "gather_async", None)  # not isinstance: ~10 µs per Protocol check
+    if start is not None:
+        ticket: CopyTicket = start(chunks, wait_event)
+        return ticket
+    backend.gather_many(chunks)
+    return DONE
+
+
+def scatter_batch(
+    backend: CopyBackend,
+    chunks: Sequence[tuple[np.ndarray, Sequence[int], int]],
+    wait_event: bytes,
+) -> CopyTicket:
+    """Retrieve-side copy of one request's chunks (L1 buffers -> engine pages)."""
+    start = getattr(backend, "scatter_async", None)
+    if start is not None:
+        ticket: CopyTicket = start(chunks, wait_event)
+        return ticket
+    backend.scatter_many(chunks)
+    return DONE
