@@ -21,7 +21,7 @@ import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from types import MappingProxyType
-from typing import Any
+from typing import Any, Literal
 
 from kvhive.errors import RegistrationError
 
@@ -140,7 +140,11 @@ class TensorDesc:
         stride: strides in elements, same rank as ``shape``.
         storage_offset: offset of element ``[0, ..., 0]`` in elements.
         shm_name: segment name without the leading ``/``; ``""`` only for empty views.
-        nbytes: byte length of the segment (the mapping length).
+            For a device tensor (``storage_kind="device"``) a label of the opened storage
+            (``"cuda:<ordinal>/<n>"``), never a file name and never validated as one.
+        nbytes: byte length of the segment (the mapping length), or of the device storage.
+        storage_kind: ``"cpu_shm"`` (a POSIX segment the server maps) or ``"device"`` (a
+            device allocation opened through CUDA IPC, see :mod:`kvhive.transfer.cuda`).
 
     Construction validates everything and raises RegistrationError, so a
     ``TensorDesc`` that exists is always safe to map.
@@ -152,6 +156,7 @@ class TensorDesc:
     storage_offset: int
     shm_name: str
     nbytes: int
+    storage_kind: Literal["cpu_shm", "device"] = "cpu_shm"
 
     def __post_init__(self) -> None:
         # Normalise in place (frozen: go through object.__setattr__).
@@ -170,7 +175,10 @@ class TensorDesc:
         object.__setattr__(self, "nbytes", _nonneg_int(self.nbytes, "nbytes"))
         if self.numel == 0 and self.shm_name == "":
             return  # empty views carry no segment
-        object.__setattr__(self, "shm_name", validate_shm_name(self.shm_name))
+        if self.storage_kind == "cpu_shm":
+            object.__setattr__(self, "shm_name", validate_shm_name(self.shm_name))
+        elif self.storage_kind != "device":
+            raise RegistrationError(f"unknown storage kind {self.storage_kind!r}")
         span = self.byte_span()
         if span > self.nbytes:
             raise RegistrationError(
