@@ -27,6 +27,8 @@ COUNTERS = (
     "lookup_hit_chunks",
     "lookup_chunks",
     "sessions_evicted",  # ended early to keep the session table bounded (MAX_SESSIONS)
+    "store_copy_failures",  # device copies that failed after the store's reply
+    "retrieve_copy_failures",  # device copies that failed after the retrieve's reply
 )
 
 

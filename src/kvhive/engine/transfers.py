@@ -8,6 +8,15 @@ registration) and L1 buffers, on the caller connection's affinity thread.
     retrieve  pin the chunks (CopyPin) --scatter--> unpin, and give back one lookup lock
               per chunk (see :mod:`kvhive.engine.lookups` for the whole lock contract).
 
+A CPU backend copies before the call returns (the reply's event handle is ``b""``).  A
+device backend (CUDA) enqueues the batch behind the worker's event and returns a ticket at
+once; the reply carries the ticket's event handle, the worker waits on that event, and the
+commit (store) or the unpin (retrieve) runs from the ticket's done callback when the copy
+completed.  Until then the reservations and the CopyPin keep every L1 buffer of the batch
+in place (``transfer/backend.py``: buffers live until the done callback, not the call).
+A store is therefore visible to lookups once its copy completed, which is no later than
+the worker's own wait on the returned event.
+
 Results are domain records; a request that decoded but cannot be served raises
 :class:`~kvhive.errors.TransferFailed` and dispatch answers with the op's soft value.
 """
@@ -29,7 +38,7 @@ from kvhive.errors import RegistrationError, TransferFailed, UnsupportedError
 from kvhive.keys import ChunkHash, InstanceId, ObjectKey
 from kvhive.storage.l1.manager import L1Manager
 from kvhive.storage.owners import CopyPin, WriterOwner
-from kvhive.transfer.backend import CopyBackend
+from kvhive.transfer.backend import CopyBackend, CopyTicket, gather_batch, scatter_batch
 from kvhive.transfer.descriptors import TensorDesc
 from kvhive.transfer.paged import PagedKV
 from kvhive.wire import types as t
@@ -43,6 +52,7 @@ class StoreResult:
 
     stored: int
     skipped: int
+    event: bytes = b""  # the copy's event for the worker; b"" when it already completed
 
 
 @dataclass(frozen=True, slots=True)
@@ -50,6 +60,7 @@ class RetrieveResult:
     """Chunks a retrieve copied into the engine's blocks."""
 
     chunks: int
+    event: bytes = b""  # as StoreResult.event
 
 
 class TransferService:
@@ -194,19 +205,39 @@ class TransferService:
             )
             taken = [s for s in slots if s is not None]
             try:  # one batch: the copy engine deals the request's chunks to its threads
-                backend.gather_many(
+                ticket = gather_batch(
+                    backend,
                     [
                         (blocks, self.l1.view(slot))
                         for slot, (_, blocks) in zip(slots, todo, strict=True)
                         if slot is not None
-                    ]
+                    ],
+                    event,
                 )
             except BaseException:
                 self.l1.abort(taken)
                 raise
-            tally.stored = sum(self.l1.commit(taken))
+            if ticket.handle:  # a device copy in flight: commit when it completes
+                ticket.add_done_callback(lambda err: self._settle_store(taken, err))
+                tally.stored = len(taken)
+            else:
+                try:
+                    ticket.wait()
+                except BaseException:
+                    self.l1.abort(taken)
+                    raise
+                tally.stored = sum(self.l1.commit(taken))
             tally.skipped = len(todo) - len(taken)
-        return StoreResult(tally.stored, tally.skipped)
+        return StoreResult(tally.stored, tally.skipped, ticket.handle)
+
+    def _settle_store(self, taken: list[Any], error: BaseException | None) -> None:
+        """Done callback of an asynchronous store: commit, or free the reservations."""
+        if error is None:
+            self.l1.commit(taken)
+            return
+        self.l1.abort(taken)
+        self.brackets.stats.add(store_copy_failures=1)
+        log.warning("an asynchronous store copy failed; %d chunks dropped: %s", len(taken), error)
 
     def retrieve(
         self, key: t.CacheKey, instance_id: int, block_ids: list[list[int]], event: bytes, skip: int
@@ -223,19 +254,29 @@ class TransferService:
                 if inst is None or inst.mapping is None:
                     raise TransferFailed(f"retrieve for unknown instance {instance_id}")
                 inst.kv_ranks.add(kv_rank)
-                self._scatter(inst.mapping, keys, block_ids, skip)
+                ticket = self._scatter(inst.mapping, keys, block_ids, skip, event)
                 tally.ok = True
         finally:
+            # The CopyPin, not the lookup's locks, keeps the objects while a copy runs.
             self.lookups.release_retrieved(key, kv_rank, keys)
-        return RetrieveResult(len(keys))
+        return RetrieveResult(len(keys), ticket.handle)
 
     def _scatter(
-        self, backend: CopyBackend, keys: list[ObjectKey], block_ids: list[list[int]], skip: int
-    ) -> None:
+        self,
+        backend: CopyBackend,
+        keys: list[ObjectKey],
+        block_ids: list[list[int]],
+        skip: int,
+        event: bytes,
+    ) -> CopyTicket:
+        """Copy the chunks into the engine's blocks; returns the copy's ticket.  The CopyPin
+        is released when the copy completed (at once for a synchronous backend)."""
         per_chunk = _split_blocks(block_ids, len(keys), backend.blocks_per_chunk)
         # A copy-scoped lock keeps the objects in place even if the lookup's lock expired.
         pin = CopyPin(threading.get_ident())
         slots = self.l1.read_lock(keys, pin)
+        held = [s.key for s in slots if s is not None]
+        ticket: CopyTicket | None = None
         try:
             if any(s is None for s in slots):
                 raise TransferFailed(
@@ -246,9 +287,25 @@ class TransferService:
             for i, (slot, blocks) in enumerate(zip(slots, per_chunk, strict=True)):
                 assert slot is not None
                 batch.append((self.l1.view(slot), blocks, min(max(skip - i * c, 0), c)))
-            backend.scatter_many(batch)  # one batch, as in store
+            ticket = scatter_batch(backend, batch, event)  # one batch, as in store
+            if ticket.handle:
+                ticket.add_done_callback(lambda err: self._settle_retrieve(held, pin, err))
+                return ticket
+            ticket.wait()
+            return ticket
         finally:
-            self.l1.unlock([s.key for s in slots if s is not None], pin)
+            if ticket is None or not ticket.handle:
+                self.l1.unlock(held, pin)
+
+    def _settle_retrieve(
+        self, held: list[ObjectKey], pin: CopyPin, error: BaseException | None
+    ) -> None:
+        """Done callback of an asynchronous retrieve: unpin; count a failed copy (the
+        worker sees it only as wrong bytes, so it is logged loudly)."""
+        self.l1.unlock(held, pin)
+        if error is not None:
+            self.brackets.stats.add(retrieve_copy_failures=1)
+            log.error("an asynchronous retrieve copy failed after its reply: %s", error)
 
 
 def _split_blocks(block_ids: list[list[int]], n_chunks: int, per_chunk: int) -> list[Sequence[int]]:

@@ -24,8 +24,11 @@ def _same(result: Any) -> Any:
 
 
 def _transfer_ack(result: object) -> tuple[bytes, bool]:
-    """A store/retrieve that returned (rather than raised) is acknowledged as done."""
-    return TRANSFER_OK
+    """A store/retrieve that returned (rather than raised) is acknowledged: with the copy's
+    event handle when a device copy is still in flight (the worker waits on it), else
+    ``b""`` (the copy already completed)."""
+    event = getattr(result, "event", b"")
+    return (event, True) if event else TRANSFER_OK
 
 
 @dataclass(frozen=True, slots=True)
