@@ -18,6 +18,9 @@ memory grows with use (``--l1-init-size-gb 20`` on a 24 GiB machine takes what t
 not 20 GiB at start) while writers still find their pages populated.  Offsets handed out by
 the allocator index ``Arena.array``.
 
+Pinning for DMA (CUDA engines only, ``pin_host_memory``; ``storage/l1/pins.py``) follows the
+same front: what is mapped and populated is pinned, in 1 GiB regions, in the background.
+
 Alignment: the base of anonymous arenas is aligned to ``align`` by over-reserving
 ``align - 1`` bytes and skipping the unaligned head (never touched, so it costs no memory).
 A shm segment must start at offset 0 for its clients, so its base is only page aligned.
@@ -35,6 +38,7 @@ import numpy as np
 
 from kvhive.errors import UnsupportedError
 from kvhive.storage.l1.allocator import align_up
+from kvhive.storage.l1.pins import NOT_PINNED, ArenaPins, HostMemoryPinner, PinStatus
 from kvhive.transfer.populate import Prefaulter, populate_supported, touch_pages
 
 log = logging.getLogger(__name__)
@@ -110,6 +114,7 @@ class Arena:
         )
         self._touch_on_grow = prefault and not populating and lazy
         self._populated = 0  # bytes from the start queued for population (lazy arenas)
+        self._pins: ArenaPins | None = None  # set by pin_host_memory (CUDA engines only)
         if lazy and self._prefaulter is not None:
             self.note_used(0)
         else:
@@ -131,6 +136,8 @@ class Arena:
         self.heap_bytes = min(self.size_bytes, old + steps * self._grow_step)
         if self._prefaulter is None:
             self._prefault(old, self.heap_bytes)
+        if self._pins is not None:
+            self._pins.extend_to(self._pin_front())
         return self.heap_bytes - old
 
     def note_used(self, end: int) -> None:
@@ -145,6 +152,8 @@ class Arena:
         if target > self._populated:
             self._prefaulter.submit(self._populated, target)
             self._populated = target
+            if self._pins is not None:
+                self._pins.extend_to(target)
 
     def populate_status(self) -> dict[str, int | float]:
         """Background population so far: ``pending_bytes`` still to populate (stores landing
@@ -171,6 +180,32 @@ class Arena:
             touch_pages(self.array, start, end)  # destructive: only before publication
         # Eager without MADV_POPULATE_WRITE: pages fault on first write (touching them in
         # the background would race with writers, as the whole heap is live at once).
+
+    # -- pinning for DMA (kvhive.storage.l1.pins) -----------------------------------------
+
+    def pin_host_memory(self, pinner: HostMemoryPinner) -> bool:
+        """Pin the arena's memory for DMA with ``pinner`` from now on (module docstring of
+        ``storage/l1/pins.py``): what is mapped now, and what growth or population maps
+        later, in the background.  Called by the owner under its mutex; False (nothing
+        done) when already pinning or closed."""
+        if self._closed or self._pins is not None:
+            return False
+        self._pins = ArenaPins(self.base_address, pinner)
+        self._pins.extend_to(self._pin_front())
+        return True
+
+    def pin_status(self) -> PinStatus:
+        """Pinned bytes, bytes still to pin, refused regions, seconds (all 0 if not pinning)."""
+        return NOT_PINNED if self._pins is None else self._pins.status()
+
+    def wait_pinned(self, timeout: float | None = None) -> bool:
+        """Block until pinning caught up with the front (tests, benchmarks); True when so."""
+        return self._pins is None or self._pins.wait(timeout)
+
+    def _pin_front(self) -> int:
+        # A lazy arena populated in the background is pinned as far as it is populated
+        # (pinning faults pages in: the heap's unused part would then cost memory).
+        return self._populated if self.lazy and self._prefaulter is not None else self.heap_bytes
 
     # -- shared memory ---------------------------------------------------------------------
 
@@ -205,6 +240,8 @@ class Arena:
         self._closed = True
         if self._prefaulter is not None:
             self._prefaulter.stop()
+        if self._pins is not None:
+            self._pins.close()  # unpinned before the mapping can go away
         if self.shm_segment_name:
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(os.path.join(SHM_DIR, self.shm_segment_name))

@@ -75,6 +75,7 @@ from kvhive.storage.eviction.base import EvictionPolicy
 from kvhive.storage.l1.allocator import FreeListAllocator
 from kvhive.storage.l1.arena import Arena
 from kvhive.storage.l1.events import EventQueue
+from kvhive.storage.l1.pins import HostMemoryPinner
 from kvhive.storage.l1.reclaim import Reclaimer
 from kvhive.storage.l1.records import L1Params, L1Stats, Listener, Slot
 from kvhive.storage.l1.table import ObjectTable, table_page, table_stats
@@ -315,6 +316,26 @@ class L1Manager:
             self._table.forget_all()
             self._arena.close()
 
+    # -- pinning for DMA -------------------------------------------------------------------
+
+    def pin_host_memory(self, pinner: HostMemoryPinner) -> None:
+        """Page-lock all L1 host memory for DMA from now on (CUDA data path).
+
+        Who: the engine, when the first CUDA engine registers (CPU-only servers never call
+        it and pay nothing).  What: every region of the arena mapped now and every region
+        its growth or background population maps later (``storage/l1/pins.py``), pinned in
+        1 GiB regions on a background thread, so neither the caller nor this mutex waits
+        for it; ``stats().pinned_bytes`` / ``pin_pending_bytes`` show progress.  A second
+        call (another CUDA engine) does nothing.  A region CUDA refuses is logged, counted
+        in ``pin_failures`` and left pageable: copies stay correct, only slower.  ``close``
+        unpins every region before the arena is unmapped; ``pinner`` must stay usable
+        until then (its owner closes it after L1).
+        """
+        with self._mu:
+            self._check_open()
+            if not self._arena.pin_host_memory(pinner):
+                log.debug("L1 host memory is already being pinned")
+
     # -- observation -----------------------------------------------------------------------
 
     def add_listener(self, fn: Listener) -> None:
@@ -331,12 +352,17 @@ class L1Manager:
     def stats(self) -> L1Stats:
         """A consistent snapshot (taken under the mutex)."""
         with self._mu:
-            return table_stats(
+            st = table_stats(
                 self._table,
                 evictor_errors=self._evictor_errors,
                 listener_failures=self._events.failures,
                 is_open=not self._closed,
             )
+        pins = self._arena.pin_status()
+        st.pinned_bytes = pins.pinned_bytes
+        st.pin_pending_bytes = pins.pending_bytes
+        st.pin_failures = pins.failures
+        return st
 
     # -- internals -------------------------------------------------------------------------
 

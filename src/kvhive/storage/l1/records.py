@@ -88,6 +88,10 @@ class L1Stats:
     evictor_errors: int
     listener_failures: int  # L1 event listeners (write-behind feed) that raised
     healthy: bool  # allocator memcheck passed and byte accounting agrees
+    # pinning for DMA (L1Manager.pin_host_memory, CUDA engines only; 0 otherwise)
+    pinned_bytes: int = 0  # page-locked arena bytes
+    pin_pending_bytes: int = 0  # below the pin front, not pinned yet
+    pin_failures: int = 0  # regions CUDA refused (they stay pageable: slower copies)
 
     def to_dict(self) -> dict[str, int | float | bool]:
         return asdict(self)
