@@ -287,11 +287,162 @@ class CpuShmDescriptor(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     type: str = "cpu_shm"
 
 
+CUDA_IPC_HANDLE_BYTES = 64
+"""Size of ``cudaIpcMemHandle_t`` and ``cudaIpcEventHandle_t``."""
+VMM_EXPORT_ID_BYTES = 16
+
+
+class CudaStorageHandle(msgspec.Struct, frozen=True, array_like=True, forbid_unknown_fields=True):
+    """The ``handle`` of a ``cuda`` descriptor: the 8 values torch's CUDA storage sharing
+    produces for one storage (``UntypedStorage._share_cuda_()`` on the worker), in wire
+    order.  The server reopens the storage from the last seven on its *own* device ordinal
+    (found from the metadata's ``device_uuid``; ``device`` is the worker's index and means
+    nothing here).
+
+    Attributes:
+        device: the worker's device index (informational only).
+        mem_handle: torch's shareable handle of the caching-allocator block that holds
+            the storage: opaque bytes that only torch parses (current torch wraps the
+            block's ``cudaIpcMemHandle_t`` in a small versioned envelope, so it is not
+            always exactly 64 bytes); None only for a storage with no memory.
+        storage_size_bytes: bytes of the storage (the span of every view must fit in it).
+        storage_offset_bytes: where the storage starts inside that block.
+        ref_counter_handle: name of the worker's shared-memory file of IPC reference
+            counters (torch keeps the block alive while the counter is non-zero).
+        ref_counter_offset: this share's slot in that file.
+        event_handle: a ``cudaIpcEventHandle_t`` recorded after the storage's last use
+            on the worker, or None.
+        event_sync_required: whether the opener must wait on ``event_handle`` first.
+    """
+
+    device: int
+    mem_handle: bytes | None
+    storage_size_bytes: int
+    storage_offset_bytes: int
+    ref_counter_handle: bytes | None
+    ref_counter_offset: int
+    event_handle: bytes | None
+    event_sync_required: bool
+
+    def __post_init__(self) -> None:
+        for name in ("storage_size_bytes", "storage_offset_bytes", "ref_counter_offset"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"cuda handle: `{name}` must be non-negative")
+        if self.mem_handle is not None and not self.mem_handle:
+            raise ValueError("cuda handle: `mem_handle` is empty (nil for no memory)")
+
+
+def _non_negative(owner: str, **values: int) -> None:
+    for name, value in values.items():
+        if value < 0:
+            raise ValueError(f"{owner}: `{name}` must be non-negative, got {value}")
+
+
+class CudaDescriptor(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
+    """The ``cuda`` variant (the default on CUDA): a storage shared through torch's
+    CUDA IPC; the view is ``metadata``'s shape/stride/offset over that storage."""
+
+    version: int
+    metadata: TensorMetadata
+    handle: CudaStorageHandle
+    type: str = "cuda"
+
+
+class CudaRawDescriptor(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
+    """The ``cuda_raw`` variant (``isolated_ipc``): a driver IPC memory handle of a whole
+    allocation; the view's bytes start ``alloc_offset`` bytes into it and span at most
+    ``nbytes`` bytes."""
+
+    version: int
+    metadata: TensorMetadata
+    ipc_handle: bytes
+    alloc_offset: int
+    nbytes: int
+    type: str = "cuda_raw"
+
+    def __post_init__(self) -> None:
+        if len(self.ipc_handle) != CUDA_IPC_HANDLE_BYTES:
+            raise ValueError(
+                f"cuda_raw: `ipc_handle` has {len(self.ipc_handle)} bytes, "
+                f"expected {CUDA_IPC_HANDLE_BYTES}"
+            )
+        _non_negative("cuda_raw", alloc_offset=self.alloc_offset, nbytes=self.nbytes)
+
+
+class CudaVmmDescriptor(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
+    """The ``cuda_vmm`` variant (``use_vmm_api``): one physical chunk of a CUDA VMM
+    allocation (``alloc_size`` bytes), the view's bytes ``[alloc_offset, alloc_offset +
+    nbytes)`` of it.  ``kind`` says how the allocation is shared: ``posix_fd`` (a file
+    descriptor that never rides this descriptor; ``export_id`` names it) or ``fabric``
+    (``fabric_blob``, present exactly then)."""
+
+    version: int
+    metadata: TensorMetadata
+    export_id: bytes
+    kind: str
+    fabric_blob: bytes | None
+    alloc_size: int
+    alloc_offset: int
+    nbytes: int
+    type: str = "cuda_vmm"
+
+    def __post_init__(self) -> None:
+        if len(self.export_id) != VMM_EXPORT_ID_BYTES:
+            raise ValueError(
+                f"cuda_vmm: `export_id` has {len(self.export_id)} bytes, "
+                f"expected {VMM_EXPORT_ID_BYTES}"
+            )
+        if self.kind not in ("posix_fd", "fabric"):
+            raise ValueError(f"cuda_vmm: `kind` must be 'posix_fd' or 'fabric', got {self.kind!r}")
+        if (self.kind == "fabric") != (self.fabric_blob is not None):
+            raise ValueError("cuda_vmm: `fabric_blob` is present exactly when `kind` is 'fabric'")
+        _non_negative(
+            "cuda_vmm",
+            alloc_size=self.alloc_size,
+            alloc_offset=self.alloc_offset,
+            nbytes=self.nbytes,
+        )
+        if self.alloc_offset + self.nbytes > self.alloc_size:
+            raise ValueError(
+                f"cuda_vmm: bytes [{self.alloc_offset}, {self.alloc_offset + self.nbytes}) "
+                f"exceed the {self.alloc_size}-byte allocation"
+            )
+
+
 class OtherDescriptor(msgspec.Struct, frozen=True):
-    """Any other IPC variant (cuda, cuda_raw, cuda_vmm, musa, npu): decoded only far
-    enough to say which one it is, so registration can refuse it with a clear reason."""
+    """Any other IPC variant (musa, npu): decoded only far enough to say which one it is,
+    so registration can refuse it with a clear reason."""
 
     type: str
+
+
+CudaIpcDescriptor = CudaDescriptor | CudaRawDescriptor | CudaVmmDescriptor
+"""The three CUDA variants (protocol §4.3)."""
+
+_TYPED_DESCRIPTORS: dict[str, type[msgspec.Struct]] = {
+    "cpu_shm": CpuShmDescriptor,
+    "cuda": CudaDescriptor,
+    "cuda_raw": CudaRawDescriptor,
+    "cuda_vmm": CudaVmmDescriptor,
+}
+
+
+def descriptor_from_map(raw: dict[str, Any]) -> Any:
+    """The typed descriptor of one decoded ext-1 payload map (its ``type`` tag a str):
+    ``cpu_shm`` and the CUDA variants strictly (unknown fields, bad lengths or ranges raise
+    ``msgspec.ValidationError``, which the codec turns into a ``ProtocolError`` reply),
+    anything else as :class:`OtherDescriptor`.  Every typed variant requires ``version``
+    1."""
+    cls = _TYPED_DESCRIPTORS.get(raw["type"])
+    if cls is None:
+        return OtherDescriptor(type=raw["type"])
+    desc = msgspec.convert(raw, cls)
+    version = getattr(desc, "version", None)
+    if version != 1:
+        raise msgspec.ValidationError(
+            f"{raw['type']}: unsupported descriptor version {version!r} (expected 1)"
+        )
+    return desc
 
 
 class ServerModuleCallRequest(msgspec.Struct, frozen=True):
