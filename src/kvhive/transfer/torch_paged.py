@@ -378,12 +378,12 @@ class TorchPagedKV:
         """Wait for batches in flight (until the device finished them), then drop the
         views and close the owner.  Idempotent."""
         with self._cond:
-            if self._closed and self._pipe is None:
-                return
             self._closed = True
             while self._active:
                 self._cond.wait()
-            self._pipe = None
+            pipe, self._pipe = self._pipe, None
+        if pipe is None:  # closed before (or by a concurrent close that got here first)
+            return
         if self._done is not None:
             self._done.close()
         if self._owner is not None:
@@ -465,6 +465,7 @@ class TorchPagedKV:
                 self._exit()
             return DONE
         assert self._events is not None
+        submitted = False
         try:
             with self._enqueue:
                 try:
@@ -476,11 +477,13 @@ class TorchPagedKV:
                     pipe.synchronize()  # nothing may touch the L1 buffers after we raise
                     raise
             ticket = PendingTicket(recorded.handle)
-            self._done.submit(recorded, ticket, self._exit)
-        except RegistrationError:
-            self._exit()
+            self._done.submit(recorded, ticket, self._exit)  # it calls _exit when settled
+            submitted = True
+        except (BadRequest, RegistrationError):  # e.g. a malformed worker event handle
             raise
         except Exception as exc:
-            self._exit()
             raise TransferFailed(f"KV copy could not be enqueued: {exc}") from exc
+        finally:
+            if not submitted:
+                self._exit()
         return ticket

@@ -615,3 +615,56 @@ def test_cuda_round_trip_matches_paged(
         kv.scatter_async(batch, b"worker").wait(60)
         for name, s in on_dev.items():
             assert s.cpu().numpy().tobytes() == segment_bytes(name)[: len(s)], name
+
+
+def test_threads_sharing_one_backend_get_their_own_bytes(
+    shm_segment: Segment, rng: np.random.Generator
+) -> None:
+    """Batches from several threads share the staging buffer; none sees another's bytes."""
+    e = build("flashinfer_hnd", shm_segment)
+    twin = twin_of(e)
+    with (
+        make(e, twin, staging_bytes=1) as kv,
+        PagedKV.from_descriptors(e.descs, e.hints, [], C) as ref,
+    ):
+        tables = [random_tables(rng, 5) for _ in range(3)]
+        want = []
+        for t in tables:
+            outs = [np.zeros(ref.object_nbytes, np.uint8) for _ in t]
+            ref.gather_many(list(zip(t, outs, strict=True)))
+            want.append(outs)
+        errors: list[str] = []
+
+        def worker(k: int) -> None:
+            for _ in range(30):
+                outs = [np.zeros(kv.object_nbytes, np.uint8) for _ in tables[k]]
+                kv.gather_many(list(zip(tables[k], outs, strict=True)))
+                if not all(np.array_equal(a, b) for a, b in zip(outs, want[k], strict=True)):
+                    errors.append(f"thread {k} got foreign bytes")
+
+        threads = [threading.Thread(target=worker, args=(k,)) for k in range(3)]
+        for th in threads:
+            th.start()
+        for th in threads:
+            th.join(30)
+        assert errors == []
+
+
+class MockRefusingEvents(MockCopyEvents):
+    """Stand-in event helper refusing the worker's handle (named as a mock: no GPU here)."""
+
+    def wait_for_worker(self, handle: bytes, stream: Any) -> None:
+        raise BadRequest(f"event handle of {len(handle)} bytes")
+
+
+def test_a_refused_worker_event_is_a_bad_request(shm_segment: Segment) -> None:
+    e = build("nhd", shm_segment)
+    twin = twin_of(e)
+    events = MockRefusingEvents()
+    kv = make(e, twin, events=events, async_completion=True)
+    out = np.zeros(kv.object_nbytes, np.uint8)
+    with pytest.raises(BadRequest, match="event handle of 3 bytes"):
+        kv.gather_async([([1, 2], out)], b"bad")
+    assert events.recorded == [] and not out.any()
+    kv.close()  # nothing left in flight
+    assert kv.closed
