@@ -153,7 +153,7 @@ def test_retrieve_matches_paged(
             kv.scatter_many(batch)
             after = twin.pages()
             assert paged_pages(e, twin) == after, skips
-            assert after != before
+            assert (after != before) == any(s < C for s in skips)
 
 
 @pytest.mark.parametrize("case", CASES)
