@@ -71,7 +71,9 @@ SHAPES: dict[str, KVShape] = {
 }
 
 
-SECTIONS = ("memcpy", "healthy", "engine", "transfer", "concurrency", "lookup", "noop", "l2")
+SECTIONS = (
+    "memcpy", "healthy", "engine", "transfer", "concurrency", "lookup", "noop", "l2", "cuda",
+)  # fmt: skip
 CLIENTS = ("lmcache", "kvhive")
 MODES = ("lmcache_driven", "engine_driven")
 BIG = "32L-8H-128D"

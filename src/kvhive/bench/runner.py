@@ -18,7 +18,10 @@ Sections (in run order):
 * ``noop``        the empty round trip, timed alongside a bare pyzmq echo (the floor);
 * ``l2``          write / read GB/s of 32 MiB objects through each L2 adapter, next to its
                   floor (dd, memcpy, a raw client of the service; ``bench/l2_section.py``);
-                  needs no kvhive server.
+                  needs no kvhive server;
+* ``cuda``        GPU engines (``cuda`` IPC descriptors, 1 / 2 / 4 engines) storing and
+                  retrieving through kvhive, next to pinned cudaMemcpy D2H / H2D
+                  (``bench/cuda_section.py``); skipped with one line without a CUDA device.
 
 Every load measurement runs against a server started for it alone, once its memory has
 settled (see ``BenchRunner._measure``); start-up is timed separately, in ``healthy``.
@@ -43,7 +46,7 @@ from typing import Any
 import numpy as np
 
 import kvhive
-from kvhive.bench import engine_section, kvload, l2_section, lmload
+from kvhive.bench import cuda_section, engine_section, kvload, l2_section, lmload
 from kvhive.bench.config import BIG, SHAPES, BenchConfig
 from kvhive.bench.report import BenchReport, Target
 from kvhive.bench.servers import Kind, ServerProcess, free_port, subprocess_env
@@ -166,6 +169,8 @@ class BenchRunner:
                     self._load(kind, load)
             if "l2" in cfg.sections:
                 l2_section.run(self)
+            if "cuda" in cfg.sections:
+                cuda_section.run(self)
         finally:
             self.report.meta = self._meta(started)
             if self._tmp is not None and not self.report.errors:
