@@ -520,11 +520,17 @@ def test_a_smollm2_sized_batch_is_not_slow(rng: np.random.Generator) -> None:
     assert np.array_equal(obj[1, 7, 37], engine[1, block, 37 % bs].reshape(-1))
 
 
-def test_server_start_does_not_import_the_torch_backend() -> None:
-    code = (
+@pytest.mark.parametrize(
+    "code",
+    [
         "import sys, kvhive.cli.serve, kvhive.server, kvhive.engine, kvhive.transfer\n"
-        "assert 'kvhive.transfer.torch_paged' not in sys.modules, 'imported at start'\n"
-    )
+        "assert 'kvhive.transfer.torch_paged' not in sys.modules, 'imported at start'\n",
+        "import sys, kvhive.transfer.torch_paged\n"
+        "assert 'torch' not in sys.modules, 'torch imported with the module'\n",
+    ],
+    ids=["server-start", "module-import"],
+)
+def test_torch_is_imported_only_when_a_device_registration_arrives(code: str) -> None:
     proc = subprocess.run(
         [sys.executable, "-c", code],
         capture_output=True,
