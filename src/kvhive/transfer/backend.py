@@ -39,6 +39,7 @@ synchronous backend they copy at once and return :data:`DONE`.
 
 from __future__ import annotations
 
+import logging
 import threading
 from collections.abc import Callable, Sequence
 from typing import Protocol, runtime_checkable
@@ -46,6 +47,8 @@ from typing import Protocol, runtime_checkable
 import numpy as np
 
 from kvhive.transfer.shm import SegmentOwner
+
+log = logging.getLogger(__name__)
 
 
 @runtime_checkable
@@ -148,8 +151,11 @@ class PendingTicket:
             self._error = error
             self._done.set()
             callbacks, self._callbacks = self._callbacks, []
-        for fn in callbacks:
-            fn(error)
+        for fn in callbacks:  # each runs, even if an earlier one raised
+            try:
+                fn(error)
+            except Exception:  # a callback's failure must not skip the others (logged)
+                log.exception("a copy's done callback failed")
 
     def add_done_callback(self, fn: DoneCallback) -> None:
         with self._lock:
