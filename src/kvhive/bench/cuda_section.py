@@ -209,7 +209,7 @@ def measure_floor(mib: int = FLOOR_MIB, reps: int = FLOOR_REPS, device: int = 0)
     return Floor(d2h, h2d)
 
 
-@dataclass
+@dataclass(frozen=True, slots=True)
 class EngineSpec:
     """What one engine process does (picklable for ``spawn``)."""
 
@@ -251,7 +251,7 @@ class _Engine:
             torch.empty(shape, dtype=torch.bfloat16, device=self.dev) for _ in range(LAYERS)
         ]
         for layer in self.layers:
-            layer.view(torch.int16).random_(-(1 << 15), 1 << 15)
+            layer.view(torch.int16).random_()  # [0, 32767]: bits to move and compare
         torch.cuda.synchronize(self.dev)
         self.chunk_bytes = LAYERS * 2 * self.chunk * KV_HEADS * HEAD_SIZE * 2
         self.dst0 = 1 + span
@@ -293,6 +293,7 @@ class _Engine:
                 pass
             if int(hit) == n or time.monotonic() > deadline:
                 return int(hit) == n
+            self.client.call("end_session", rid)  # drop the partial prefix's locks, retry
             time.sleep(0.01)  # the commit runs after the store's copy: let it land
 
     def run(self, phase_barrier: Any) -> dict[str, Any]:
@@ -371,7 +372,7 @@ def _engine_main(spec: EngineSpec, ready: Any, phase: Any, results: Any) -> None
 def run_engines(server: ServerProcess, n: int, say: Callable[[str], None]) -> dict[str, Any]:
     """``n`` engine processes against ``server``; their phases, errors and chunk size."""
     torch: Any = importlib.import_module("torch")
-    devices = torch.cuda.device_count()
+    devices = max(1, torch.cuda.device_count())
     ctx = mp.get_context("spawn")
     ready, phase, results = ctx.Barrier(n + 1), ctx.Barrier(n), ctx.Queue()
     procs = [
@@ -389,7 +390,7 @@ def run_engines(server: ServerProcess, n: int, say: Callable[[str], None]) -> di
             say(f"cuda: {n} engine(s) registered; L1 pinned after {waited:.1f} s")
             ready.wait(ENGINE_TIMEOUT_S)
         except Exception as exc:  # noqa: BLE001 - a broken barrier: the engines say why
-            out["errors"].append(f"engines did not start together: {exc}")
+            out["errors"].append(f"engines did not start together: {type(exc).__name__} {exc}")
         for _ in procs:
             try:
                 res = results.get(timeout=ENGINE_TIMEOUT_S)

@@ -96,3 +96,21 @@ def test_rows_carry_the_floor_of_their_direction() -> None:
     assert (added.kvhive, added.unit, added.better) == (0.5, "ms", "lower")
     assert {r.group for r in report.rows} == {cs.GROUP}
     assert report.to_dict()["rows"]  # JSON output carries them
+
+
+class NoServer:
+    """Stands in for a ServerProcess that no engine reaches (the engines fail first here)."""
+
+    rpc_url = "tcp://127.0.0.1:9"
+
+    def status(self) -> dict:
+        return {}
+
+
+@pytest.mark.skipif(_cuda(), reason="this machine has a CUDA device")
+def test_engines_that_cannot_start_report_why_and_never_hang_the_bench() -> None:
+    seen: list[str] = []
+    res = cs.run_engines(NoServer(), 2, seen.append)
+    assert res["phases"] == []
+    assert any(e.startswith("engine 0:") for e in res["errors"]), res["errors"]
+    assert any(e.startswith("engine 1:") for e in res["errors"]), res["errors"]
