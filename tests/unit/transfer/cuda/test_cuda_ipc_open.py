@@ -1,0 +1,522 @@
+"""kvhive.transfer.cuda.ipc_open: opening ``cuda``/``cuda_raw``/``cuda_vmm`` descriptors.
+
+On CPU the device side is :class:`MockCudaRuntime` (named as a mock: no GPU here): "device
+memory" is CPU tensors registered by the test as a worker's allocations, so the views,
+labels, the per-handle reference counts across registrations, the releases on close and
+after a failure mid-way are all checked for real.  The GPU test at the end shares tensors
+from a spawned child process through each supported kind and checks bytes both ways.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import os
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+import pytest
+import torch
+
+from kvhive.errors import RegistrationError
+from kvhive.transfer.cuda import ipc_open as io
+from kvhive.transfer.cuda.runtime import DeviceTable, VmmMapping
+from kvhive.wire import types as t
+
+U0 = "58d9b2e1-0000-1111-2222-333344445555"
+U1 = "aaaabbbb-cccc-dddd-eeee-ffff00001111"
+needs_gpu = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+
+
+class MockCudaRuntime:
+    """Named as a mock: no GPU here.  Worker allocations are CPU uint8 tensors the test
+    registers; every open/close/import/release is recorded so tests can count them."""
+
+    def __init__(self) -> None:
+        self.table = DeviceTable.from_uuids([U0, U1])
+        # "device memory": numpy arrays, so that a wrapped range is a tensor whose storage
+        # starts at the range (as torch's wrapping of a device pointer gives)
+        self.allocations: dict[bytes, np.ndarray] = {}  # mem/ipc handle -> bytes
+        self.vmm_by_fd: dict[int, np.ndarray] = {}
+        self.mapped: dict[int, np.ndarray] = {}  # fake pointer -> bytes
+        self.storage_opens: list[tuple[int, Any]] = []
+        self.ipc_opens: list[bytes] = []
+        self.ipc_closes: list[int] = []
+        self.vmm_imports: list[int] = []
+        self.vmm_releases: list[int] = []
+        self.fail_open: set[bytes] = set()
+        self.fail_close_once = False
+        self.fail_wrap = False
+        self._next_ptr = 0x1000
+
+    def allocation(self, handle: bytes, nbytes: int) -> torch.Tensor:
+        """A worker allocation of ``nbytes`` patterned bytes (the returned tensor aliases it)."""
+        mem = np.arange(nbytes, dtype=np.int64).__mod__(251).astype(np.uint8)
+        self.allocations[handle] = mem
+        return torch.from_numpy(mem)
+
+    def device_ordinal(self, device_uuid: str) -> int:
+        return self.table.ordinal(device_uuid)
+
+    def open_shared_storage(self, ordinal: int, handle: Any) -> Any:
+        self.storage_opens.append((ordinal, handle))
+        mem = self.allocations[handle.mem_handle]
+        off = handle.storage_offset_bytes
+        return torch.from_numpy(mem[off : off + handle.storage_size_bytes])
+
+    def view_storage(
+        self,
+        storage: Any,
+        ordinal: int,
+        dtype: str,
+        shape: Sequence[int],
+        stride: Sequence[int],
+        storage_offset: int,
+    ) -> Any:
+        isz = torch.empty((), dtype=getattr(torch, dtype)).element_size()
+        whole = storage[: storage.numel() - storage.numel() % isz]
+        return self.typed_view(whole, dtype, shape, stride, storage_offset)
+
+    def _map(self, mem: np.ndarray) -> int:
+        ptr, self._next_ptr = self._next_ptr, self._next_ptr + 0x1000
+        self.mapped[ptr] = mem
+        return ptr
+
+    def ipc_open_mem_handle(self, ordinal: int, handle: bytes) -> int:
+        if handle in self.fail_open:
+            raise RegistrationError("cudaIpcOpenMemHandle failed: mock failure")
+        self.ipc_opens.append(handle)
+        return self._map(self.allocations[handle])
+
+    def ipc_close_mem_handle(self, ordinal: int, ptr: int) -> None:
+        self.ipc_closes.append(ptr)
+        del self.mapped[ptr]
+        if self.fail_close_once:
+            self.fail_close_once = False
+            raise RegistrationError("cudaIpcCloseMemHandle failed: mock failure")
+
+    def wrap_pointer(self, ordinal: int, ptr: int, nbytes: int) -> Any:
+        if self.fail_wrap:
+            raise RegistrationError("wrapping failed: mock failure")
+        mem = self.mapped[ptr]
+        assert nbytes <= mem.size, "wrapped past the allocation"
+        return torch.from_numpy(mem[:nbytes])
+
+    def typed_view(
+        self, flat: Any, dtype: str, shape: Sequence[int], stride: Sequence[int], offset: int
+    ) -> Any:
+        return flat.view(getattr(torch, dtype)).as_strided(tuple(shape), tuple(stride), offset)
+
+    def empty_view(
+        self, ordinal: int, dtype: str, shape: Sequence[int], stride: Sequence[int]
+    ) -> Any:
+        return torch.empty_strided(tuple(shape), tuple(stride), dtype=getattr(torch, dtype))
+
+    def vmm_import(self, ordinal: int, fd: int, alloc_size: int) -> Any:
+        os.fstat(fd)  # the fd must still be open while importing
+        self.vmm_imports.append(fd)
+        mem = self.vmm_by_fd[fd]
+        assert mem.size == alloc_size
+        return VmmMapping(self._map(mem), alloc_size, alloc_handle=fd)
+
+    def vmm_release(self, ordinal: int, mapping: Any) -> None:
+        self.vmm_releases.append(mapping.alloc_handle)
+        del self.mapped[mapping.base_ptr]
+
+
+def meta(dtype: str, shape: Sequence[int], stride: Sequence[int], offset: int, uuid: str = U0):
+    return t.TensorMetadata(dtype, list(shape), list(stride), offset, uuid)
+
+
+def cuda_desc(mem: bytes, size: int, off_bytes: int, m: t.TensorMetadata, device: int = 5):
+    handle = t.CudaStorageHandle(device, mem, size, off_bytes, b"/torch_rc", 0, None, False)
+    return t.CudaDescriptor(version=1, metadata=m, handle=handle)
+
+
+def raw_desc(handle: bytes, alloc_offset: int, nbytes: int, m: t.TensorMetadata):
+    return t.CudaRawDescriptor(
+        version=1, metadata=m, ipc_handle=handle, alloc_offset=alloc_offset, nbytes=nbytes
+    )
+
+
+def vmm_desc(export_id: bytes, size: int, off: int, nbytes: int, m: t.TensorMetadata, **kw: Any):
+    kind = kw.pop("kind", "posix_fd")
+    return t.CudaVmmDescriptor(
+        version=1,
+        metadata=m,
+        export_id=export_id,
+        kind=kind,
+        fabric_blob=kw.pop("fabric_blob", None),
+        alloc_size=size,
+        alloc_offset=off,
+        nbytes=nbytes,
+    )
+
+
+def as_bytes(x: torch.Tensor) -> bytes:
+    return x.contiguous().view(torch.uint8).numpy().tobytes()
+
+
+H1, H2 = b"\x01" * 64, b"\x02" * 64
+
+
+@pytest.fixture
+def rt() -> MockCudaRuntime:
+    return MockCudaRuntime()
+
+
+@pytest.fixture
+def table() -> io.RawMappingTable:
+    return io.RawMappingTable()
+
+
+# ---- cuda -------------------------------------------------------------------------------------
+
+
+def test_cuda_views_are_rebuilt_on_the_ordinal_of_the_uuid(rt: MockCudaRuntime) -> None:
+    mem = rt.allocation(b"M" * 66, 8192)
+    # two K/V-style views of one storage (bytes 1024..5120), and one of another storage
+    k = meta("float16", (4, 8), (16, 1), 0, U1)
+    v = meta("float16", (4, 8), (16, 1), 8, U1)
+    other = meta("float32", (8, 4), (1, 8), 2, U1)  # column-major, offset
+    descs = [
+        cuda_desc(b"M" * 66, 4096, 1024, k),
+        cuda_desc(b"M" * 66, 4096, 1024, v),
+        cuda_desc(b"M" * 66, 1024, 6144, other),
+    ]
+    with io.open_device_kv(descs, runtime=rt) as kv:
+        assert kv.device == 1  # from U1, not the worker's index 5
+        assert [o for o, _ in rt.storage_opens] == [1, 1, 1]
+        a, b, c = kv.layers
+        assert a.desc.shm_name == b.desc.shm_name == "cuda:1/0" and c.desc.shm_name == "cuda:1/1"
+        assert a.desc.storage_kind == "device" and a.desc.nbytes == 4096 and c.desc.nbytes == 1024
+        assert (b.tensor.shape, b.tensor.stride(), b.tensor.storage_offset()) == (
+            (4, 8),
+            (16, 1),
+            8,
+        )
+        assert (c.tensor.shape, c.tensor.stride(), c.tensor.storage_offset()) == ((8, 4), (1, 8), 2)
+        assert c.tensor.dtype == torch.float32 and b.desc.storage_offset == 8
+        # element [i, j] of the V view is at byte 1024 + 2 * (8 + 16 i + j) of the allocation
+        want = torch.stack([mem[1024 + 2 * (8 + 16 * i) :][:16] for i in range(4)])
+        assert as_bytes(b.tensor) == as_bytes(want)
+        b.tensor[3, 7] = 1.5  # writes reach the worker's memory
+        off = 1024 + 2 * (8 + 16 * 3 + 7)
+        assert mem[off : off + 2].view(torch.float16).item() == 1.5
+        mem[6144 + 4 * (2 + 8 * 1 + 3) :][:4].view(torch.float32)[0] = 2.25  # and back
+        assert c.tensor[3, 1].item() == 2.25
+    assert kv.closed and kv.layers == ()
+
+
+def test_cuda_view_past_its_storage_is_refused(rt: MockCudaRuntime) -> None:
+    rt.allocation(b"M" * 66, 8192)
+    too_far = meta("float16", (4, 8), (16, 1), 2000, U0)  # ends past the 4096-byte storage
+    with pytest.raises(RegistrationError, match="ends at byte"):
+        io.open_device_kv([cuda_desc(b"M" * 66, 4096, 0, too_far)], runtime=rt)
+    assert rt.storage_opens == []  # checked before opening
+
+
+def test_cuda_without_memory_handle_only_for_empty_views(rt: MockCudaRuntime) -> None:
+    empty = t.CudaDescriptor(
+        version=1,
+        metadata=meta("bfloat16", (0, 8), (8, 1), 0),
+        handle=t.CudaStorageHandle(0, None, 0, 0, None, 0, None, False),
+    )
+    kv = io.open_device_kv([empty], runtime=rt)
+    assert kv.layers[0].tensor.shape == (0, 8) and kv.layers[0].desc.shm_name == ""
+    kv.close()
+    nonempty = t.CudaDescriptor(
+        version=1,
+        metadata=meta("bfloat16", (2, 8), (8, 1), 0),
+        handle=t.CudaStorageHandle(0, None, 0, 0, None, 0, None, False),
+    )
+    with pytest.raises(RegistrationError, match="without a memory handle"):
+        io.open_device_kv([nonempty], runtime=rt)
+
+
+def test_layers_on_two_devices_unknown_uuid_and_foreign_kinds_are_refused(
+    rt: MockCudaRuntime,
+) -> None:
+    rt.allocation(b"M" * 66, 8192)
+    m0, m1 = meta("uint8", (16,), (1,), 0, U0), meta("uint8", (16,), (1,), 0, U1)
+    with pytest.raises(RegistrationError, match="share one device"):
+        io.open_device_kv(
+            [cuda_desc(b"M" * 66, 64, 0, m0), cuda_desc(b"M" * 66, 64, 0, m1)], runtime=rt
+        )
+    with pytest.raises(RegistrationError, match="not visible"):
+        io.open_device_kv(
+            [cuda_desc(b"M" * 66, 64, 0, meta("uint8", (16,), (1,), 0, "nope"))], runtime=rt
+        )
+    shm = t.CpuShmDescriptor(version=1, metadata=m0, shm_name="/x", nbytes=16)
+    with pytest.raises(RegistrationError, match="'cpu_shm' is not a CUDA IPC descriptor"):
+        io.open_device_kv([shm], runtime=rt)  # type: ignore[list-item]
+    with pytest.raises(RegistrationError, match="at least one"):
+        io.open_device_kv([], runtime=rt)
+
+
+# ---- cuda_raw ---------------------------------------------------------------------------------
+
+
+def test_cuda_raw_views_share_one_mapping_per_handle(
+    rt: MockCudaRuntime, table: io.RawMappingTable
+) -> None:
+    mem = rt.allocation(H1, 16384)
+    k = raw_desc(H1, 2048, 4096, meta("bfloat16", (2, 1024), (1024, 1), 0))
+    v = raw_desc(H1, 6144, 4096, meta("bfloat16", (2, 1024), (1024, 1), 0))
+    kv = io.open_device_kv([k, v], runtime=rt, table=table)
+    assert rt.ipc_opens == [H1] and table.refs(H1) == 1  # one reference per registration
+    a, b = kv.layers
+    assert a.desc.shm_name == b.desc.shm_name == "cuda:0/0"
+    assert a.desc.nbytes == b.desc.nbytes == 10240  # furthest declared byte of the handle
+    assert (a.desc.storage_offset, b.desc.storage_offset) == (1024, 3072)  # alloc_offset / 2
+    assert b.tensor.storage_offset() == 3072 and b.tensor.stride() == (1024, 1)
+    assert as_bytes(b.tensor) == as_bytes(mem[6144:10240])
+    b.tensor[1, 1023] = 3.0
+    assert mem[10238:10240].view(torch.bfloat16).item() == 3.0
+    kv.close()
+    assert table.refs(H1) == 0 and len(rt.ipc_closes) == 1 and rt.mapped == {}
+
+
+def test_cuda_raw_refcount_spans_registrations(
+    rt: MockCudaRuntime, table: io.RawMappingTable
+) -> None:
+    rt.allocation(H1, 8192)
+    d = raw_desc(H1, 0, 4096, meta("uint8", (4096,), (1,), 0))
+    first = io.open_device_kv([d], runtime=rt, table=table)
+    second = io.open_device_kv([d], runtime=rt, table=table)
+    assert rt.ipc_opens == [H1] and table.refs(H1) == 2
+    first.close()
+    first.close()  # idempotent: does not drop the second registration's reference
+    assert table.refs(H1) == 1 and rt.ipc_closes == []
+    assert int(second.layers[0].tensor[5]) == 5  # still mapped
+    second.close()
+    assert table.refs(H1) == 0 and len(rt.ipc_closes) == 1
+    third = io.open_device_kv([d], runtime=rt, table=table)  # reopened afresh
+    assert rt.ipc_opens == [H1, H1]
+    third.close()
+
+
+def test_cuda_raw_range_checks(rt: MockCudaRuntime, table: io.RawMappingTable) -> None:
+    rt.allocation(H1, 8192)
+    over = raw_desc(H1, 0, 100, meta("float16", (51,), (1,), 0))  # 102 bytes > nbytes 100
+    with pytest.raises(RegistrationError, match="ends at byte 102"):
+        io.open_device_kv([over], runtime=rt, table=table)
+    odd = raw_desc(H1, 3, 64, meta("float16", (32,), (1,), 0))
+    with pytest.raises(RegistrationError, match="not a multiple"):
+        io.open_device_kv([odd], runtime=rt, table=table)
+    assert rt.ipc_opens == [] and table.refs(H1) == 0
+
+
+def test_failure_mid_way_releases_what_was_opened(
+    rt: MockCudaRuntime, table: io.RawMappingTable
+) -> None:
+    rt.allocation(H1, 4096)
+    rt.allocation(H2, 4096)
+    rt.fail_open.add(H2)
+    good = raw_desc(H1, 0, 4096, meta("uint8", (4096,), (1,), 0))
+    bad = raw_desc(H2, 0, 4096, meta("uint8", (4096,), (1,), 0))
+    with pytest.raises(RegistrationError, match="mock failure"):
+        io.open_device_kv([good, bad], runtime=rt, table=table)
+    assert table.refs(H1) == 0 and len(rt.ipc_closes) == 1 and rt.mapped == {}
+    rt.fail_open.clear()
+    rt.fail_wrap = True  # the open succeeds, wrapping it fails: still released
+    with pytest.raises(RegistrationError, match="wrapping failed"):
+        io.open_device_kv([good], runtime=rt, table=table)
+    assert table.refs(H1) == 0 and len(rt.ipc_closes) == 2 and rt.mapped == {}
+
+
+def test_close_keeps_releasing_after_one_release_fails(
+    rt: MockCudaRuntime, table: io.RawMappingTable, caplog: pytest.LogCaptureFixture
+) -> None:
+    rt.allocation(H1, 4096)
+    rt.allocation(H2, 4096)
+    kv = io.open_device_kv(
+        [
+            raw_desc(H1, 0, 4096, meta("uint8", (4096,), (1,), 0)),
+            raw_desc(H2, 0, 4096, meta("uint8", (4096,), (1,), 0)),
+        ],
+        runtime=rt,
+        table=table,
+    )
+    rt.fail_close_once = True
+    kv.close()
+    assert len(rt.ipc_closes) == 2 and table.refs(H1) == table.refs(H2) == 0
+    assert "releasing a CUDA IPC resource failed" in caplog.text
+
+
+# ---- cuda_vmm ---------------------------------------------------------------------------------
+
+
+def test_cuda_vmm_without_its_fd_is_refused_with_the_reason(rt: MockCudaRuntime) -> None:
+    d = vmm_desc(b"E" * 16, 8192, 0, 4096, meta("uint8", (4096,), (1,), 0))
+    with pytest.raises(RegistrationError, match=r"0\.5\.6") as e:
+        io.open_device_kv([d], runtime=rt)
+    assert "use_vmm_api" in str(e.value) and "SCM_RIGHTS" in str(e.value)
+    fab = vmm_desc(
+        b"E" * 16,
+        8192,
+        0,
+        4096,
+        meta("uint8", (4096,), (1,), 0),
+        kind="fabric",
+        fabric_blob=b"\x00" * 64,
+    )
+    with pytest.raises(RegistrationError, match="fabric"):
+        io.open_device_kv([fab], runtime=rt)
+    assert rt.vmm_imports == []
+
+
+def test_cuda_vmm_with_delivered_fd_maps_once_and_releases(rt: MockCudaRuntime) -> None:
+    r, w = os.pipe()  # any open fd stands in for the exported allocation's fd
+    arr = np.zeros(8192, np.uint8)
+    rt.vmm_by_fd[r] = arr
+    mem = torch.from_numpy(arr)
+    eid = b"E" * 16
+    descs = [
+        vmm_desc(eid, 8192, 0, 4096, meta("int32", (1024,), (1,), 0)),
+        vmm_desc(eid, 8192, 4096, 4096, meta("int32", (32, 32), (1, 32), 0)),
+    ]
+    try:
+        kv = io.open_device_kv(descs, fds=[io.VmmFd(eid, r)], runtime=rt)
+        with pytest.raises(OSError):
+            os.fstat(r)  # ownership taken: closed once imported
+        assert rt.vmm_imports == [r]  # one import for both views
+        a, b = kv.layers
+        assert a.desc.shm_name == b.desc.shm_name and a.desc.nbytes == 8192
+        assert b.desc.storage_offset == 1024 and b.tensor.stride() == (1, 32)
+        b.tensor[2, 1] = -7  # element offset 1024 + 2 + 32
+        assert mem[4 * (1024 + 34) :][:4].view(torch.int32).item() == -7
+        kv.close()
+        assert rt.vmm_releases == [r] and rt.mapped == {}
+    finally:
+        os.close(w)
+
+
+def test_fds_are_closed_even_when_opening_fails(rt: MockCudaRuntime) -> None:
+    r, w = os.pipe()
+    rt.vmm_by_fd[r] = np.zeros(8192, np.uint8)
+    bad = vmm_desc(b"E" * 16, 8192, 0, 4096, meta("uint8", (4096,), (1,), 0, "nope"))
+    try:
+        with pytest.raises(RegistrationError, match="not visible"):
+            io.open_device_kv([bad], fds=[io.VmmFd(b"E" * 16, r)], runtime=rt)
+        with pytest.raises(OSError):
+            os.fstat(r)
+    finally:
+        os.close(w)
+
+
+def test_vmm_allocation_declared_with_two_sizes_is_refused(rt: MockCudaRuntime) -> None:
+    m = meta("uint8", (16,), (1,), 0)
+    descs = [vmm_desc(b"E" * 16, 8192, 0, 16, m), vmm_desc(b"E" * 16, 4096, 0, 16, m)]
+    with pytest.raises(RegistrationError, match="sizes 8192 and 4096"):
+        io.open_device_kv(descs, runtime=rt)
+
+
+# ---- a real GPU -------------------------------------------------------------------------------
+
+
+def _cuda_ptr_range(ptr: int) -> tuple[int, int]:
+    """(base, size) of the allocation holding ``ptr`` (driver cuMemGetAddressRange)."""
+    drv = ctypes.CDLL("libcuda.so.1")
+    base, size = ctypes.c_uint64(), ctypes.c_size_t()
+    err = drv.cuMemGetAddressRange_v2(ctypes.byref(base), ctypes.byref(size), ctypes.c_uint64(ptr))
+    assert err == 0, f"cuMemGetAddressRange: {err}"
+    return base.value, size.value
+
+
+RAW_BYTES = 16 << 20  # over the caching allocator's 10 MiB: a cudaMalloc segment of its own
+
+
+def _pattern(n: int, device: str) -> torch.Tensor:
+    return (torch.arange(n, dtype=torch.int32, device=device) % 251).to(torch.uint8)
+
+
+def gpu_producer(queue: Any, wrote: Any, back: Any, closed: Any) -> None:
+    """Spawned child: a worker sharing one KV tensor through ``cuda`` (torch's storage
+    sharing) and another through ``cuda_raw`` (a driver IPC handle of its allocation);
+    it checks the server's writes and answers with writes of its own, and keeps both
+    tensors alive until the server has closed them."""
+    from kvhive.transfer.cuda.runtime import load_cudart
+
+    uuid = str(torch.cuda.get_device_properties(0).uuid)
+    kv = torch.arange(2 * 64 * 8, dtype=torch.float16, device="cuda:0").reshape(2, 64, 8)
+    view = kv.permute(1, 0, 2)  # non-contiguous
+    m = {
+        "dtype": "float16",
+        "shape": list(view.shape),
+        "stride": list(view.stride()),
+        "storage_offset": 0,
+        "device_uuid": uuid,
+    }
+    big = _pattern(RAW_BYTES, "cuda:0")
+    base, _size = _cuda_ptr_range(big.data_ptr())
+    cudart = load_cudart(torch)
+    handle = (ctypes.c_char * 64)()
+    assert cudart.cudaIpcGetMemHandle(ctypes.byref(handle), ctypes.c_void_p(base)) == 0
+    raw_meta = dict(m, dtype="int16", shape=[4096, 2048], stride=[2048, 1])
+    queue.put(
+        {
+            "cuda": {"meta": m, "handle": list(kv.untyped_storage()._share_cuda_())},
+            "raw": {
+                "meta": raw_meta,
+                "ipc_handle": bytes(handle),
+                "alloc_offset": big.data_ptr() - base,
+                "nbytes": RAW_BYTES,
+            },
+        }
+    )
+    assert wrote.wait(120)
+    torch.cuda.synchronize()
+    ok = view[5, 1, 3].item() == -1.0 and big[2 * (7 * 2048 + 9)].item() == 0xAB
+    kv[0, 0, 0] = 42.0
+    big[1] = 0xCD
+    torch.cuda.synchronize()
+    back.put(bool(ok))
+    assert closed.wait(120)
+
+
+@needs_gpu
+def test_gpu_share_from_a_child_both_ways() -> None:
+    import torch.multiprocessing as mp
+
+    ctx = mp.get_context("spawn")
+    queue, back = ctx.Queue(), ctx.Queue()
+    wrote, closed = ctx.Event(), ctx.Event()
+    child = ctx.Process(target=gpu_producer, args=(queue, wrote, back, closed))
+    child.start()
+    try:
+        got = queue.get(timeout=120)
+        cm = t.TensorMetadata(**got["cuda"]["meta"])
+        handle = t.CudaStorageHandle(*got["cuda"]["handle"])
+        cuda = t.CudaDescriptor(version=1, metadata=cm, handle=handle)
+        r = got["raw"]
+        raw = t.CudaRawDescriptor(
+            version=1,
+            metadata=t.TensorMetadata(**r["meta"]),
+            ipc_handle=r["ipc_handle"],
+            alloc_offset=r["alloc_offset"],
+            nbytes=r["nbytes"],
+        )
+        with io.open_device_kv([cuda]) as kv_cuda, io.open_device_kv([raw]) as kv_raw:
+            assert io.RAW_MAPPINGS.refs(r["ipc_handle"]) == 1
+            v, f = kv_cuda.layers[0].tensor, kv_raw.layers[0].tensor
+            assert v.is_cuda and v.shape == (64, 2, 8) and v.stride() == tuple(cm.stride)
+            want = torch.arange(2 * 64 * 8, dtype=torch.float16).reshape(2, 64, 8)
+            assert torch.equal(v.cpu(), want.permute(1, 0, 2))
+            assert f.dtype == torch.int16 and f.shape == (4096, 2048)
+            assert torch.equal(f.cpu().view(torch.uint8).reshape(-1), _pattern(RAW_BYTES, "cpu"))
+            v[5, 1, 3] = -1.0
+            f[7, 9] = 0xAB  # little-endian: the low byte is at the element's first byte
+            torch.cuda.synchronize()
+            wrote.set()
+            assert back.get(timeout=120) is True
+            assert v[0, 0, 0].item() == 42.0
+            assert f.view(torch.uint8).reshape(-1)[1].item() == 0xCD
+        assert io.RAW_MAPPINGS.refs(r["ipc_handle"]) == 0
+        closed.set()
+        child.join(60)
+        assert child.exitcode == 0
+    finally:
+        closed.set()
+        if child.is_alive():
+            child.kill()
