@@ -520,3 +520,129 @@ def test_gpu_share_from_a_child_both_ways() -> None:
         closed.set()
         if child.is_alive():
             child.kill()
+
+
+class _AllocProp(ctypes.Structure):
+    """``CUmemAllocationProp`` (pinned device memory, exportable as a POSIX fd)."""
+
+    _fields_ = [
+        ("type", ctypes.c_int),
+        ("requestedHandleTypes", ctypes.c_int),
+        ("location_type", ctypes.c_int),
+        ("location_id", ctypes.c_int),
+        ("win32HandleMetaData", ctypes.c_void_p),
+        ("allocFlags", ctypes.c_uint8 * 8),
+    ]
+
+
+class _AccessDesc(ctypes.Structure):
+    _fields_ = [
+        ("location_type", ctypes.c_int),
+        ("location_id", ctypes.c_int),
+        ("flags", ctypes.c_int),
+    ]
+
+
+def vmm_producer(sock: Any, wrote: Any, back: Any, closed: Any) -> None:
+    """Spawned child: a worker with a VMM allocation (``cuMemCreate``, POSIX-fd
+    exportable) that hands the fd over a Unix socket (SCM_RIGHTS), then checks the
+    server's write and answers with one of its own."""
+    import socket
+
+    torch.zeros(1, device="cuda:0")  # the primary context, current on this thread
+    drv = ctypes.CDLL("libcuda.so.1")
+    u64 = ctypes.c_uint64
+    prop = _AllocProp(type=1, requestedHandleTypes=1, location_type=1, location_id=0)
+    gran = ctypes.c_size_t()
+    assert drv.cuMemGetAllocationGranularity(ctypes.byref(gran), ctypes.byref(prop), 0) == 0
+    size = max(gran.value, 2 << 20)
+    handle, ptr = u64(), u64()
+    assert (
+        drv.cuMemCreate(ctypes.byref(handle), ctypes.c_size_t(size), ctypes.byref(prop), u64(0))
+        == 0
+    )
+    assert (
+        drv.cuMemAddressReserve(
+            ctypes.byref(ptr), ctypes.c_size_t(size), ctypes.c_size_t(0), u64(0), u64(0)
+        )
+        == 0
+    )
+    assert drv.cuMemMap(ptr, ctypes.c_size_t(size), ctypes.c_size_t(0), handle, u64(0)) == 0
+    access = _AccessDesc(1, 0, 3)
+    assert (
+        drv.cuMemSetAccess(ptr, ctypes.c_size_t(size), ctypes.byref(access), ctypes.c_size_t(1))
+        == 0
+    )
+    fd = ctypes.c_int(-1)
+    assert drv.cuMemExportToShareableHandle(ctypes.byref(fd), handle, 1, u64(0)) == 0
+    from kvhive.transfer.cuda.runtime import TorchCudaRuntime
+
+    mem = TorchCudaRuntime(torch).wrap_pointer(0, ptr.value, size)
+    mem.copy_(_pattern(size, "cuda:0"))
+    torch.cuda.synchronize()
+    uuid = str(torch.cuda.get_device_properties(0).uuid)
+    sock.sendall(size.to_bytes(8, "little") + uuid.encode().ljust(64))
+    socket.send_fds(sock, [b"fd"], [fd.value])
+    os.close(fd.value)
+    assert wrote.wait(120)
+    torch.cuda.synchronize()
+    ok = mem[4096 + 2 * 10].item() == 0x5A
+    mem[4096] = 0xA5
+    torch.cuda.synchronize()
+    back.put(bool(ok))
+    assert closed.wait(120)
+    del mem
+    drv.cuMemUnmap(ptr, ctypes.c_size_t(size))
+    drv.cuMemAddressFree(ptr, ctypes.c_size_t(size))
+    drv.cuMemRelease(handle)
+
+
+@needs_gpu
+def test_gpu_vmm_fd_delivered_over_scm_rights_both_ways() -> None:
+    import socket
+
+    import torch.multiprocessing as mp
+
+    ctx = mp.get_context("spawn")
+    ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+    back, wrote, closed = ctx.Queue(), ctx.Event(), ctx.Event()
+    child = ctx.Process(target=vmm_producer, args=(theirs, wrote, back, closed))
+    child.start()
+    theirs.close()
+    try:
+        ours.settimeout(120)
+        head = b""
+        while len(head) < 72:
+            head += ours.recv(72 - len(head))
+        size, uuid = int.from_bytes(head[:8], "little"), head[8:].decode().strip()
+        _msg, fds, _flags, _addr = socket.recv_fds(ours, 16, 1)
+        eid = b"V" * 16
+        m = t.TensorMetadata("int16", [8, 1024], [1, 8], 0, uuid)  # column-major view
+        d = t.CudaVmmDescriptor(
+            version=1,
+            metadata=m,
+            export_id=eid,
+            kind="posix_fd",
+            fabric_blob=None,
+            alloc_size=size,
+            alloc_offset=4096,
+            nbytes=8 * 1024 * 2,
+        )
+        with io.open_device_kv([d], fds=[io.VmmFd(eid, fds[0])]) as kv:
+            v = kv.layers[0].tensor
+            assert v.is_cuda and v.stride() == (1, 8) and v.storage_offset() == 2048
+            want = _pattern(size, "cpu")[4096 : 4096 + 16384].view(torch.int16)
+            assert torch.equal(v.cpu(), want.as_strided((8, 1024), (1, 8)))
+            v[2, 1] = 0x5A  # element 2 + 8 = 10: bytes 4096 + 20 (low byte first)
+            torch.cuda.synchronize()
+            wrote.set()
+            assert back.get(timeout=120) is True
+            assert (v[0, 0].item() & 0xFF) == 0xA5
+        closed.set()
+        child.join(60)
+        assert child.exitcode == 0
+    finally:
+        closed.set()
+        ours.close()
+        if child.is_alive():
+            child.kill()
