@@ -77,8 +77,8 @@ def test_payload_defaults_and_overrides() -> None:
     }
     assert cpu_shm_payload("/x", "float16", [2, 3], nbytes=4096)["nbytes"] == 4096
     assert span_nbytes("float32", (3, 4, 5), (5, 15, 1), 7) == (7 + 2 * 5 + 3 * 15 + 4 + 1) * 4
-    other = msgspec.msgpack.encode([ipc_ext({"type": "cuda", "version": 1})])
-    assert codec._DESCRIPTOR_DECODER.decode(other) == [t.OtherDescriptor(type="cuda")]
+    other = msgspec.msgpack.encode([ipc_ext({"type": "musa", "version": 1})])
+    assert codec._DESCRIPTOR_DECODER.decode(other) == [t.OtherDescriptor(type="musa")]
 
 
 def test_shm_segment_is_a_real_posix_segment() -> None:

@@ -25,9 +25,9 @@ from __future__ import annotations
 
 import logging
 import threading
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from kvhive.engine import keys as k
 from kvhive.engine.lookups import LookupService
@@ -42,6 +42,9 @@ from kvhive.transfer.backend import CopyBackend, CopyTicket, gather_batch, scatt
 from kvhive.transfer.descriptors import TensorDesc
 from kvhive.transfer.paged import PagedKV
 from kvhive.wire import types as t
+
+if TYPE_CHECKING:
+    from kvhive.transfer.cuda.attach import OpenedDevice
 
 log = logging.getLogger(__name__)
 
@@ -76,6 +79,7 @@ class TransferService:
         brackets: TransferBrackets,
         transfer_modes: frozenset[str],
         null_block_id: int,
+        device_opener: DeviceOpener | None = None,
     ) -> None:
         self.l1 = l1
         self.sessions = sessions
@@ -85,6 +89,7 @@ class TransferService:
         self.chunk_size = sessions.chunk_size
         self.transfer_modes = transfer_modes
         self.null_block_id = null_block_id
+        self.device_opener: DeviceOpener = device_opener or _open_cuda
 
     # ---- shared with the engine-driven path -------------------------------------------
 
@@ -138,7 +143,6 @@ class TransferService:
         """Map the worker's KV cache and plan its copies; replaces an older registration."""
         if "lmcache_driven" not in self.transfer_modes:
             raise UnsupportedError("this server runs with --supported-transfer-mode engine_driven")
-        descs = [_tensor_desc(d) for d in descriptors]
         groups = [
             {
                 "engine_group_id": g.engine_group_id,
@@ -148,9 +152,7 @@ class TransferService:
             }
             for g in group_infos
         ]
-        backend: CopyBackend = PagedKV.from_descriptors(
-            descs, dict(layout_hints), groups, self.chunk_size
-        )
+        backend = self._open_backend(descriptors, dict(layout_hints), groups)
         geometry = ChunkGeometry(tuple(backend.object_shape), backend.dtype, backend.object_nbytes)
         self.registry.add(
             Instance(
@@ -168,11 +170,32 @@ class TransferService:
             instance_id,
             model_name,
             world_size,
-            len(descs),
+            len(descriptors),
             geometry.shape,
             geometry.dtype,
             geometry.nbytes,
         )
+
+    def _open_backend(
+        self, descriptors: list[Any], layout_hints: dict[str, Any], groups: list[dict[str, Any]]
+    ) -> CopyBackend:
+        """``cpu_shm`` layers: PagedKV over the mapped segments.  CUDA layers: the device
+        backend (torch imported only now; refused with the ``kvhive[cuda]`` hint when this
+        server has no usable CUDA), and L1 is page-locked for DMA from then on."""
+        kinds = sorted({str(getattr(d, "type", type(d).__name__)) for d in descriptors})
+        if kinds == ["cpu_shm"] or not descriptors:
+            descs = [_tensor_desc(d) for d in descriptors]
+            return PagedKV.from_descriptors(descs, layout_hints, groups, self.chunk_size)
+        if not set(kinds) <= CUDA_KINDS:
+            raise RegistrationError(
+                f"IPC descriptor types {kinds} are not served: one registration carries "
+                "cpu_shm layers or CUDA (cuda, cuda_raw, cuda_vmm) layers"
+            )
+        opened = self.device_opener(descriptors, layout_hints, groups, self.chunk_size)
+        if opened.pinner is not None:
+            self.l1.pin_host_memory(opened.pinner)  # once: later calls do nothing
+        log.info("CUDA registration on device %d (%s)", opened.device, ", ".join(kinds))
+        return opened.backend
 
     def unregister_kv_cache(self, instance_id: int) -> None:
         self.registry.remove(instance_id)
@@ -321,6 +344,20 @@ def _split_blocks(block_ids: list[list[int]], n_chunks: int, per_chunk: int) -> 
             f"{len(ids)} block ids for {n_chunks} chunks of {per_chunk} blocks each"
         )
     return [ids[i * per_chunk : (i + 1) * per_chunk] for i in range(n_chunks)]
+
+
+CUDA_KINDS = frozenset({"cuda", "cuda_raw", "cuda_vmm"})
+
+DeviceOpener = Callable[[list[Any], dict[str, Any], list[dict[str, Any]], int], "OpenedDevice"]
+"""Opens one CUDA registration: ``(descriptors, layout_hints, groups, chunk_size)``."""
+
+
+def _open_cuda(
+    descriptors: list[Any], layout_hints: dict[str, Any], groups: list[dict[str, Any]], chunk: int
+) -> OpenedDevice:
+    from kvhive.transfer.cuda.attach import open_cuda_backend  # imports no torch by itself
+
+    return open_cuda_backend(descriptors, layout_hints, groups, chunk)
 
 
 def _tensor_desc(d: Any) -> TensorDesc:

@@ -44,9 +44,7 @@ def _descriptor_from_ext(code: int, data: memoryview) -> Any:
     raw = msgspec.msgpack.decode(data)
     if not isinstance(raw, dict) or not isinstance(raw.get("type"), str):
         raise ProtocolError("IPC descriptor must be a map with a 'type' tag")
-    if raw["type"] == "cpu_shm":
-        return msgspec.convert(raw, t.CpuShmDescriptor)
-    return t.OtherDescriptor(type=raw["type"])
+    return t.descriptor_from_map(raw)
 
 
 _DESCRIPTOR_DECODER = msgspec.msgpack.Decoder(list[Any], ext_hook=_descriptor_from_ext)

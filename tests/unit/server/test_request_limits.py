@@ -191,13 +191,13 @@ def test_oversized_registration_is_refused_fast(client):
             match=f"lists {layers} layers",
         )
         # at the limit the request is decoded and reaches the engine, which judges the
-        # descriptors themselves (cuda ones are refused there, for their type)
-        cuda = ipc_ext({"type": "cuda", "version": 1})
+        # descriptors themselves (musa ones are refused there, for their type)
+        musa = ipc_ext({"type": "musa", "version": 1})
         err = refused(
             client,
             "register_kv_cache",
             9,
-            [cuda] * MAX_REGISTRATION_LAYERS,
+            [musa] * MAX_REGISTRATION_LAYERS,
             "m",
             1,
             "vllm",

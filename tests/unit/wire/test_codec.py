@@ -88,10 +88,10 @@ def test_cpu_shm_descriptor_ext():
     desc = cpu_shm_payload(
         "/lmcache_kv_1_0", "float16", [2, 8, 16, 4, 8], stride=[4096, 512, 32, 8, 1], nbytes=16384
     )
-    frame = enc([ipc_ext(desc), ipc_ext({"type": "cuda", "version": 1})])
+    frame = enc([ipc_ext(desc), ipc_ext({"type": "musa", "version": 1})])
     descs = codec._DESCRIPTOR_DECODER.decode(frame)
     assert isinstance(descs[0], t.CpuShmDescriptor) and descs[0].metadata.shape == [2, 8, 16, 4, 8]
-    assert isinstance(descs[1], t.OtherDescriptor) and descs[1].type == "cuda"
+    assert isinstance(descs[1], t.OtherDescriptor) and descs[1].type == "musa"
     bad = dict(desc, extra=1)
     with pytest.raises(msgspec.ValidationError):
         codec._DESCRIPTOR_DECODER.decode(enc([ipc_ext(bad)]))
