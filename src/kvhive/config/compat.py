@@ -47,7 +47,9 @@ class CompatConfig:
         "--isolated-ipc",
         default=False,
         help="no effect: it changes only CUDA IPC (timeline-semaphore events instead of "
-        "interprocess event handles); kvhive serves CPU engines through their shared memory.",
+        "interprocess event handles); kvhive serves CUDA workers' interprocess event handles and "
+        "answers a store/retrieve carrying a timeline-semaphore event (an isolated_ipc worker) "
+        "with its soft failure, logged naming isolated_ipc.",
     )
     script_allowed_imports: tuple[str, ...] = flag_field(
         "--script-allowed-imports",
