@@ -68,6 +68,7 @@ def run(runner: BenchRunner, kind: Kind) -> None:
                 settle_s=cfg.engine_settle_s,
                 server_pid=server.proc.pid if server.proc is not None else None,
                 model_name=f"bench-engine-{shape_name}", progress=runner.say,
+                ready=lambda: wait_l1_populated(server, runner.say, when="the warm-up pass"),
             )  # fmt: skip
             res["l1_populate_wait_s"] = waited
             return res
@@ -82,7 +83,10 @@ L1_POPULATE_WAIT_S = 300.0
 
 
 def wait_l1_populated(
-    server: ServerProcess, say: Callable[[str], None], timeout_s: float = L1_POPULATE_WAIT_S
+    server: ServerProcess,
+    say: Callable[[str], None],
+    timeout_s: float = L1_POPULATE_WAIT_S,
+    when: str = "the server was healthy",
 ) -> float | None:
     """Seconds spent waiting until the server's L1 arena is populated (``/status``
     ``l1_populate.pending_bytes`` reaches 0), so that the measured passes see a server that
@@ -102,7 +106,7 @@ def wait_l1_populated(
         time.sleep(0.2)
         pending = server.status()["l1_populate"]["pending_bytes"]
     waited = time.perf_counter() - t0
-    say(f"L1 arena populated {waited:.1f} s after the server was healthy"
+    say(f"L1 arena populated {waited:.1f} s after {when}"
         + (f" ({pending >> 20} MiB still pending)" if pending else ""))  # fmt: skip
     return round(waited, 2)
 
@@ -125,6 +129,9 @@ def record(runner: BenchRunner, kind: Kind, shape: str, res: dict[str, Any]) -> 
             put(f"engine/{shape}/{phase}/lookup/{p}/p50", kind, f["p50_ms"], group=GROUP,
                 label=f"lookup {p} chunk(s) before the retrieve, {phase}, {shape}", unit="ms",
                 better="lower")  # fmt: skip
+    put(f"engine/{shape}/l1_populate_wait_warm", kind, res.get("ready_after_warm_up_s"),
+        group=GROUP, unit="s", better="lower",
+        label=f"wait for L1 population after the warm-up pass, {shape}")  # fmt: skip
     put(f"engine/{shape}/register", kind, res.get("register_ms"), group=GROUP,
         label=f"register_kv_cache reply, {res['cache_blocks']}-block cache, {shape}",
         unit="ms", better="lower")  # fmt: skip

@@ -38,7 +38,7 @@ from __future__ import annotations
 import random
 import statistics
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -256,8 +256,12 @@ def run_engine(
     seed: int | None = None,
     model_name: str = "bench-engine",
     progress: Progress | None = None,
+    ready: Callable[[], float | None] | None = None,
 ) -> dict[str, Any]:
-    """The engine pattern of the module doc against the server at ``url``."""
+    """The engine pattern of the module doc against the server at ``url``.  ``ready``
+    (optional) waits until the server is ready again after the untimed warm-up pass, as
+    an engine's idle time would let it be (L1 population), and returns the seconds it
+    waited (``out["ready_after_warm_up_s"]``)."""
     cold_requests = dict(cold_requests or {1: 6, 16: 2})
     warm_requests = dict(warm_requests or {1: 12, 16: 3})
     seed = random.getrandbits(30) if seed is None else seed
@@ -288,6 +292,8 @@ def run_engine(
         out["phases"]["cold"] = _measure(w, passes["cold"], server_pid, errors)
         say(_describe("cold", out["phases"]["cold"]))
         w.warm_up()
+        if ready is not None:
+            out["ready_after_warm_up_s"] = ready()
         warm = {p: w.random_tables(p, n) for p, n in warm_requests.items()}
         out["phases"]["warm"] = _measure(w, warm, server_pid, errors)
         say(_describe("warm", out["phases"]["warm"]))

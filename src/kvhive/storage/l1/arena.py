@@ -114,6 +114,7 @@ class Arena:
         )
         self._touch_on_grow = prefault and not populating and lazy
         self._populated = 0  # bytes from the start queued for population (lazy arenas)
+        self._ahead = POPULATE_AHEAD_BYTES  # how far ahead of use; doubles when caught up
         self._pins: ArenaPins | None = None  # set by pin_host_memory (CUDA engines only)
         if lazy and self._prefaulter is not None:
             self.note_used(0)
@@ -142,13 +143,20 @@ class Arena:
 
     def note_used(self, end: int) -> None:
         """The allocator handed out bytes up to offset ``end``: keep population of a lazy
-        arena ``POPULATE_AHEAD_BYTES`` ahead of it (within the heap).  Called by the owner
-        under its mutex; a no-op for other arenas and while far enough ahead."""
+        arena ahead of it (within the heap): ``POPULATE_AHEAD_BYTES`` at first, twice as far
+        each time writes catch up with a population still running (never past the heap, so
+        at most what ``--l1-init-size-gb`` asked for).  Called by the owner under its mutex;
+        a no-op for other arenas and while far enough ahead."""
         if not self.lazy or self._prefaulter is None or self._closed:
             return
-        if end + POPULATE_AHEAD_BYTES // 2 <= self._populated:
+        if end + self._ahead // 2 <= self._populated:
             return
-        target = min(self.heap_bytes, end + POPULATE_AHEAD_BYTES)
+        if self._prefaulter.pending_bytes() > 0 and self._ahead < self.heap_bytes:
+            # Writes caught up with a population still running (a burst, or a host that
+            # backs fresh memory slowly): look twice as far ahead from now on, up to the
+            # heap, so the next burst finds its pages populated during the idle time.
+            self._ahead = min(2 * self._ahead, self.heap_bytes)
+        target = min(self.heap_bytes, end + self._ahead)
         if target > self._populated:
             self._prefaulter.submit(self._populated, target)
             self._populated = target
@@ -158,11 +166,19 @@ class Arena:
     def populate_status(self) -> dict[str, int | float]:
         """Background population so far: ``pending_bytes`` still to populate (stores landing
         there fault on the request path; on a VM whose host backs fresh guest memory slowly
-        that is ~10-50 ms per MiB), ``populated_bytes``, ``seconds`` spent, ``failures``."""
+        that is ~10-50 ms per MiB), ``populated_bytes``, ``seconds`` spent, ``failures``, and
+        ``ahead_bytes``, how far ahead of use a lazy arena populates now."""
         if self._prefaulter is None:
-            return {"pending_bytes": 0, "populated_bytes": 0, "seconds": 0.0, "failures": 0}
+            return {
+                "pending_bytes": 0,
+                "populated_bytes": 0,
+                "seconds": 0.0,
+                "failures": 0,
+                "ahead_bytes": 0,
+            }
         st = self._prefaulter.stats()
         return {
+            "ahead_bytes": self._ahead if self.lazy else 0,
             "pending_bytes": self._prefaulter.pending_bytes(),
             "populated_bytes": st.bytes_done,
             "seconds": round(st.seconds, 3),
