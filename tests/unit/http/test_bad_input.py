@@ -19,6 +19,8 @@ from httpx2 import Response
 from kvhive.http.app import MAX_BODY_BYTES, create_app
 from kvhive.http.routes.cache import MAX_CHECKSUM_BLOCKS, MAX_DELETE_KEYS
 from kvhive.server.core import KvhiveServer
+from kvhive.transfer.cuda.attach import open_cuda_backend
+from support.mock_cuda import MockCudaRuntime, cuda_desc, meta
 from support.traffic import Traffic, running_server, shm_kv
 
 JSON = {"content-type": "application/json"}
@@ -175,3 +177,22 @@ def test_oversized_key_lists_are_refused_at_once(http: TestClient) -> None:
     refused(r, 413, "body")
     r = delete(http, {"keys": [KEY] * MAX_DELETE_KEYS, "tier": "l1", "force": True})
     assert r.status_code == 200 and r.json()["skipped"] == MAX_DELETE_KEYS
+
+
+def test_checksums_of_a_cuda_registration_are_a_400(server: KvhiveServer, http: TestClient) -> None:
+    """Its pages are device memory: a clear 400, not a 500 (the registration is a real
+    CUDA one on the mock runtime of tests/support/mock_cuda.py: no GPU here)."""
+    rt = MockCudaRuntime()
+    tx = server.engine.transfers
+    saved = tx.device_opener
+    tx.device_opener = lambda d, h, g, c: open_cuda_backend(d, h, g, c, runtime=rt)
+    try:
+        shape, stride = [2, 8, 16, 2, 8], [2048, 256, 16, 8, 1]
+        rt.allocation(b"C" * 64, 4096 * 2)
+        desc = cuda_desc(b"C" * 64, 8192, 0, meta("float16", shape, stride, 0))
+        tx.register_kv_cache(77, [desc], "m", 1, "vllm", {"kv_layout": "NHD"}, [])
+        body = {"instance_id": 77, "block_ids": [1, 2], "chunk_size": 2}
+        refused(http.post("/cache/checksums", json=body), 400, "cpu_shm registrations")
+    finally:
+        tx.unregister_kv_cache(77)
+        tx.device_opener = saved

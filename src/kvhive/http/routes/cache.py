@@ -57,8 +57,13 @@ def checksums(req: ChecksumRequest, server: ServerDep) -> dict[str, Any]:
         raise HTTPException(400, "block_ids is required")
     if req.chunk_size <= 0:
         raise HTTPException(400, f"chunk_size must be positive (got {req.chunk_size})")
+    compute = getattr(inst.mapping, "checksums", None)
+    if compute is None:  # a CUDA registration: its pages are device memory
+        raise HTTPException(
+            400, f"instance {inst.instance_id}: checksums are served for cpu_shm registrations"
+        )
     try:
-        sums = inst.mapping.checksums(req.block_ids, req.chunk_size, req.layerwise)
+        sums = compute(req.block_ids, req.chunk_size, req.layerwise)
     except KvhiveError as exc:  # a bad block range or a closed registration: the caller's error
         raise HTTPException(400, str(exc)) from None
     return {
