@@ -254,7 +254,9 @@ def plan_install(
             action, why = "install", "missing on the box"
         elif bad:
             action = "install"
-            why = "box version rejected by " + ", ".join(f"{r.wanted_by} ({r.specifier})" for r in bad)
+            why = "box version rejected by " + ", ".join(
+                f"{r.wanted_by} ({r.specifier})" for r in bad
+            )
         else:
             action, why = "reuse", "box version accepted"
         plan.append(PlanEntry(w.filename, w.dist, w.version, action, why, have))
