@@ -98,6 +98,7 @@ def _preflight(argv: list[str]) -> int:
 
 def main(argv: list[str]) -> int:
     if not argv or argv[0] in ("-h", "--help"):
+        (sys.stdout if argv else sys.stderr).write(str(__doc__))
         return 0 if argv else EXIT_SETUP
     cmd, rest = argv[0], argv[1:]
     if cmd == "facts":
@@ -110,6 +111,7 @@ def main(argv: list[str]) -> int:
         return client.main(rest)
     handlers = {"install": _install, "run": _run, "preflight": _preflight}
     if cmd not in handlers:
+        sys.stderr.write(f"gpu_check: unknown command {cmd!r}\n{__doc__}")
         return EXIT_SETUP
     return handlers[cmd](rest)
 
