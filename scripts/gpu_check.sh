@@ -23,7 +23,7 @@ ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 OUTDIR="${1:-${OUT:-$PWD/gpu-check-out}}"
 WHEELS="${KVHIVE_GPU_WHEELS:-$ROOT/.gpu-wheels}"
 HOSTPY="${KVHIVE_GPU_PYTHON:-python3}"
-BUDGET_S="${KVHIVE_GPU_CHECK_BUDGET_S:-420}"   # the `run` stage; installs come before it
+TOTAL_S="${KVHIVE_GPU_CHECK_TOTAL_S:-460}"   # the whole command, installs included (< 8 min)
 mkdir -p "$OUTDIR"
 OUTDIR="$(cd "$OUTDIR" && pwd)"
 T0=$(date +%s)
@@ -44,7 +44,7 @@ command -v "$HOSTPY" >/dev/null || setup_fail "no $HOSTPY on PATH"
 # (KVHIVE_GPU_CHECK_SKIP_PREFLIGHT=1, for testing the install steps on a CPU machine: the
 #  run stage then stops at its own no-CUDA check, with exit 3 too.)
 if [[ "${KVHIVE_GPU_CHECK_SKIP_PREFLIGHT:-0}" != 1 ]]; then
-  timeout 120 "$HOSTPY" "$ROOT/scripts/gpu_check" preflight --out "$OUTDIR"
+  timeout 90 "$HOSTPY" "$ROOT/scripts/gpu_check" preflight --out "$OUTDIR"
   rc=$?
   if [[ $rc == 3 ]]; then say "no CUDA device: skipped (see $OUTDIR/gpu-check.json)"; exit 3; fi
   [[ $rc == 0 ]] || setup_fail "preflight exited $rc"
@@ -75,7 +75,7 @@ make_venv() {  # make_venv NAME -> prints the venv's python
 for set in server client; do
   py="$(make_venv "$set")" || setup_fail "could not create the $set venv (see install.log)"
   say "installing the $set set into $py"
-  timeout 180 "$py" "$ROOT/scripts/gpu_check" install --set "$set" --wheels "$WHEELS" \
+  timeout 120 "$py" "$ROOT/scripts/gpu_check" install --set "$set" --wheels "$WHEELS" \
     --host-python "$(command -v "$HOSTPY")" --root "$ROOT" >>"$OUTDIR/install.log" 2>&1
   rc=$?
   if [[ $rc != 0 ]]; then
@@ -86,8 +86,11 @@ for set in server client; do
 done
 
 # 3. the checks (the orchestrator stops everything it started, by PID)
+LEFT_S=$(( TOTAL_S - ($(date +%s) - T0) ))
+BUDGET_S=$(( LEFT_S - 45 ))   # the run's own budget; the rest is for stopping and cleaning up
+(( BUDGET_S >= 60 )) || setup_fail "only ${LEFT_S}s left of ${TOTAL_S}s for the checks"
 say "running the checks (budget ${BUDGET_S}s)"
-timeout --kill-after=10 $((BUDGET_S + 40)) "$PY_server" "$ROOT/scripts/gpu_check" run --out "$OUTDIR" \
+timeout --kill-after=10 $(( LEFT_S - 15 )) "$PY_server" "$ROOT/scripts/gpu_check" run --out "$OUTDIR" \
   --server-python "$PY_server" --client-python "$PY_client" --budget-s "$BUDGET_S"
 rc=$?
 if [[ $rc == 124 || $rc == 137 ]]; then say "the run stage hit its time limit"; rc=1; fi

@@ -6,7 +6,6 @@ makes the orchestrator stop with ``skipped: no-cuda``.
 
 from __future__ import annotations
 
-import importlib
 import importlib.metadata as md
 import json
 import platform
@@ -67,12 +66,18 @@ def collect(probe_lmcache: bool) -> dict[str, Any]:
     except (OSError, subprocess.TimeoutExpired) as e:
         f["nvidia_smi"] = f"unavailable: {e}"
     if probe_lmcache:
+        # In a child: a compiled extension built for another torch may fail to load (an
+        # ImportError, recorded) or worse; either way this process and its report survive.
         for mod in ("lmcache.lmcache_native", "lmcache.cuda_ops"):
             try:
-                importlib.import_module(mod)
-                f[f"import {mod}"] = "ok"
-            except Exception as e:  # noqa: BLE001 - recorded, never fatal
-                f[f"import {mod}"] = f"{type(e).__name__}: {str(e)[:300]}"
+                p = subprocess.run(
+                    [sys.executable, "-c", f"import torch, {mod}"],
+                    capture_output=True, text=True, timeout=120, check=False,
+                )  # fmt: skip
+                tail = (p.stderr.strip().splitlines() or [""])[-1][:300]
+                f[f"import {mod}"] = "ok" if p.returncode == 0 else f"exit {p.returncode}: {tail}"
+            except (OSError, subprocess.TimeoutExpired) as e:
+                f[f"import {mod}"] = f"{type(e).__name__}: {e}"
     return f
 
 
