@@ -289,6 +289,46 @@ class KVLayout:
         return (self.kv_size, self.num_layers, chunk_tokens, self.hidden)
 
 
+@dataclass(frozen=True, slots=True)
+class ChunkPlan:
+    """What every copy backend derives from a layout and the server's chunk size: checked
+    once here, so PagedKV (numpy on shared memory) and TorchPagedKV (torch, CUDA) agree.
+
+    ``object_shape`` is ``(kv_size, num_layers, chunk_size, hidden)`` of one chunk object,
+    ``blocks_per_chunk`` = chunk_size / block_size (B)."""
+
+    kv_format: KVFormat
+    dtype: str
+    block_size: int
+    num_blocks: int
+    chunk_size: int
+    blocks_per_chunk: int
+    object_shape: tuple[int, ...]
+    object_nbytes: int
+
+    @classmethod
+    def of(cls, layout: KVLayout, chunk_size: int) -> ChunkPlan:
+        """Raises LayoutError for a chunk size that is not a positive multiple of the
+        layout's block size."""
+        if isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size <= 0:
+            raise LayoutError(f"chunk size must be a positive integer, got {chunk_size!r}")
+        if chunk_size % layout.block_size:
+            raise LayoutError(
+                f"chunk size {chunk_size} is not a multiple of the block size {layout.block_size}"
+            )
+        shape = layout.object_shape(chunk_size)
+        return cls(
+            kv_format=layout.fmt,
+            dtype=layout.dtype,
+            block_size=layout.block_size,
+            num_blocks=layout.num_blocks,
+            chunk_size=chunk_size,
+            blocks_per_chunk=chunk_size // layout.block_size,
+            object_shape=shape,
+            object_nbytes=math.prod(shape) * layout.itemsize,
+        )
+
+
 def _group_layers(group_infos: Sequence[Any], num_layers: int) -> tuple[int, ...] | None:
     """Validate the engine group list; the layers of the one group (None = all)."""
     if not group_infos:

@@ -46,10 +46,17 @@ from typing import Any
 
 import numpy as np
 
-from kvhive.errors import BadRequest, LayoutError, RegistrationError, UnsupportedError
+from kvhive.errors import BadRequest, RegistrationError, UnsupportedError
 from kvhive.transfer import safecopy
 from kvhive.transfer.descriptors import TensorDesc
-from kvhive.transfer.layouts import DEFAULT_KV_LAYOUT, KVFormat, KVLayout, LayerView, plan_layout
+from kvhive.transfer.layouts import (
+    DEFAULT_KV_LAYOUT,
+    ChunkPlan,
+    KVFormat,
+    KVLayout,
+    LayerView,
+    plan_layout,
+)
 from kvhive.transfer.shm import SegmentOwner, SegmentTable, ShmMapping, tensor_view
 
 
@@ -300,21 +307,16 @@ class PagedKV:
     """
 
     def __init__(self, layout: KVLayout, segments: SegmentTable, chunk_size: int) -> None:
-        if isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size <= 0:
-            raise LayoutError(f"chunk size must be a positive integer, got {chunk_size!r}")
-        if chunk_size % layout.block_size:
-            raise LayoutError(
-                f"chunk size {chunk_size} is not a multiple of the block size {layout.block_size}"
-            )
+        plan = ChunkPlan.of(layout, chunk_size)
         self.layout = layout
-        self.kv_format: KVFormat = layout.fmt
-        self.dtype: str = layout.dtype
-        self.block_size: int = layout.block_size
-        self.num_blocks: int = layout.num_blocks
-        self.chunk_size: int = chunk_size
-        self.blocks_per_chunk: int = chunk_size // layout.block_size
-        self.object_shape: tuple[int, ...] = layout.object_shape(chunk_size)
-        self.object_nbytes: int = math.prod(self.object_shape) * layout.itemsize
+        self.kv_format: KVFormat = plan.kv_format
+        self.dtype: str = plan.dtype
+        self.block_size: int = plan.block_size
+        self.num_blocks: int = plan.num_blocks
+        self.chunk_size: int = plan.chunk_size
+        self.blocks_per_chunk: int = plan.blocks_per_chunk
+        self.object_shape: tuple[int, ...] = plan.object_shape
+        self.object_nbytes: int = plan.object_nbytes
         safecopy.require()  # no copy of an engine page without the SIGBUS-safe helper
         self._segments = segments
         # Who created the segments, as proven now (the registry's reaper may unlink them

@@ -43,11 +43,11 @@ from typing import Any, Protocol
 
 import numpy as np
 
-from kvhive.errors import BadRequest, LayoutError, RegistrationError, TransferFailed
+from kvhive.errors import BadRequest, RegistrationError, TransferFailed
 from kvhive.transfer.backend import DONE, CopyTicket, PendingTicket
 from kvhive.transfer.completion import CompletionThread
 from kvhive.transfer.descriptors import TensorDesc
-from kvhive.transfer.layouts import KVFormat, KVLayout, LayerView, plan_layout
+from kvhive.transfer.layouts import ChunkPlan, KVFormat, KVLayout, LayerView, plan_layout
 from kvhive.transfer.shm import SegmentOwner
 
 # The layout a GPU server assumes when a registration carries no kv_layout hint (the CPU
@@ -282,22 +282,17 @@ class TorchPagedKV:
         owner: Closeable | None = None,
         async_completion: bool | None = None,
     ) -> None:
-        if isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size <= 0:
-            raise LayoutError(f"chunk size must be a positive integer, got {chunk_size!r}")
-        if chunk_size % layout.block_size:
-            raise LayoutError(
-                f"chunk size {chunk_size} is not a multiple of the block size {layout.block_size}"
-            )
-        torch = _torch()
+        plan = ChunkPlan.of(layout, chunk_size)
         self.layout = layout
-        self.kv_format: KVFormat = layout.fmt
-        self.dtype: str = layout.dtype
-        self.block_size: int = layout.block_size
-        self.num_blocks: int = layout.num_blocks
-        self.chunk_size: int = chunk_size
-        self.blocks_per_chunk: int = chunk_size // layout.block_size
-        self.object_shape: tuple[int, ...] = layout.object_shape(chunk_size)
-        self.object_nbytes: int = math.prod(self.object_shape) * layout.itemsize
+        self.kv_format: KVFormat = plan.kv_format
+        self.dtype: str = plan.dtype
+        self.block_size: int = plan.block_size
+        self.num_blocks: int = plan.num_blocks
+        self.chunk_size: int = plan.chunk_size
+        self.blocks_per_chunk: int = plan.blocks_per_chunk
+        self.object_shape: tuple[int, ...] = plan.object_shape
+        self.object_nbytes: int = plan.object_nbytes
+        torch = _torch()
         blocks = []
         for i in layout.layer_indices:
             lv = layout.layers[i]
