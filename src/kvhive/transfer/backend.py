@@ -46,6 +46,7 @@ from typing import Protocol, runtime_checkable
 
 import numpy as np
 
+from kvhive.errors import BadRequest
 from kvhive.transfer.shm import SegmentOwner
 
 log = logging.getLogger(__name__)
@@ -79,6 +80,36 @@ class CopyBackend(Protocol):
     def segment_owners(self) -> Sequence[SegmentOwner]: ...
 
     def close(self) -> None: ...
+
+
+def check_block_ids(block_ids: Sequence[int], count: int | None, num_blocks: int) -> np.ndarray:
+    """One chunk's engine block ids as int64 (``count`` of them, unless None), or
+    BadRequest naming what is wrong: the contract's "a bad id raises before any byte
+    moves", shared by every backend."""
+    n = len(block_ids)
+    if count is not None and n != count:
+        raise BadRequest(f"expected {count} block ids per chunk, got {n}")
+    if n == 0:
+        return np.zeros(0, np.int64)
+    ids = np.asarray(block_ids)
+    if ids.ndim != 1 or ids.dtype.kind not in "iu":
+        raise BadRequest("block ids must be a flat sequence of integers")
+    lo, hi = int(ids.min()), int(ids.max())
+    if lo < 0 or hi >= num_blocks:
+        bad = lo if lo < 0 else hi
+        raise BadRequest(f"block id {bad} outside 0..{num_blocks - 1}")
+    return ids.astype(np.int64, copy=False)
+
+
+def check_object_buffer(buf: np.ndarray, nbytes: int, what: str) -> np.ndarray:
+    """``buf`` (an L1 buffer) as a flat uint8 view of exactly ``nbytes``, or ValueError."""
+    if not isinstance(buf, np.ndarray) or buf.dtype != np.uint8:
+        raise ValueError(f"{what} must be a uint8 numpy array")
+    if buf.size != nbytes:
+        raise ValueError(f"{what} has {buf.size} bytes, the object has {nbytes}")
+    if not buf.flags.c_contiguous:
+        raise ValueError(f"{what} must be C-contiguous")  # a reshape would copy silently
+    return buf.reshape(-1)
 
 
 DoneCallback = Callable[[BaseException | None], None]

@@ -48,6 +48,7 @@ import numpy as np
 
 from kvhive.errors import BadRequest, RegistrationError, UnsupportedError
 from kvhive.transfer import safecopy
+from kvhive.transfer.backend import check_block_ids, check_object_buffer
 from kvhive.transfer.descriptors import TensorDesc
 from kvhive.transfer.layouts import (
     DEFAULT_KV_LAYOUT,
@@ -441,30 +442,6 @@ class PagedKV:
 
     # -- validation -----------------------------------------------------------
 
-    def _block_ids(self, block_ids: Sequence[int], count: int | None) -> np.ndarray:
-        n = len(block_ids)
-        if count is not None and n != count:
-            raise BadRequest(f"expected {count} block ids per chunk, got {n}")
-        if n == 0:
-            return np.zeros(0, np.intp)
-        ids = np.asarray(block_ids)
-        if ids.ndim != 1 or ids.dtype.kind not in "iu":
-            raise BadRequest("block ids must be a flat sequence of integers")
-        lo, hi = int(ids.min()), int(ids.max())
-        if lo < 0 or hi >= self.num_blocks:
-            bad = lo if lo < 0 else hi
-            raise BadRequest(f"block id {bad} outside 0..{self.num_blocks - 1}")
-        return ids.astype(np.intp, copy=False)
-
-    def _flat(self, buf: np.ndarray, what: str) -> np.ndarray:
-        if not isinstance(buf, np.ndarray) or buf.dtype != np.uint8:
-            raise ValueError(f"{what} must be a uint8 numpy array")
-        if buf.size != self.object_nbytes:
-            raise ValueError(f"{what} has {buf.size} bytes, the object has {self.object_nbytes}")
-        if not buf.flags.c_contiguous:
-            raise ValueError(f"{what} must be C-contiguous")  # a reshape would copy silently
-        return buf.reshape(-1)
-
     @staticmethod
     def is_null_chunk(block_ids: Sequence[int], null_block_id: int = 0) -> bool:
         """True when every id is the null block (such chunks hold no KV, §14)."""
@@ -484,8 +461,8 @@ class PagedKV:
         """
         todo = []
         for block_ids, out in chunks:
-            ids = self._block_ids(block_ids, self.blocks_per_chunk).astype(np.int64, copy=False)
-            dst = self._flat(out, "out")
+            ids = check_block_ids(block_ids, self.blocks_per_chunk, self.num_blocks)
+            dst = check_object_buffer(out, self.object_nbytes, "out")
             if not dst.flags.writeable:
                 raise ValueError("out must be writable")
             todo.append((ids, dst))
@@ -510,8 +487,8 @@ class PagedKV:
         for src, block_ids, skip_tokens in chunks:
             if isinstance(skip_tokens, bool) or not isinstance(skip_tokens, int) or skip_tokens < 0:
                 raise BadRequest(f"skip_tokens must be a non-negative integer, got {skip_tokens!r}")
-            ids = self._block_ids(block_ids, self.blocks_per_chunk).astype(np.int64, copy=False)
-            flat = self._flat(src, "src")
+            ids = check_block_ids(block_ids, self.blocks_per_chunk, self.num_blocks)
+            flat = check_object_buffer(src, self.object_nbytes, "src")
             skip = skip_tokens // self.block_size
             if skip < self.blocks_per_chunk:
                 todo.append((flat, ids[skip:], skip))
@@ -561,7 +538,7 @@ class PagedKV:
             raise BadRequest("chunk_size must be positive")
         if not block_ids:
             raise BadRequest("block_ids is required")
-        ids = self._block_ids(block_ids, None)
+        ids = check_block_ids(block_ids, None, self.num_blocks)
         self._enter()
         try:
             layers = []

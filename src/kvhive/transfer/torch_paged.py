@@ -44,7 +44,13 @@ from typing import Any, Protocol
 import numpy as np
 
 from kvhive.errors import BadRequest, RegistrationError, TransferFailed
-from kvhive.transfer.backend import DONE, CopyTicket, PendingTicket
+from kvhive.transfer.backend import (
+    DONE,
+    CopyTicket,
+    PendingTicket,
+    check_block_ids,
+    check_object_buffer,
+)
 from kvhive.transfer.completion import CompletionThread
 from kvhive.transfer.descriptors import TensorDesc
 from kvhive.transfer.layouts import ChunkPlan, KVFormat, KVLayout, LayerView, plan_layout
@@ -230,33 +236,6 @@ class _Pipeline:
             self.stream.synchronize()
 
 
-def _block_ids(block_ids: Sequence[int], count: int, num_blocks: int) -> np.ndarray:
-    """One chunk's ids as int64, or BadRequest (PagedKV's rules and messages)."""
-    n = len(block_ids)
-    if n != count:
-        raise BadRequest(f"expected {count} block ids per chunk, got {n}")
-    if n == 0:
-        return np.zeros(0, np.int64)
-    ids = np.asarray(block_ids)
-    if ids.ndim != 1 or ids.dtype.kind not in "iu":
-        raise BadRequest("block ids must be a flat sequence of integers")
-    lo, hi = int(ids.min()), int(ids.max())
-    if lo < 0 or hi >= num_blocks:
-        bad = lo if lo < 0 else hi
-        raise BadRequest(f"block id {bad} outside 0..{num_blocks - 1}")
-    return ids.astype(np.int64, copy=False)
-
-
-def _flat(buf: np.ndarray, nbytes: int, what: str) -> np.ndarray:
-    if not isinstance(buf, np.ndarray) or buf.dtype != np.uint8:
-        raise ValueError(f"{what} must be a uint8 numpy array")
-    if buf.size != nbytes:
-        raise ValueError(f"{what} has {buf.size} bytes, the object has {nbytes}")
-    if not buf.flags.c_contiguous:
-        raise ValueError(f"{what} must be C-contiguous")
-    return buf.reshape(-1)
-
-
 class TorchPagedKV:
     """The per-registration copy engine over torch tensors (module doc).
 
@@ -423,8 +402,8 @@ class TorchPagedKV:
         before any byte moves; ``out`` buffers must live until the ticket is done."""
         routes = []
         for block_ids, out in chunks:
-            ids = _block_ids(block_ids, self.blocks_per_chunk, self.num_blocks)
-            dst = _flat(out, self.object_nbytes, "out")
+            ids = check_block_ids(block_ids, self.blocks_per_chunk, self.num_blocks)
+            dst = check_object_buffer(out, self.object_nbytes, "out")
             if not dst.flags.writeable:
                 raise ValueError("out must be writable")
             routes.append(ChunkRoute(dst, ids, 0))
@@ -439,8 +418,8 @@ class TorchPagedKV:
         for src, block_ids, skip_tokens in chunks:
             if isinstance(skip_tokens, bool) or not isinstance(skip_tokens, int) or skip_tokens < 0:
                 raise BadRequest(f"skip_tokens must be a non-negative integer, got {skip_tokens!r}")
-            ids = _block_ids(block_ids, self.blocks_per_chunk, self.num_blocks)
-            flat = _flat(src, self.object_nbytes, "src")
+            ids = check_block_ids(block_ids, self.blocks_per_chunk, self.num_blocks)
+            flat = check_object_buffer(src, self.object_nbytes, "src")
             skip = skip_tokens // self.block_size
             if skip < self.blocks_per_chunk:
                 routes.append(ChunkRoute(flat, ids[skip:], skip))
