@@ -42,6 +42,7 @@ from __future__ import annotations
 import logging
 import threading
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from typing import Protocol, runtime_checkable
 
 import numpy as np
@@ -110,6 +111,63 @@ def check_object_buffer(buf: np.ndarray, nbytes: int, what: str) -> np.ndarray:
     if not buf.flags.c_contiguous:
         raise ValueError(f"{what} must be C-contiguous")  # a reshape would copy silently
     return buf.reshape(-1)
+
+
+@dataclass(frozen=True, slots=True)
+class ChunkRoute:
+    """One chunk of a batch after validation: its L1 bytes, the block ids that move, and
+    the object block of ``ids[0]`` (``skip_tokens // block_size`` on retrieve, else 0)."""
+
+    buf: np.ndarray  # flat uint8 view of the L1 object (borrowed, see the contracts above)
+    ids: np.ndarray  # int64 engine block ids
+    first: int
+
+
+class ChunkGeometry(Protocol):
+    """What the checks need of a backend (its ``ChunkPlan`` fields)."""
+
+    @property
+    def blocks_per_chunk(self) -> int: ...
+
+    @property
+    def num_blocks(self) -> int: ...
+
+    @property
+    def object_nbytes(self) -> int: ...
+
+    @property
+    def block_size(self) -> int: ...
+
+
+def gather_routes(
+    geo: ChunkGeometry, chunks: Sequence[tuple[Sequence[int], np.ndarray]]
+) -> list[ChunkRoute]:
+    """A store batch ``(block_ids, out)`` checked whole before any byte moves."""
+    routes = []
+    for block_ids, out in chunks:
+        ids = check_block_ids(block_ids, geo.blocks_per_chunk, geo.num_blocks)
+        dst = check_object_buffer(out, geo.object_nbytes, "out")
+        if not dst.flags.writeable:
+            raise ValueError("out must be writable")
+        routes.append(ChunkRoute(dst, ids, 0))
+    return routes
+
+
+def scatter_routes(
+    geo: ChunkGeometry, chunks: Sequence[tuple[np.ndarray, Sequence[int], int]]
+) -> list[ChunkRoute]:
+    """A retrieve batch ``(src, block_ids, skip_tokens)`` checked whole before any byte
+    moves; the skip is rounded down to whole blocks and a fully skipped chunk left out."""
+    routes = []
+    for src, block_ids, skip_tokens in chunks:
+        if isinstance(skip_tokens, bool) or not isinstance(skip_tokens, int) or skip_tokens < 0:
+            raise BadRequest(f"skip_tokens must be a non-negative integer, got {skip_tokens!r}")
+        ids = check_block_ids(block_ids, geo.blocks_per_chunk, geo.num_blocks)
+        flat = check_object_buffer(src, geo.object_nbytes, "src")
+        skip = skip_tokens // geo.block_size
+        if skip < geo.blocks_per_chunk:
+            routes.append(ChunkRoute(flat, ids[skip:], skip))
+    return routes
 
 
 DoneCallback = Callable[[BaseException | None], None]

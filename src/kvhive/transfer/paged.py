@@ -48,7 +48,12 @@ import numpy as np
 
 from kvhive.errors import BadRequest, RegistrationError, UnsupportedError
 from kvhive.transfer import safecopy
-from kvhive.transfer.backend import check_block_ids, check_object_buffer
+from kvhive.transfer.backend import (
+    ChunkRoute,
+    check_block_ids,
+    gather_routes,
+    scatter_routes,
+)
 from kvhive.transfer.descriptors import TensorDesc
 from kvhive.transfer.layouts import (
     DEFAULT_KV_LAYOUT,
@@ -459,14 +464,7 @@ class PagedKV:
         Every chunk is validated before any byte moves.  ``out`` buffers are borrowed for
         the call only.  On a failure (TransferFailed) some chunks may be partly written.
         """
-        todo = []
-        for block_ids, out in chunks:
-            ids = check_block_ids(block_ids, self.blocks_per_chunk, self.num_blocks)
-            dst = check_object_buffer(out, self.object_nbytes, "out")
-            if not dst.flags.writeable:
-                raise ValueError("out must be writable")
-            todo.append((ids, dst))
-        self._copy([(dst, ids, 0) for ids, dst in todo], to_engine=False)
+        self._copy(gather_routes(self, chunks), to_engine=False)
 
     def scatter(self, src: np.ndarray, block_ids: Sequence[int], skip_tokens: int = 0) -> None:
         """Copy one chunk object into the engine pages.
@@ -483,25 +481,16 @@ class PagedKV:
         Every chunk is validated before any byte moves; ``src`` buffers are borrowed for
         the call only.
         """
-        todo = []
-        for src, block_ids, skip_tokens in chunks:
-            if isinstance(skip_tokens, bool) or not isinstance(skip_tokens, int) or skip_tokens < 0:
-                raise BadRequest(f"skip_tokens must be a non-negative integer, got {skip_tokens!r}")
-            ids = check_block_ids(block_ids, self.blocks_per_chunk, self.num_blocks)
-            flat = check_object_buffer(src, self.object_nbytes, "src")
-            skip = skip_tokens // self.block_size
-            if skip < self.blocks_per_chunk:
-                todo.append((flat, ids[skip:], skip))
-        self._copy(todo, to_engine=True)
+        self._copy(scatter_routes(self, chunks), to_engine=True)
 
     def _copy(
         self,
-        chunks: Sequence[tuple[np.ndarray, np.ndarray, int]],
+        chunks: Sequence[ChunkRoute],
         *,
         to_engine: bool,
     ) -> None:
-        """Run ``(object bytes, block ids, first object block)`` chunks through the plans
-        (the scatter plans ``to_engine``, else the gather plans)."""
+        """Run checked chunks through the plans (the scatter plans ``to_engine``, else the
+        gather plans)."""
         if not chunks:
             return
         self._enter()
@@ -509,10 +498,10 @@ class PagedKV:
             plans = self._scatter_plans if to_engine else self._gather_plans
             bpc = self.blocks_per_chunk
             jobs = [
-                _Job(plan, obj, ids, first, bpc)
-                for obj, ids, first in chunks
+                _Job(plan, c.buf, c.ids, c.first, bpc)
+                for c in chunks
                 for plan in plans
-                if ids.size
+                if c.ids.size
             ]
             _run_jobs(jobs, to_engine)
         finally:

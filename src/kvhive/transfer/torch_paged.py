@@ -38,7 +38,6 @@ import contextlib
 import math
 import threading
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
 from typing import Any, Protocol
 
 import numpy as np
@@ -46,10 +45,11 @@ import numpy as np
 from kvhive.errors import BadRequest, RegistrationError, TransferFailed
 from kvhive.transfer.backend import (
     DONE,
+    ChunkRoute,
     CopyTicket,
     PendingTicket,
-    check_block_ids,
-    check_object_buffer,
+    gather_routes,
+    scatter_routes,
 )
 from kvhive.transfer.completion import CompletionThread
 from kvhive.transfer.descriptors import TensorDesc
@@ -104,15 +104,6 @@ class CopyEvents(Protocol):
 
 class Closeable(Protocol):
     def close(self) -> None: ...
-
-
-@dataclass(frozen=True, slots=True)
-class ChunkRoute:
-    """One chunk of a batch after validation: its L1 bytes, block ids, first block."""
-
-    buf: np.ndarray  # flat uint8 view of the L1 object (borrowed, see the backend contract)
-    ids: np.ndarray  # int64 block ids of the blocks that move
-    first: int  # object block of ids[0] (skip_tokens // BS on retrieve, else 0)
 
 
 def _raw(torch: Any, tensor: Any) -> Any:
@@ -400,13 +391,7 @@ class TorchPagedKV:
     ) -> CopyTicket:
         """Store one request's chunks, ``(block_ids, out)`` each.  Every chunk is checked
         before any byte moves; ``out`` buffers must live until the ticket is done."""
-        routes = []
-        for block_ids, out in chunks:
-            ids = check_block_ids(block_ids, self.blocks_per_chunk, self.num_blocks)
-            dst = check_object_buffer(out, self.object_nbytes, "out")
-            if not dst.flags.writeable:
-                raise ValueError("out must be writable")
-            routes.append(ChunkRoute(dst, ids, 0))
+        routes = gather_routes(self, chunks)
         return self._start(routes, wait_event, to_engine=False)
 
     def scatter_async(
@@ -414,15 +399,7 @@ class TorchPagedKV:
     ) -> CopyTicket:
         """Retrieve one request's chunks, ``(src, block_ids, skip_tokens)`` each (as
         :meth:`scatter`); ``src`` buffers must live until the ticket is done."""
-        routes = []
-        for src, block_ids, skip_tokens in chunks:
-            if isinstance(skip_tokens, bool) or not isinstance(skip_tokens, int) or skip_tokens < 0:
-                raise BadRequest(f"skip_tokens must be a non-negative integer, got {skip_tokens!r}")
-            ids = check_block_ids(block_ids, self.blocks_per_chunk, self.num_blocks)
-            flat = check_object_buffer(src, self.object_nbytes, "src")
-            skip = skip_tokens // self.block_size
-            if skip < self.blocks_per_chunk:
-                routes.append(ChunkRoute(flat, ids[skip:], skip))
+        routes = scatter_routes(self, chunks)
         return self._start(routes, wait_event, to_engine=True)
 
     def _start(self, routes: list[ChunkRoute], wait_event: bytes, *, to_engine: bool) -> CopyTicket:
