@@ -9,7 +9,12 @@ its first token (what loading the prefix shortens); the default 24 adds decoding
 KV cache changes.
 
     .venv/bin/python benchmarks/vllm_repeat_bench.py [--repeats 5] [--dtype float32]
-        [--max-tokens 24] [--modes lmcache_driven,engine_driven] [--json out.json]
+        [--max-tokens 24] [--prompt-tokens 1711] [--modes lmcache_driven,engine_driven]
+        [--json out.json]
+
+A longer ``--prompt-tokens`` (up to SmolLM2's 8192-token context; the driver's
+``--max-model-len`` follows it) loads more chunks per repeat, so that the servers' load time
+is a larger share of the time to the first token.
 
 Needs scripts/setup_vllm_venv.sh and scripts/setup_client_venv.sh built.
 """
@@ -44,10 +49,12 @@ def vllm_python() -> str:
 def run(
     py: str, mode: str, port: int, repeats: int, dtype: str, prompt: int, max_tokens: int
 ) -> dict:
+    """The driver's result: one cold request then ``repeats`` repeats of it."""
+    max_len = max(2048, prompt + max_tokens + 64)  # the driver's default fits 1711 tokens only
     model = str(Path(py).parent.parent / "kvhive-model")
     argv = [py, str(DRIVER), "--model", model, "--mode", mode, "--port", str(port),
             "--repeats", str(repeats + 1), "--dtype", dtype, "--prompt-tokens", str(prompt),
-            "--max-tokens", str(max_tokens)]  # fmt: skip
+            "--max-tokens", str(max_tokens), "--max-model-len", str(max_len)]  # fmt: skip
     proc = subprocess.run(argv, capture_output=True, text=True, env=subprocess_env(), check=False)
     for line in reversed(proc.stdout.splitlines()):
         if line.startswith(MARK):

@@ -8,6 +8,8 @@ import contextlib
 import mmap
 import os
 import statistics
+import subprocess
+import sys
 import time
 from _posixshmem import shm_open, shm_unlink
 from collections.abc import Callable
@@ -15,7 +17,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from kvhive.bench import engineload
+from kvhive.bench import engine_floor, engineload
 from kvhive.bench.config import BIG, SHAPES, BenchConfig
 from kvhive.bench.report import Target
 
@@ -55,7 +57,22 @@ def measure_first_touch_memcpy(chunk_mib: int = 32, chunks: int = 8) -> float:
 
 
 def run(runner: BenchRunner, kind: Kind) -> None:
-    """Measure every ``cfg.engine_shapes`` shape against a fresh ``kind`` server."""
+    """Measure every ``cfg.engine_shapes`` shape against a fresh ``kind`` server, and its
+    floor (:mod:`kvhive.bench.engine_floor`) against a bare echo in the same run."""
+    from kvhive.bench.servers import free_port, subprocess_env
+
+    port = free_port()
+    echo = subprocess.Popen(
+        [sys.executable, "-m", "kvhive.bench.echo", str(port)], env=subprocess_env()
+    )
+    try:
+        _run_shapes(runner, kind, f"tcp://127.0.0.1:{port}")
+    finally:
+        echo.terminate()
+        echo.wait(10)
+
+
+def _run_shapes(runner: BenchRunner, kind: Kind, echo_url: str) -> None:
     cfg = runner.cfg
     for shape_name in cfg.engine_shapes:
 
@@ -69,6 +86,8 @@ def run(runner: BenchRunner, kind: Kind) -> None:
                 server_pid=server.proc.pid if server.proc is not None else None,
                 model_name=f"bench-engine-{shape_name}", progress=runner.say,
                 ready=lambda: wait_l1_populated(server, runner.say, when="the warm-up pass"),
+                after_warm=lambda w: engine_floor.measure_floors(
+                    w, echo_url, dict(cfg.engine_warm_requests)),
             )  # fmt: skip
             res["l1_populate_wait_s"] = waited
             return res
@@ -138,8 +157,35 @@ def record(runner: BenchRunner, kind: Kind, shape: str, res: dict[str, Any]) -> 
     put(f"engine/{shape}/l1_populate_wait", kind, res.get("l1_populate_wait_s"), group=GROUP,
         label=f"wait for the L1 arena's population after start, {shape}", unit="s",
         better="lower")  # fmt: skip
+    record_floor(runner, kind, shape, res)
     for err in res.get("errors", [])[:5]:
         runner.report.errors.append(f"{kind} engine pattern {shape}: {err}")
+
+
+def record_floor(runner: BenchRunner, kind: Kind, shape: str, res: dict[str, Any]) -> None:
+    """The floor rows (measured in ``kind``'s run) and every row read against them."""
+    floor = res.get("after_warm")
+    if not floor:
+        return
+    put = runner.report.put
+    mib = res["chunk_bytes"] / (1 << 20)
+    for op, by_p in floor.items():
+        for p, f in by_p.items():
+            what = f"{op} {p} chunk/req, {shape} ({mib:.1f} MiB)"
+            key = f"engine/{shape}/floor/{op}/{p}"
+            put(key, kind, f["gbs"], group=GROUP, unit="GB/s", better="higher",
+                label=f"floor: empty round trip + a memcpy per block run, {what}",
+                note="bench process, same client work before it")  # fmt: skip
+            put(key + "/rtt", kind, f["rtt_ms_p50"], group=GROUP, unit="ms", better="lower",
+                label=f"floor's empty round trip after the client's work, {what}")  # fmt: skip
+            for phase, ops in res["phases"].items():
+                got = ops[op].get(p)
+                if got and not got["failures"] and got["ms_p50"]:
+                    put(f"engine/{shape}/{phase}/{op}/{p}/vs_floor", kind,
+                        round(f["ms_p50"] / got["ms_p50"], 3), group=GROUP, unit="x floor",
+                        better="higher",
+                        label=f"{op} {p} chunk/req, {phase}, {shape}: floor time / "
+                              "server time")  # fmt: skip
 
 
 def targets(cfg: BenchConfig) -> list[Target]:

@@ -257,11 +257,14 @@ def run_engine(
     model_name: str = "bench-engine",
     progress: Progress | None = None,
     ready: Callable[[], float | None] | None = None,
+    after_warm: Callable[[EngineWorkload], Any] | None = None,
 ) -> dict[str, Any]:
     """The engine pattern of the module doc against the server at ``url``.  ``ready``
     (optional) waits until the server is ready again after the untimed warm-up pass, as
     an engine's idle time would let it be (L1 population), and returns the seconds it
-    waited (``out["ready_after_warm_up_s"]``)."""
+    waited (``out["ready_after_warm_up_s"]``).  ``after_warm`` (optional) runs on the
+    workload after the warm pass, before it closes; its result is ``out["after_warm"]``
+    (the section's floor, :mod:`kvhive.bench.engine_floor`)."""
     cold_requests = dict(cold_requests or {1: 6, 16: 2})
     warm_requests = dict(warm_requests or {1: 12, 16: 3})
     seed = random.getrandbits(30) if seed is None else seed
@@ -297,6 +300,8 @@ def run_engine(
         warm = {p: w.random_tables(p, n) for p, n in warm_requests.items()}
         out["phases"]["warm"] = _measure(w, warm, server_pid, errors)
         say(_describe("warm", out["phases"]["warm"]))
+        if after_warm is not None:
+            out["after_warm"] = after_warm(w)
     finally:
         w.eng.close()
     return out

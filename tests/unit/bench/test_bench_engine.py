@@ -75,6 +75,13 @@ def test_section_rows_and_targets(tmp_path) -> None:
             assert row is not None and row.kvhive is not None and row.vs_memcpy is not None
             assert f"engine/tiny/{phase}/{op}/1/faults" in keys
         assert f"engine/tiny/{phase}/lookup/1/p50" in keys
+        for op in ("store", "retrieve"):  # each row also read against the floor
+            vs = report.row(f"engine/tiny/{phase}/{op}/1/vs_floor")
+            assert vs is not None and vs.kvhive is not None and vs.kvhive > 0
+    for op in ("store", "retrieve"):
+        floor = report.row(f"engine/tiny/floor/{op}/1")
+        assert floor is not None and floor.kvhive is not None and floor.kvhive > 0
+        assert f"engine/tiny/floor/{op}/1/rtt" in keys
     assert "engine/tiny/register" in keys
     waited = report.row("engine/tiny/l1_populate_wait")  # kvhive reports its populate front
     assert waited is not None and waited.kvhive is not None and waited.kvhive >= 0
