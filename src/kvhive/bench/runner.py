@@ -192,12 +192,15 @@ class BenchRunner:
             "log_dir": str(self.log_dir) if self._tmp is None or self.report.errors else None,
         }
 
-    def _server(self, kind: Kind, l1_size_gb: float, tag: str) -> ServerProcess:
+    def _server(
+        self, kind: Kind, l1_size_gb: float, tag: str, eager_l1: bool = False
+    ) -> ServerProcess:
         assert self.log_dir is not None
+        eager = ["--no-l1-use-lazy"] if eager_l1 and kind == "kvhive" else []
         return ServerProcess(
             kind,
             l1_size_gb,
-            list(self.cfg.server_args),
+            [*eager, *self.cfg.server_args],  # the user's --server-arg comes last: it wins
             client_python=self.client_python,
             log_path=self.log_dir / f"{kind}-{tag}.log",
         )
@@ -223,21 +226,30 @@ class BenchRunner:
         for section in sections:
             getattr(self, f"_{section}")(kind)
 
-    def _measure(self, kind: Kind, what: str, fn: Callable[[ServerProcess], Any]) -> Any:
+    def _measure(
+        self, kind: Kind, what: str, fn: Callable[[ServerProcess], Any], eager_l1: bool = False
+    ) -> Any:
         """``fn(server)`` against a fresh server (L1 ``l1_size_gb``), stopped afterwards.
 
         Each measurement gets its own server: the reference stops finding anything once a
         client has unregistered (every later client's lookups miss), and a fresh server
         keeps one measurement's L1 contents out of the next one's.  Failures are recorded,
-        never raised: one failed measurement must not lose the others."""
+        never raised: one failed measurement must not lose the others.
+
+        ``eager_l1``: kvhive runs with ``--no-l1-use-lazy`` and is measured once its arena is
+        populated -- the reference allocates its L1 up front on CPU before it reports
+        healthy, and the sections that store several GB at once into a fresh server would
+        otherwise time a VM's first touch of guest memory (benchmarks/RESULTS.md)."""
         self.say(f"{kind}: {what}")
         self._n += 1
-        server = self._server(kind, self.cfg.l1_size_gb, f"load-{self._n:02d}")
+        server = self._server(kind, self.cfg.l1_size_gb, f"load-{self._n:02d}", eager_l1)
         try:
             server.start()
             waited = server.settle()
             self.say(f"{kind}: settled {waited:.1f} s after healthy "
                      f"(RSS {server.rss_bytes() / 2**30:.2f} GiB)")  # fmt: skip
+            if eager_l1:
+                engine_section.wait_l1_populated(server, self.say)
             return fn(server)
         except Exception as exc:  # noqa: BLE001 - measurement boundary: one failure must not lose the rest
             self.report.errors.append(f"{kind} {what}: {type(exc).__name__}: {exc}")
@@ -265,6 +277,7 @@ class BenchRunner:
                         f"transfer, {client} client, {mode}, {shape_name}",
                         functools.partial(self._run_transfer, client, mode, shape_name,
                                           (1, cfg.chunks), cfg.rounds, 1),
+                        eager_l1=True,
                     )  # fmt: skip
                     if res:
                         self._record_transfer(kind, "transfer", client, mode, shape_name, res)
@@ -278,6 +291,7 @@ class BenchRunner:
                     f"{n} engines, {client} client, lmcache_driven, {BIG}",
                     functools.partial(self._run_transfer, client, "lmcache_driven", BIG,
                                       (cfg.chunks,), cfg.concurrency_rounds, n),
+                    eager_l1=True,
                 )  # fmt: skip
                 if res:
                     self._record_transfer(kind, "concurrency", client, "lmcache_driven", BIG, res)

@@ -125,3 +125,18 @@ def test_vs_reference_without_client_venv_is_a_usage_error(capsys) -> None:
                "--client-python", "/nonexistent/python"])  # fmt: skip
     assert rc == 2
     assert "--vs-reference needs it" in capsys.readouterr().err
+
+
+def test_sections_that_store_gigabytes_run_kvhive_with_an_eager_l1(tmp_path) -> None:
+    """The transfer and concurrency sections start kvhive with ``--no-l1-use-lazy`` (the
+    reference allocates its L1 up front on CPU); a user's ``--server-arg`` still wins, and
+    the engine section keeps the default lazy arena."""
+    from kvhive.bench.runner import BenchRunner
+
+    runner = BenchRunner(BenchConfig(server_args=("--l1-use-lazy",), log_dir=str(tmp_path)))
+    eager = runner._server("kvhive", 1, "t", eager_l1=True).argv()
+    assert "--no-l1-use-lazy" in eager
+    assert eager.index("--no-l1-use-lazy") < eager.index("--l1-use-lazy")
+    assert "--no-l1-use-lazy" not in runner._server("kvhive", 1, "t").argv()
+    runner.client_python = "/nonexistent/bin/python"  # argv only: nothing is started
+    assert "--no-l1-use-lazy" not in runner._server("reference", 1, "t", eager_l1=True).argv()
