@@ -227,7 +227,12 @@ class BenchRunner:
             getattr(self, f"_{section}")(kind)
 
     def _measure(
-        self, kind: Kind, what: str, fn: Callable[[ServerProcess], Any], eager_l1: bool = False
+        self,
+        kind: Kind,
+        what: str,
+        fn: Callable[[ServerProcess], Any],
+        eager_l1: bool = False,
+        wait_populated: bool = True,
     ) -> Any:
         """``fn(server)`` against a fresh server (L1 ``l1_size_gb``), stopped afterwards.
 
@@ -239,7 +244,8 @@ class BenchRunner:
         ``eager_l1``: kvhive runs with ``--no-l1-use-lazy`` and is measured once its arena is
         populated -- the reference allocates its L1 up front on CPU before it reports
         healthy, and the sections that store several GB at once into a fresh server would
-        otherwise time a VM's first touch of guest memory (benchmarks/RESULTS.md)."""
+        otherwise time a VM's first touch of guest memory (benchmarks/RESULTS.md).  Without
+        ``wait_populated`` ``fn`` waits itself (the engine section records how long)."""
         self.say(f"{kind}: {what}")
         self._n += 1
         server = self._server(kind, self.cfg.l1_size_gb, f"load-{self._n:02d}", eager_l1)
@@ -248,7 +254,7 @@ class BenchRunner:
             waited = server.settle()
             self.say(f"{kind}: settled {waited:.1f} s after healthy "
                      f"(RSS {server.rss_bytes() / 2**30:.2f} GiB)")  # fmt: skip
-            if eager_l1:
+            if eager_l1 and wait_populated:
                 engine_section.wait_l1_populated(server, self.say)
             return fn(server)
         except Exception as exc:  # noqa: BLE001 - measurement boundary: one failure must not lose the rest
