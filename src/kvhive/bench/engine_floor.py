@@ -13,9 +13,10 @@ So the floor of one request is measured here, in the bench process, in the same 
 and after the same client work as :meth:`~kvhive.bench.engineload.EngineWorkload.run`:
 
 * **store** = an empty round trip to a bare echo (:mod:`kvhive.bench.echo`), then one libc
-  ``memcpy`` per contiguous run of the request's blocks (a (layer, K/V, block) plane) into a
-  buffer, one thread, through kvhive's SIGBUS-safe row copy (no plan, no batching: one call
-  per layer with an offset per run);
+  ``memcpy`` per run the object format needs from the request's blocks (:func:`block_runs`:
+  a head's row of one token for HND layouts, a whole block for MLA) into a buffer, one
+  thread, through kvhive's SIGBUS-safe row copy (no plan, no batching: one call per layer
+  with an offset per run);
 * **retrieve** = after the lookup's two round trips, an empty round trip, then the same runs
   copied back into the request's destination blocks.
 
@@ -45,7 +46,8 @@ from kvhive.transfer import safecopy
 @dataclass(frozen=True, slots=True)
 class BlockRuns:
     """Byte offsets of the contiguous runs of some blocks, per layer, in object order
-    (plane-major, then the blocks in table order); every run is ``run_bytes`` long."""
+    (plane-major, then the blocks in table order, then the rows of a block in the object's
+    order); every run is ``run_bytes`` long."""
 
     offsets: tuple[np.ndarray, ...]  # per layer: int64 byte offsets into the layer segment
     run_bytes: int
@@ -56,16 +58,30 @@ class BlockRuns:
 
 
 def block_runs(kv: ShmKVCache, blocks: Sequence[int]) -> BlockRuns:
-    """The runs of ``blocks`` in every layer of ``kv`` (``KVShape.layer_dims`` layouts: the
-    block axis is 0 (MLA) or 1 (K/V first), and a block is contiguous within its plane)."""
+    """The runs of ``blocks`` in every layer of ``kv`` (``KVShape.layer_dims`` layouts).
+
+    A chunk object holds each block token-major (slot, head, dim), as every server's object
+    format does; the engine's HND blocks are head-major (head, slot, dim), so the contiguous
+    runs both sides share are one head's row of one token (``head_size`` elements) -- the
+    copy any server must make, here one libc memcpy per row.  MLA blocks (slot, latent) are
+    the same on both sides: one run per block."""
     dims, item = kv.layer_dims, kv.shape.itemsize
     axis = kv.shape.block_axis
     block_bytes = int(np.prod(dims[axis + 1 :])) * item
     plane_bytes = dims[axis] * block_bytes  # one K or V plane of a layer (MLA: the layer)
     planes = int(np.prod(dims[:axis])) if axis else 1
     ids = np.asarray(blocks, np.int64) * block_bytes
-    per_layer = np.concatenate([ids + p * plane_bytes for p in range(planes)])
-    return BlockRuns(tuple(per_layer for _ in kv.layers), block_bytes)
+    if kv.shape.mla:
+        rows, run = np.zeros(1, np.int64), block_bytes
+    else:
+        heads, slots, dim = dims[axis + 1 :]
+        run = dim * item
+        slot_of = np.arange(slots, dtype=np.int64)[:, None] * run
+        head_of = np.arange(heads, dtype=np.int64)[None, :] * (slots * run)
+        rows = (slot_of + head_of).reshape(-1)  # slot-major, head inner: the object's order
+    per_block = (ids[:, None] + rows[None, :]).reshape(-1)
+    per_layer = np.concatenate([per_block + p * plane_bytes for p in range(planes)])
+    return BlockRuns(tuple(per_layer for _ in kv.layers), run)
 
 
 def _flat(layer: np.ndarray) -> np.ndarray:

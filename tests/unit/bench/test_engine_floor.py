@@ -35,7 +35,12 @@ def test_runs_are_the_blocks_bytes_in_object_order(shape: str) -> None:
         buf = np.zeros(runs.nbytes, np.uint8)
         gather_floor(kv, runs, buf)
         idx = kv.blocks(src)
-        want = np.concatenate([layer[idx].reshape(-1).view(np.uint8) for layer in kv.layers])
+        if SHAPES[shape].mla:  # [B, BS, D]: blocks as they are
+            parts = [layer[idx] for layer in kv.layers]
+        else:  # [2, B, NH, BS, HS] -> each block token-major: [2, B, BS, NH, HS]
+            parts = [layer[idx].transpose(0, 1, 3, 2, 4) for layer in kv.layers]
+        want = np.concatenate([np.ascontiguousarray(p).reshape(-1).view(np.uint8)
+                               for p in parts])  # fmt: skip
         assert np.array_equal(buf, want)
         assert not kv.blocks_equal(src, dst)
         scatter_floor(kv, buf, block_runs(kv, dst))
