@@ -20,6 +20,7 @@ import numpy as np
 from kvhive.bench import engine_floor, engineload
 from kvhive.bench.config import BIG, SHAPES, BenchConfig
 from kvhive.bench.report import Target
+from kvhive.bench.servers import free_port, subprocess_env
 
 if TYPE_CHECKING:
     from kvhive.bench.runner import BenchRunner
@@ -59,8 +60,6 @@ def measure_first_touch_memcpy(chunk_mib: int = 32, chunks: int = 8) -> float:
 def run(runner: BenchRunner, kind: Kind) -> None:
     """Measure every ``cfg.engine_shapes`` shape against a fresh ``kind`` server, and its
     floor (:mod:`kvhive.bench.engine_floor`) against a bare echo in the same run."""
-    from kvhive.bench.servers import free_port, subprocess_env
-
     port = free_port()
     echo = subprocess.Popen(
         [sys.executable, "-m", "kvhive.bench.echo", str(port)], env=subprocess_env()
@@ -177,7 +176,7 @@ def record_floor(runner: BenchRunner, kind: Kind, shape: str, res: dict[str, Any
             what = f"{op} {p} chunk/req, {shape} ({mib:.1f} MiB)"
             key = f"engine/{shape}/floor/{op}/{p}"
             put(key, kind, f["gbs"], group=GROUP, unit="GB/s", better="higher",
-                label=f"floor: empty round trip + a memcpy per block run, {what}",
+                label=f"floor: empty round trip + a memcpy per row, {what}",
                 note="bench process, same client work before it")  # fmt: skip
             put(key + "/rtt", kind, f["rtt_ms_p50"], group=GROUP, unit="ms", better="lower",
                 label=f"floor's empty round trip after the client's work, {what}")  # fmt: skip
