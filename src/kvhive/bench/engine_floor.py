@@ -45,16 +45,22 @@ from kvhive.transfer import safecopy
 
 @dataclass(frozen=True, slots=True)
 class BlockRuns:
-    """Byte offsets of the contiguous runs of some blocks, per layer, in object order
-    (plane-major, then the blocks in table order, then the rows of a block in the object's
-    order); every run is ``run_bytes`` long."""
+    """Byte offsets of the contiguous runs of some blocks within one layer's segment, in
+    object order (plane-major, then the blocks in table order, then the rows of a block in
+    the object's order); every layer has the same dims, so the same offsets serve each.
+    Every run is ``run_bytes`` long."""
 
-    offsets: tuple[np.ndarray, ...]  # per layer: int64 byte offsets into the layer segment
+    offsets: np.ndarray  # int64 byte offsets into a layer segment
     run_bytes: int
+    layers: int
+
+    @property
+    def layer_nbytes(self) -> int:
+        return int(self.offsets.size) * self.run_bytes
 
     @property
     def nbytes(self) -> int:
-        return sum(int(o.size) for o in self.offsets) * self.run_bytes
+        return self.layer_nbytes * self.layers
 
 
 def block_runs(kv: ShmKVCache, blocks: Sequence[int]) -> BlockRuns:
@@ -81,7 +87,7 @@ def block_runs(kv: ShmKVCache, blocks: Sequence[int]) -> BlockRuns:
         rows = (slot_of + head_of).reshape(-1)  # slot-major, head inner: the object's order
     per_block = (ids[:, None] + rows[None, :]).reshape(-1)
     per_layer = np.concatenate([per_block + p * plane_bytes for p in range(planes)])
-    return BlockRuns(tuple(per_layer for _ in kv.layers), run)
+    return BlockRuns(per_layer, run, len(kv.layers))
 
 
 def _flat(layer: np.ndarray) -> np.ndarray:
@@ -90,22 +96,18 @@ def _flat(layer: np.ndarray) -> np.ndarray:
 
 def gather_floor(kv: ShmKVCache, runs: BlockRuns, out: np.ndarray) -> None:
     """Copy the runs into ``out`` (uint8, at least ``runs.nbytes``), layer after layer."""
-    pos = 0
-    for layer, offs in zip(kv.layers, runs.offsets, strict=True):
-        n = int(offs.size) * runs.run_bytes
-        safecopy.copy_rows(out[pos : pos + n], None, _flat(layer), offs, runs.run_bytes,
-                           segment="bench floor")  # fmt: skip
-        pos += n
+    n = runs.layer_nbytes
+    for i, layer in enumerate(kv.layers):
+        safecopy.copy_rows(out[i * n : (i + 1) * n], None, _flat(layer), runs.offsets,
+                           runs.run_bytes, segment="bench floor")  # fmt: skip
 
 
 def scatter_floor(kv: ShmKVCache, buf: np.ndarray, runs: BlockRuns) -> None:
     """Copy ``buf`` (as :func:`gather_floor` wrote it) back into the runs."""
-    pos = 0
-    for layer, offs in zip(kv.layers, runs.offsets, strict=True):
-        n = int(offs.size) * runs.run_bytes
-        safecopy.copy_rows(_flat(layer), offs, buf[pos : pos + n], None, runs.run_bytes,
-                           segment="bench floor")  # fmt: skip
-        pos += n
+    n = runs.layer_nbytes
+    for i, layer in enumerate(kv.layers):
+        safecopy.copy_rows(_flat(layer), runs.offsets, buf[i * n : (i + 1) * n], None,
+                           runs.run_bytes, segment="bench floor")  # fmt: skip
 
 
 @dataclass
