@@ -123,7 +123,7 @@ class ChunkRoute:
     first: int
 
 
-class ChunkGeometry(Protocol):
+class BatchGeometry(Protocol):
     """What the checks need of a backend (its ``ChunkPlan`` fields)."""
 
     @property
@@ -140,7 +140,7 @@ class ChunkGeometry(Protocol):
 
 
 def gather_routes(
-    geo: ChunkGeometry, chunks: Sequence[tuple[Sequence[int], np.ndarray]]
+    geo: BatchGeometry, chunks: Sequence[tuple[Sequence[int], np.ndarray]]
 ) -> list[ChunkRoute]:
     """A store batch ``(block_ids, out)`` checked whole before any byte moves."""
     routes = []
@@ -154,7 +154,7 @@ def gather_routes(
 
 
 def scatter_routes(
-    geo: ChunkGeometry, chunks: Sequence[tuple[np.ndarray, Sequence[int], int]]
+    geo: BatchGeometry, chunks: Sequence[tuple[np.ndarray, Sequence[int], int]]
 ) -> list[ChunkRoute]:
     """A retrieve batch ``(src, block_ids, skip_tokens)`` checked whole before any byte
     moves; the skip is rounded down to whole blocks and a fully skipped chunk left out."""
