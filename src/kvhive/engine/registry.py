@@ -128,10 +128,6 @@ class Registry:
             self._closed(old, "replaced")
         return old
 
-    def peek(self, instance_id: int) -> Instance | None:
-        """The live registration ``instance_id``, or None; does not mark it seen."""
-        return self._instances.get(instance_id)
-
     def get(self, instance_id: int) -> Instance | None:
         inst = self._instances.get(instance_id)
         if inst is not None:

@@ -48,12 +48,6 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-#: A store or retrieve copying at most this many bytes may run on the server's loop thread
-#: when the server is otherwise idle (``TransferService.small_copy``): about a millisecond of
-#: copy at most, which any request arriving meanwhile waits, against the two thread
-#: hand-offs (a pool thread's wake-up and the reply's way back) that it saves.
-INLINE_COPY_MAX_BYTES = 8 << 20
-
 
 @dataclass(frozen=True, slots=True)
 class StoreResult:
@@ -207,18 +201,6 @@ class TransferService:
         self.registry.remove(instance_id)
 
     # ---- store / retrieve --------------------------------------------------------------
-
-    def small_copy(self, key: t.CacheKey, instance_id: int, *_rest: Any) -> bool:
-        """Whether a store or retrieve of ``key``'s range for ``instance_id`` copies at most
-        :data:`INLINE_COPY_MAX_BYTES` (asked on the loop thread: O(1), never raises; a
-        request the handler would refuse answers False and is refused on the pool)."""
-        inst = self.registry.peek(instance_id)
-        if inst is None or inst.mapping is None or inst.mode != "lmcache_driven":
-            return False
-        c = self.chunk_size
-        if key.start < 0 or key.start % c or not key.start <= key.end <= len(key.token_ids):
-            return False
-        return (key.end // c - key.start // c) * inst.geometry.nbytes <= INLINE_COPY_MAX_BYTES
 
     def store(
         self, key: t.CacheKey, instance_id: int, block_ids: list[list[int]], event: bytes

@@ -134,7 +134,6 @@ class KvhiveServer:
         if mp.ipc_path:
             urls.append(f"ipc://{mp.ipc_path}")
         self.zmq = ZmqServer(urls, self.dispatcher.handle, streams=self.dispatcher.streams)
-        self.dispatcher.watch_backlog(self.zmq.backlog)
         self.plugins = PluginLauncher(config)
         self.obs.attach(
             Sources(

@@ -23,14 +23,6 @@ Bounded work per connection: a connection with ``MAX_OUTSTANDING_PER_CONNECTION`
 queued or running on the pools gets an immediate ``too_many_outstanding`` error reply for
 the next pooled request instead of queueing more (a client that never reads its replies
 cannot grow the queues without bound).
-
-Small transfers of an idle server run inline: a store or retrieve (``OpSpec.
-idle_inline_max_bytes``) whose route finds it small (``Route.small``: a copy of a few MiB)
-runs on the loop thread when no pooled job is queued or running for anyone and no other
-message waits on the transport (``watch_backlog``).  Nothing can be overtaken then, and the
-request skips a pool thread's wake-up and the reply's hand-back, which on an engine that
-pauses between requests cost as much as the copy's own Python.  Anything else, or a busy
-server, goes to the pools as before (the arguments already decoded travel with the job).
 """
 
 from __future__ import annotations
@@ -54,8 +46,6 @@ from kvhive.wire.ops import OPS, AfterReply, OpSpec, Pool
 log = logging.getLogger(__name__)
 
 Reply = Callable[[list[bytes]], None]
-# A request ready to run: ``serve(reply, inline)`` (decoded where it runs, or already).
-_Serve = Callable[[Reply, bool], None]
 
 # Pooled requests one connection may have queued or running.  vLLM batches up to 1024
 # sequences (max_num_seqs); a worker has at most a store and a retrieve per running
@@ -68,45 +58,12 @@ MAX_OUTSTANDING_PER_CONNECTION = 2048
 _REJECT_LOGS_PER_S = 10
 
 
-def _no_backlog() -> bool:
-    return False
-
-
 @dataclass(slots=True)
 class _Outstanding:
     """One connection's pooled requests, queued or running."""
 
     cpu: int = 0  # on the CPU pool
     total: int = 0  # on either pool
-
-
-class _RejectLog:
-    """Logs rejected requests, at most ``_REJECT_LOGS_PER_S`` a second (any thread); the
-    rest are counted and summarised in the next second's first line."""
-
-    def __init__(self) -> None:
-        self._lock = threading.Lock()
-        self._window = 0.0  # monotonic second of the budget
-        self._budget = _REJECT_LOGS_PER_S
-        self._skipped = 0
-
-    def log(self, exc: KvhiveError) -> None:
-        now = time.monotonic()
-        with self._lock:
-            if now - self._window >= 1.0:
-                skipped, self._skipped = self._skipped, 0
-                self._window, self._budget = now, _REJECT_LOGS_PER_S
-            else:
-                skipped = 0
-            allowed = self._budget > 0
-            if allowed:
-                self._budget -= 1
-            else:
-                self._skipped += 1
-        if skipped:
-            log.warning("%d more rejected request(s) were not logged", skipped)
-        if allowed:
-            log.warning("rejected request: %s", exc)
 
 
 class Dispatcher:
@@ -138,9 +95,9 @@ class Dispatcher:
         # waiting) must not be overtaken by its next lookup.
         self._pending: dict[bytes, _Outstanding] = {}
         self._peak_outstanding = 0
-        self._reject_log = _RejectLog()
-        self._backlog: Callable[[], bool] = _no_backlog
-        self.idle_inline = 0  # small transfers run on the loop thread of an idle server
+        self._log_window = 0.0  # monotonic second of the reject-log budget
+        self._log_budget = _REJECT_LOGS_PER_S
+        self._log_skipped = 0
         self.requests: Counter[str] = Counter()
         self.errors: Counter[str] = Counter()
         self.soft_failures: Counter[str] = Counter()
@@ -172,21 +129,6 @@ class Dispatcher:
         ):
             self._run(spec, uid, op_frame, args, reply, True)
             return
-        serve: _Serve = partial(self._run, spec, uid, op_frame, args)
-        if (
-            spec.idle_inline_max_bytes
-            and not self._pending  # nothing pooled anywhere: no one's order to keep
-            and sum(map(len, args)) <= spec.idle_inline_max_bytes
-            and not self._backlog()
-        ):
-            values = self._decode(spec, uid, args, reply)
-            if values is None:
-                return
-            if self._small(spec, values):
-                self.idle_inline += 1
-                self._serve(spec, uid, op_frame, values, reply, True)
-                return
-            serve = partial(self._serve, spec, uid, op_frame, values)
         cpu = spec.pool is Pool.CPU
         if not self._admit(identity, cpu):
             self._reject(
@@ -198,25 +140,11 @@ class Dispatcher:
                 reply,
             )
             return
-        job = partial(self._run_pooled, identity, spec, serve, reply)
+        job = partial(self._run_pooled, identity, spec, uid, op_frame, args, reply)
         if cpu:
             self._cpu.submit(identity, job)
         else:
             self._affinity.submit(identity, job)
-
-    def watch_backlog(self, backlog: Callable[[], bool]) -> None:
-        """``backlog()`` (loop thread) tells whether a message is already waiting on the
-        transport: a small transfer then goes to the pool instead of running inline."""
-        self._backlog = backlog
-
-    def _small(self, spec: OpSpec, values: list[Any]) -> bool:
-        """Whether the route finds this request small enough for the loop thread."""
-        small = self._routes[spec.name].small
-        try:
-            return small is not None and bool(small(*values))
-        except Exception:  # the handler, on the pool, refuses what its check cannot read
-            log.debug("%s: small-work check failed", spec.name, exc_info=True)
-            return False
 
     def _admit(self, identity: bytes, cpu: bool) -> bool:
         """Count a pooled job of ``identity`` in, unless it is at the limit."""
@@ -239,7 +167,15 @@ class Dispatcher:
             if not p.total:
                 del self._pending[identity]
 
-    def _run_pooled(self, identity: bytes, spec: OpSpec, serve: _Serve, reply: Reply) -> None:
+    def _run_pooled(
+        self,
+        identity: bytes,
+        spec: OpSpec,
+        uid: bytes,
+        op_frame: bytes,
+        args: list[bytes],
+        reply: Reply,
+    ) -> None:
         cpu = spec.pool is Pool.CPU
         done = False
 
@@ -254,7 +190,7 @@ class Dispatcher:
             reply(parts)
 
         try:
-            serve(reply_last, False)
+            self._run(spec, uid, op_frame, args, reply_last, False)
         finally:
             finish()
             if spec.farewell:
@@ -270,20 +206,8 @@ class Dispatcher:
         inline: bool,
     ) -> None:
         values = self._decode(spec, uid, args, reply)
-        if values is not None:
-            self._serve(spec, uid, op_frame, values, reply, inline)
-
-    def _serve(
-        self,
-        spec: OpSpec,
-        uid: bytes,
-        op_frame: bytes,
-        values: list[Any],
-        reply: Reply,
-        inline: bool,
-    ) -> None:
-        """Run the handler on decoded ``values`` and reply (``inline``: on the loop thread,
-        where work an ``AfterReply`` defers runs after the reply)."""
+        if values is None:
+            return
         rest = None
         route = self._routes[spec.name]
         try:
@@ -364,7 +288,7 @@ class Dispatcher:
 
     def _reject(self, uid: bytes, exc: KvhiveError, reply: Reply) -> None:
         self._count(self.errors, exc.code)
-        self._reject_log.log(exc)
+        self._log_reject(exc)
         reply([uid, *codec.error_frames(exc.code, str(exc))])
 
     def _internal(self, what: str, uid: bytes, exc: Exception, reply: Reply) -> None:
@@ -372,6 +296,25 @@ class Dispatcher:
         self._count(self.errors, "internal")
         log.error("%s: request failed before its handler ran", what, exc_info=exc)
         reply([uid, *codec.error_frames("internal", f"{what}: {type(exc).__name__}: {exc}")])
+
+    def _log_reject(self, exc: KvhiveError) -> None:
+        """Log a rejected request, at most ``_REJECT_LOGS_PER_S`` a second."""
+        now = time.monotonic()
+        with self._lock:
+            if now - self._log_window >= 1.0:
+                skipped, self._log_skipped = self._log_skipped, 0
+                self._log_window, self._log_budget = now, _REJECT_LOGS_PER_S
+            else:
+                skipped = 0
+            allowed = self._log_budget > 0
+            if allowed:
+                self._log_budget -= 1
+            else:
+                self._log_skipped += 1
+        if skipped:
+            log.warning("%d more rejected request(s) were not logged", skipped)
+        if allowed:
+            log.warning("rejected request: %s", exc)
 
     def _failure(self, spec: OpSpec, exc: Exception) -> list[bytes] | None:
         """Soft-failure frames for ``exc``, or None when the op has no soft value."""
@@ -407,5 +350,4 @@ class Dispatcher:
                 "peak": self._peak_outstanding,
                 "connections": len(self._pending),
                 "refused": self.errors[TooManyOutstanding.code],
-                "idle_inline": self.idle_inline,
             }

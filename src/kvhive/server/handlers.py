@@ -33,15 +33,10 @@ def _transfer_ack(result: object) -> tuple[bytes, bool]:
 
 @dataclass(frozen=True, slots=True)
 class Route:
-    """``call`` serves the op; ``reply`` turns its result into the wire result value.
-    ``small`` (optional, for ops with ``OpSpec.idle_inline_max_bytes``) is asked on the loop
-    thread, with the decoded arguments, whether the request's work is small enough to run
-    there when the server is idle; it must be O(1) and never raise for arguments that the
-    handler itself would refuse (it answers False and the handler refuses them)."""
+    """``call`` serves the op; ``reply`` turns its result into the wire result value."""
 
     call: Handler
     reply: Callable[[Any], Any] = _same
-    small: Callable[..., bool] | None = None
 
 
 def build_routes(engine: CacheEngine, modules: ServerModules | None = None) -> Mapping[str, Route]:
@@ -54,8 +49,8 @@ def build_routes(engine: CacheEngine, modules: ServerModules | None = None) -> M
             # registration and lmcache-driven transfers (affinity threads)
             "register_kv_cache": Route(tx.register_kv_cache),
             "unregister_kv_cache": Route(tx.unregister_kv_cache),
-            "store": Route(tx.store, _transfer_ack, tx.small_copy),
-            "retrieve": Route(tx.retrieve, _transfer_ack, tx.small_copy),
+            "store": Route(tx.store, _transfer_ack),
+            "retrieve": Route(tx.retrieve, _transfer_ack),
             # lookups and sessions: acknowledged once the job is published, run after
             "lookup": Route(lk.start_lookup),
             "query_prefetch_status": Route(lk.query_prefetch_status),

@@ -25,7 +25,6 @@ import threading
 import time
 from collections import OrderedDict
 from collections.abc import Callable
-from typing import cast
 
 import zmq
 
@@ -53,7 +52,6 @@ STREAM_TICK_S = 1.0
 STREAM_END_LINGER_MS = 200
 
 _NOBLOCK = int(zmq.NOBLOCK)
-_POLLIN = int(zmq.POLLIN)
 _NOBLOCK_MORE = int(zmq.NOBLOCK | zmq.SNDMORE)
 
 
@@ -186,13 +184,6 @@ class ZmqServer:
         # Full: the loop is busy and pumps after its turn anyway.  Closing: nothing to pump.
         with contextlib.suppress(zmq.ZMQError):
             self._push().send(b"", _NOBLOCK)
-
-    def backlog(self) -> bool:
-        """Whether a message already waits on a ROUTER or a reply on the hand-back socket
-        (loop thread only: it owns the sockets).  Dispatch runs a small transfer inline
-        only when nothing waits, so that running it delays no one."""
-        socks = (*self._routers, self._pull)
-        return any(cast(int, sock.get(zmq.EVENTS)) & _POLLIN for sock in socks)
 
     def _receive(self, router: zmq.Socket) -> None:
         frames = recv_frames(router)

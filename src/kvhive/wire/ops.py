@@ -68,8 +68,7 @@ class Pool(Enum):
     CPU = "cpu"
 
 
-# About 16 chunks of 256 tokens: hashing and locking them takes less than a pool round trip
-# (and decoding a store's or retrieve's arguments of that size on the loop thread does too).
+# About 16 chunks of 256 tokens: hashing and locking them takes less than a pool round trip.
 SMALL_LOOKUP_BYTES = 12 * 1024
 
 # ---- request limits, checked on the frames before anything is decoded -------------------
@@ -133,11 +132,6 @@ class OpSpec:
     # A pooled op whose argument frames total at most this many bytes runs inline: its
     # work is as small as the decode, and two thread hand-offs would cost more than both.
     inline_max_bytes: int = 0
-    # An AFFINITY op whose argument frames total at most this many bytes may run on the
-    # loop thread when the server is otherwise idle (no pooled work, no message waiting)
-    # and its route finds the work small (``Route.small``): an idle engine's small copy
-    # then skips the two thread hand-offs, which cost more than the copy's Python.
-    idle_inline_max_bytes: int = 0
     # The connection is done with the server after this op (it unregistered): the
     # server may forget what it keeps per connection once its queued work has run.
     farewell: bool = False
@@ -188,18 +182,13 @@ _SPECS = [
     ),
     OpSpec("unregister_kv_cache", (int,), Pool.AFFINITY, farewell=True, max_arg_bytes=16),
     OpSpec(
-        "store",
-        (t.CacheKey, int, list[list[int]], bytes),
-        Pool.AFFINITY,
-        SOFT_TRANSFER_FAILURE,
-        idle_inline_max_bytes=SMALL_LOOKUP_BYTES,
+        "store", (t.CacheKey, int, list[list[int]], bytes), Pool.AFFINITY, SOFT_TRANSFER_FAILURE
     ),
     OpSpec(
         "retrieve",
         (t.CacheKey, int, list[list[int]], bytes, int),
         Pool.AFFINITY,
         SOFT_TRANSFER_FAILURE,
-        idle_inline_max_bytes=SMALL_LOOKUP_BYTES,
     ),
     OpSpec("lookup", (t.CacheKey, int), Pool.CPU, inline_max_bytes=SMALL_LOOKUP_BYTES),
     # The job it reads is published before the lookup is acknowledged: O(1), never waits.
@@ -287,8 +276,6 @@ def _check_inline_caps(specs: list[OpSpec]) -> None:
             raise ValueError(f"streaming op {s.name} must be INLINE (streams are the loop's)")
         if len(s.defaults) > len(s.args):
             raise ValueError(f"op {s.name} declares more defaults than arguments")
-        if s.idle_inline_max_bytes and s.pool is not Pool.AFFINITY:
-            raise ValueError(f"op {s.name}: only AFFINITY ops run inline when idle")
 
 
 _check_inline_caps(_SPECS)

@@ -222,27 +222,3 @@ def test_lookup_that_raises_after_the_ack_reports_zero(engine, make_kv, monkeypa
     with pytest.raises(RuntimeError):
         ack.then()
     assert engine.lookups.query_prefetch_status("x") == 0  # never left polling forever
-
-
-def test_small_copy_bounds_the_bytes_a_loop_thread_copy_may_move(
-    engine, make_kv, monkeypatch, clock
-):
-    """small_copy (asked on the loop thread) is True only for a registered lmcache-driven
-    instance whose range copies at most INLINE_COPY_MAX_BYTES; requests the handler refuses
-    (unknown instance, bad ranges) answer False and are left to it."""
-    from kvhive.engine import transfers
-
-    register(engine, make_kv(), 1)
-    nbytes = engine.registry.get(1).geometry.nbytes
-    small = engine.transfers.small_copy
-    monkeypatch.setattr(transfers, "INLINE_COPY_MAX_BYTES", 2 * nbytes)
-    assert small(key(TOKENS, 0, 2 * C), 1, [BLOCKS_A], b"")
-    assert small(key(TOKENS, C, 3 * C + 5), 1, [BLOCKS_A], b"", 0)  # 2 whole chunks
-    assert not small(key(TOKENS, 0, 3 * C), 1, [BLOCKS_A], b"")  # 3 chunks: too many
-    assert not small(key(TOKENS, 0, C), 99, [BLOCKS_A], b"")  # unknown instance
-    assert not small(key(TOKENS, 1, C), 1, [BLOCKS_A], b"")  # not chunk-aligned
-    assert not small(key(TOKENS, 0, len(TOKENS) + C), 1, [BLOCKS_A], b"")  # past the tokens
-    seen = engine.registry.peek(1).last_seen
-    clock.now += 5  # the check does not count as the instance being seen
-    assert small(key(TOKENS, 0, C), 1, [BLOCKS_A], b"")
-    assert engine.registry.peek(1).last_seen == seen
