@@ -271,6 +271,27 @@ class LocalCluster:
             time.sleep(0.05)
         raise TimeoutError(f"no failover of {self.host}:{dead_port} within {timeout} s")
 
+    def wait_promoted(self, dead_port: int, timeout: float | None = None) -> float:
+        """Wait until some live node (the promoted replica first of all) sees every slot of
+        ``dead_port`` served by a live master; returns the monotonic time at which the last
+        poll that saw no such node began: the promotion happened after it, so until then
+        no client could have been served those slots."""
+        deadline = time.monotonic() + (timeout or self.wait_s)
+        unpromoted_since = time.monotonic()
+        while time.monotonic() < deadline:
+            began = time.monotonic()
+            with contextlib.suppress(subprocess.SubprocessError):
+                if any(self._covered(port, dead_port) for port in self.live_ports()):
+                    return unpromoted_since
+                unpromoted_since = began
+            time.sleep(0.02)
+        raise TimeoutError(f"no replica of {self.host}:{dead_port} promoted within {timeout} s")
+
+    def _covered(self, port: int, dead_port: int) -> bool:
+        """``port``'s own view: live masters other than ``dead_port`` serve every slot."""
+        live = [n for n in self.nodes(port) if n.is_master and not n.failed and n.port != dead_port]
+        return sum(hi - lo + 1 for n in live for lo, hi in n.slots) == SLOTS
+
     def _healed(self, port: int, dead_port: int) -> bool:
         if self.state(port) != "ok":
             return False
