@@ -27,15 +27,17 @@ gets a failed store or retrieve, never a crashed server.
 
 Requests of several chunks (:meth:`PagedKV.gather_many`,
 :meth:`PagedKV.scatter_many`) are one batch: its (chunk, plane, block) units
-are dealt to ``COPY_THREADS`` threads (the caller and a helper) when the batch
+are shared by ``COPY_THREADS`` threads (the caller and a helper) when the batch
 holds at least ``PARALLEL_MIN_BYTES``; below that the hand-off to a helper
-(~50 us) costs more than it saves.
+(~50 us) costs more than it saves.  The threads take pieces of about
+``SHARE_PIECE_BYTES`` in turn, so a helper slow to wake never holds the request up.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import hashlib
+import itertools
 import math
 import os
 import threading
@@ -107,6 +109,8 @@ GATHER_ROW_CAP: int | None = None
 # A request of at least this many bytes is copied by COPY_THREADS threads; below it the
 # hand-off to a helper (~50 us) costs more than it saves.
 PARALLEL_MIN_BYTES = 4 << 20
+# Threads sharing a batch take it in pieces of about this many bytes (_run_jobs).
+SHARE_PIECE_BYTES = 1 << 20
 COPY_THREADS = max(1, min(2, os.cpu_count() or 1))
 
 _helpers: ThreadPoolExecutor | None = None
@@ -191,20 +195,36 @@ def _deal(jobs: Sequence[_Job], k: int) -> list[_Part]:
 
 
 def _run_jobs(jobs: Sequence[_Job], to_engine: bool) -> None:
-    """Run every job; on COPY_THREADS threads when they move PARALLEL_MIN_BYTES or more.
-    Returns when all are done; the first error is raised after every part finished."""
+    """Run every job; shared with COPY_THREADS - 1 helpers when they move
+    PARALLEL_MIN_BYTES or more.  Returns when all are done; the first error is raised
+    after every piece taken has finished.
+
+    Work sharing, not a static split: the batch is cut into pieces of about
+    ``SHARE_PIECE_BYTES`` and every thread takes the next piece until none is left, so a
+    helper that wakes late (a halted vCPU takes 50-300 us to wake on a VM) only helps:
+    the caller copies whatever the helper has not taken, and a helper that has not
+    started when the caller is done is cancelled, never waited for.  Pieces are taken
+    with ``next()`` on a shared ``itertools.count`` (atomic under the GIL)."""
     nbytes = sum(j.units * j.unit_bytes for j in jobs)
     k = COPY_THREADS if nbytes >= PARALLEL_MIN_BYTES else 1
     if k <= 1:
         for job in jobs:
             _run_job(job, 0, job.units, to_engine)
         return
-    parts = _deal(jobs, k)
-    futures = [_helper_pool().submit(_run_part, p, to_engine) for p in parts[1:]]
+    pieces = _deal(jobs, max(k, -(-nbytes // SHARE_PIECE_BYTES)))
+    taken = itertools.count()
+
+    def share() -> None:
+        while (i := next(taken)) < len(pieces):
+            _run_part(pieces[i], to_engine)
+
+    futures = [_helper_pool().submit(share) for _ in range(k - 1)]
     try:
-        _run_part(parts[0], to_engine)
+        share()
     finally:
-        errors = [f.exception() for f in futures]
+        for f in futures:
+            f.cancel()  # not started yet: it never will, and holds nothing of this batch
+        errors = [f.exception() for f in futures if not f.cancelled()]
     for exc in errors:
         if exc is not None:
             raise exc

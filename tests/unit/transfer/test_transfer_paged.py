@@ -654,6 +654,40 @@ def test_many_chunks_in_one_batch_match_the_reference(
         assert snapshot(e) == expected
 
 
+def test_a_helper_that_has_not_started_never_holds_the_batch_up(
+    shm_segment: Segment, rng: np.random.Generator, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The copy threads share a batch piece by piece: with the helper stuck elsewhere (a
+    vCPU slow to wake), the caller copies every piece itself and returns without waiting
+    for it; the helper's job, cancelled before it started, never touches the buffers."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    monkeypatch.setattr(paged, "COPY_THREADS", 2)
+    monkeypatch.setattr(paged, "PARALLEL_MIN_BYTES", 0)
+    monkeypatch.setattr(paged, "SHARE_PIECE_BYTES", 1)  # a piece per unit
+    stuck = ThreadPoolExecutor(max_workers=1)
+    release = threading.Event()
+    stuck.submit(release.wait, 10)  # the only helper thread is busy
+    monkeypatch.setattr(paged, "_helper_pool", lambda: stuck)
+    e = build("hnd", shm_segment)
+    dt = np.dtype("<u2")
+    try:
+        with PagedKV.from_descriptors(e.descs, e.hints, [], C) as kv:
+            ids = [int(x) for x in rng.permutation(NB)[:B]]
+            out = np.zeros(kv.object_nbytes, np.uint8)
+            t0 = time.monotonic()
+            kv.gather_many([(ids, out)])
+            assert time.monotonic() - t0 < 5  # did not wait for the stuck helper
+            assert np.array_equal(out.view(dt).reshape(kv.object_shape), ref_gather(e, ids, dt))
+            before = snapshot(e)
+            release.set()  # the helper's cancelled job must not run now
+            stuck.shutdown(wait=True)
+            assert snapshot(e) == before
+    finally:
+        release.set()
+        stuck.shutdown(wait=False)
+
+
 def test_a_batch_is_checked_before_any_byte_moves(shm_segment: Segment) -> None:
     e = build("hnd", shm_segment)
     with PagedKV.from_descriptors(e.descs, e.hints, [], C) as kv:
