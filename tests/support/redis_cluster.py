@@ -275,9 +275,10 @@ class LocalCluster:
         """Wait until some live node (the promoted replica first of all) sees every slot of
         ``dead_port`` served by a live master; returns the monotonic time at which the last
         poll that saw no such node began: the promotion happened after it, so until then
-        no client could have been served those slots."""
+        no client could have been served those slots (``-inf`` when the first poll already
+        saw the promotion: nothing is known then)."""
         deadline = time.monotonic() + (timeout or self.wait_s)
-        unpromoted_since = time.monotonic()
+        unpromoted_since = float("-inf")
         while time.monotonic() < deadline:
             began = time.monotonic()
             with contextlib.suppress(subprocess.SubprocessError):
@@ -293,11 +294,7 @@ class LocalCluster:
         return sum(hi - lo + 1 for n in live for lo, hi in n.slots) == SLOTS
 
     def _healed(self, port: int, dead_port: int) -> bool:
-        if self.state(port) != "ok":
-            return False
-        nodes = self.nodes(port)
-        live = [n for n in nodes if n.is_master and not n.failed and n.port != dead_port]
-        return sum(hi - lo + 1 for n in live for lo, hi in n.slots) == SLOTS
+        return self.state(port) == "ok" and self._covered(port, dead_port)
 
     def wait_ok(self, timeout: float | None = None) -> None:
         """Wait until every live node reports ``cluster_state:ok``."""
