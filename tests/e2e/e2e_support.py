@@ -112,8 +112,11 @@ class RunResult:
         return self.requests[-1]
 
 
-def run_vllm(env: VllmEnv, mode: str, *, port: int | None = None, repeats: int = 2) -> RunResult:
-    """Run the vLLM driver once (a fresh engine) and return its parsed result."""
+def run_vllm(
+    env: VllmEnv, mode: str, *, port: int | None = None, repeats: int = 2, pause_s: float = 0.0
+) -> RunResult:
+    """Run the vLLM driver once (a fresh engine) and return its parsed result; ``pause_s``
+    between the repeats lets the server finish work the first request left behind."""
     argv = [
         env.python, str(DRIVER),
         "--model", env.model,
@@ -121,6 +124,7 @@ def run_vllm(env: VllmEnv, mode: str, *, port: int | None = None, repeats: int =
         "--prompt-tokens", str(PROMPT_TOKENS),
         "--max-tokens", str(MAX_TOKENS),
         "--repeats", str(repeats),
+        "--pause-s", str(pause_s),
         "--dtype", DTYPE,
     ]  # fmt: skip
     if port is not None:

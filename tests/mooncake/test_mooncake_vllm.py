@@ -24,6 +24,10 @@ from e2e_support import (
 )
 from e2e_support import baseline as cached_baseline
 
+# Under skip_l1 a chunk leaves L1 only once Mooncake stored it; the repeat waits this long
+# so that it is served by the tier, not by an L1 copy whose L2 write is still running.
+SKIP_L1_SETTLE_S = 2.0
+
 
 @pytest.fixture(scope="module")
 def vllm_env() -> VllmEnv:
@@ -45,7 +49,8 @@ def test_mooncake_alone_under_skip_l1_serves_the_repeat(
     tier = json.dumps({"type": "mooncake_store", **client_config(master.addr)})
     server = servers.start(["--l2-store-policy", "skip_l1", "--eviction-policy", "noop",
                             "--l2-adapter", tier])  # fmt: skip
-    run = run_vllm(vllm_env, "lmcache_driven", port=server.rpc_port, repeats=2)
+    run = run_vllm(vllm_env, "lmcache_driven", port=server.rpc_port, repeats=2,
+                   pause_s=SKIP_L1_SETTLE_S)  # fmt: skip
     status = server.status()
     server.stop()
     hit = full_chunk_prefix(PROMPT_TOKENS, int(status["chunk_size"]))

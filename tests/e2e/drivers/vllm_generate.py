@@ -144,6 +144,9 @@ def main() -> None:
     ap.add_argument("--prompt-tokens", type=int, default=1711)
     ap.add_argument("--max-tokens", type=int, default=24)
     ap.add_argument("--repeats", type=int, default=2, help="times the same prompt is sent")
+    ap.add_argument(
+        "--pause-s", type=float, default=0.0, help="seconds between the repeats (server work)"
+    )
     ap.add_argument("--max-model-len", type=int, default=2048)
     ap.add_argument("--dtype", default="bfloat16")
     ap.add_argument(
@@ -232,6 +235,8 @@ def main() -> None:
     requests = []
     if not args.serve_stdin:
         for i in range(args.repeats):
+            if i and args.pause_s:
+                time.sleep(args.pause_s)
             requests.append(request(i, prompt_of(0)))
     else:
         emit(READY_MARK, {"startup_seconds": round(startup_s, 2)})
