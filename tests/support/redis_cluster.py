@@ -263,7 +263,8 @@ class LocalCluster:
         """Wait until every slot ``dead_port`` served is served by a live master again, on
         every live node's view, and ``cluster_state:ok``; returns the seconds waited."""
         start = time.monotonic()
-        deadline = start + (timeout or self.wait_s)
+        timeout = timeout or self.wait_s
+        deadline = start + timeout
         while time.monotonic() < deadline:
             with contextlib.suppress(subprocess.SubprocessError):
                 if all(self._healed(port, dead_port) for port in self.live_ports()):
@@ -277,7 +278,8 @@ class LocalCluster:
         poll that saw no such node began: the promotion happened after it, so until then
         no client could have been served those slots (``-inf`` when the first poll already
         saw the promotion: nothing is known then)."""
-        deadline = time.monotonic() + (timeout or self.wait_s)
+        timeout = timeout or self.wait_s
+        deadline = time.monotonic() + timeout
         unpromoted_since = float("-inf")
         while time.monotonic() < deadline:
             began = time.monotonic()

@@ -680,8 +680,10 @@ def test_a_helper_that_has_not_started_never_holds_the_batch_up(
             assert time.monotonic() - t0 < 5  # did not wait for the stuck helper
             assert np.array_equal(out.view(dt).reshape(kv.object_shape), ref_gather(e, ids, dt))
             before = snapshot(e)
+            out[:] = 0  # a cancelled job that still ran would copy into it again
             release.set()  # the helper's cancelled job must not run now
             stuck.shutdown(wait=True)
+            assert not out.any()
             assert snapshot(e) == before
     finally:
         release.set()
